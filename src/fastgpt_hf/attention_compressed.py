@@ -1,0 +1,92 @@
+"""The global branch of a dynamic layer: learned memory slots plus block-compressed summaries of the past.
+
+DESIGN.md section 2. Position p belongs to block p // b. Each block keeps the sum of its real tokens' pre-rotary
+keys and values and their count; a block's entry is `compress(sum / count)`. Query at position p sees every memory
+slot and each block c with `c * b + b - 1 <= p` that holds at least one real token. Queries use no rotary phase.
+Block sums are kept in float32 (float64 for float64 models) so that long blocks do not lose precision in bf16.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Queries per sdpa call in the global branch: bounds its scores to QUERY_CHUNK x (M + S / b) per head.
+QUERY_CHUNK = 1024
+
+
+def block_statistics(
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    positions: torch.Tensor,
+    is_real: torch.Tensor | None,
+    block_size: int,
+    num_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block sums of keys and values and per-block real-token counts.
+
+    Args:
+        key_states, value_states: `[B, K, T, D]`, keys before rotary.
+        positions: `[B, T]` absolute positions; is_real: `[B, T]` bool or None (all real).
+        num_blocks: C, blocks [0, C) covered; every real position must be below C * block_size.
+    Returns:
+        key sums `[B, K, C, D]`, value sums `[B, K, C, D]` (float32 or float64), counts `[B, C]` of the same dtype.
+    """
+    batch, kv_heads, _, head_dim = key_states.shape
+    sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
+    weight = torch.ones_like(positions, dtype=sum_dtype) if is_real is None else is_real.to(sum_dtype)
+    block_ids = torch.where(weight > 0, positions // block_size, 0)
+    counts = weight.new_zeros(batch, num_blocks).scatter_add_(1, block_ids, weight)
+    index = block_ids[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
+
+    def block_sums(states: torch.Tensor) -> torch.Tensor:
+        weighted = states.to(sum_dtype) * weight[:, None, :, None]
+        return weighted.new_zeros(batch, kv_heads, num_blocks, head_dim).scatter_add_(2, index, weighted)
+
+    return block_sums(key_states), block_sums(value_states), counts
+
+
+def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`[B, T, C]` bool: block c is complete at each query position and holds a real token."""
+    block_index = torch.arange(counts.shape[1], device=positions.device)
+    complete = (block_index + 1) * block_size - 1 <= positions[:, :, None]
+    return complete & (counts[:, None, :] > 0)
+
+
+def global_branch_attention(
+    query_states: torch.Tensor,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    block_keys: torch.Tensor,
+    block_values: torch.Tensor,
+    block_visible: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention of pre-rotary queries over memory slots and visible compressed blocks.
+
+    Args:
+        query_states: `[B, H, T, D]`, before rotary.
+        memory_keys, memory_values: `[M, K, D]`.
+        block_keys, block_values: `[B, K, C, D]`, already compressed.
+        block_visible: `[B, T, C]` bool.
+    Returns:
+        `[B, T, H, D]`.
+    """
+    batch, _, query_length, _ = query_states.shape
+    memory_shape = (batch, -1, -1, -1)
+    keys = torch.cat([memory_keys.transpose(0, 1).expand(memory_shape).to(block_keys.dtype), block_keys], dim=2)
+    values = torch.cat([memory_values.transpose(0, 1).expand(memory_shape).to(block_values.dtype), block_values], 2)
+    memory_visible = block_visible.new_ones(batch, query_length, memory_keys.shape[0])
+    visible = torch.cat([memory_visible, block_visible], dim=2)[:, None]  # [B, 1, T, M + C]
+    outputs = [
+        F.scaled_dot_product_attention(
+            query_states[:, :, start : start + QUERY_CHUNK],
+            keys,
+            values,
+            attn_mask=visible[:, :, start : start + QUERY_CHUNK],
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        for start in range(0, query_length, QUERY_CHUNK)
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2)

@@ -1,0 +1,120 @@
+"""The float64 dense reference of FastGPT: the oracle every fast path is tested against (DESIGN.md section 5).
+
+Written for reading, not speed: it recomputes a whole `FastGPTForCausalLM` forward from the model's weights,
+building each layer's full score matrices from DESIGN.md's rules with explicit n x n masks and the block-averaging
+matrix P of the compressed branch (`Q (P K)^T`). It shares no attention code with the model.
+"""
+
+import torch
+
+from .configuration_fastgpt import DYNAMIC, FULL, SLIDING
+
+
+def reference_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float64 logits `[B, T, V]` of `model` (a `FastGPTForCausalLM`) for `input_ids` `[B, T]`.
+
+    `attention_mask` `[B, T]` marks real tokens (1) and padding (0). Without `position_ids`, positions count real
+    tokens, as the model does. Rows of padding tokens come out as whatever they are and are not to be compared.
+    """
+    config = model.config
+    weights = {name: tensor.detach().to(torch.float64) for name, tensor in model.state_dict().items()}
+    if "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    batch, length = input_ids.shape
+    is_real = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    if position_ids is None:
+        position_ids = (is_real.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids.cpu().expand(batch, length)
+    hidden = weights["model.embed_tokens.weight"][input_ids.cpu()]
+    cos, sin = rotary_tables(model, position_ids)
+    for layer_idx, layer_type in enumerate(config.layer_types):
+        prefix = f"model.layers.{layer_idx}."
+        layer = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
+        normed = rms_norm(hidden, layer["input_layernorm.weight"], config.rms_norm_eps)
+        hidden = hidden + attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real)
+        normed = rms_norm(hidden, layer["post_attention_layernorm.weight"], config.rms_norm_eps)
+        gate = normed @ layer["mlp.gate_proj.weight"].T
+        up = normed @ layer["mlp.up_proj.weight"].T
+        hidden = hidden + (torch.nn.functional.silu(gate) * up) @ layer["mlp.down_proj.weight"].T
+    hidden = rms_norm(hidden, weights["model.norm.weight"], config.rms_norm_eps)
+    return hidden @ weights["lm_head.weight"].T
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rotary_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, T, D]` in float64 from the model's inverse frequencies."""
+    rotary = model.model.rotary_emb
+    angles = position_ids[..., None].double() * rotary.inv_freq.double().cpu()
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on `[B, heads, T, D]`: pairs (x_j, x_{j + D/2}) turn by the position's angle."""
+    half = states.shape[-1] // 2
+    rotated_half = torch.cat([-states[..., half:], states[..., :half]], dim=-1)
+    return states * cos[:, None] + rotated_half * sin[:, None]
+
+
+def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`[B, T, n * D]` -> `[B, n, T, D]`."""
+    batch, length, _ = states.shape
+    return states.view(batch, length, -1, head_dim).transpose(1, 2)
+
+
+def masked_softmax_attention(scores: torch.Tensor, allowed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax of `scores` over allowed entries only; a row with none allowed gives zeros."""
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return weights @ values
+
+
+def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real) -> torch.Tensor:
+    """One layer's attention output `[B, T, hidden]`, every score matrix dense."""
+    head_dim, groups = config.head_dim, config.num_attention_heads // config.num_key_value_heads
+    scale = head_dim**-0.5
+    query = heads(normed @ layer["self_attn.q_proj.weight"].T, head_dim)
+    key = heads(normed @ layer["self_attn.k_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
+    value = heads(normed @ layer["self_attn.v_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
+    length = normed.shape[1]
+    i = torch.arange(length)[:, None]  # query index
+    j = torch.arange(length)[None, :]  # key index
+    window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: length}[layer_type]
+    local_allowed = (j <= i) & (i - j < window) & is_real[:, None, None, :]  # [B, 1, T, T]
+    local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
+    output = masked_softmax_attention(local_scores, local_allowed, value)  # [B, H, T, D]
+    if layer_type == DYNAMIC:
+        global_output = compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale)
+        gate = torch.sigmoid(normed @ layer["self_attn.mix_gate.weight"].T + layer["self_attn.mix_gate.bias"])
+        gate = gate.transpose(1, 2)[..., None]  # [B, H, T, 1]
+        output = gate * output + (1 - gate) * global_output
+    batch = normed.shape[0]
+    return output.transpose(1, 2).reshape(batch, length, -1) @ layer["self_attn.o_proj.weight"].T
+
+
+def compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale) -> torch.Tensor:
+    """Pre-rotary query over [memory slots; compress(P K)] with P the block-averaging matrix; `[B, H, T, D]`."""
+    block_size, groups = config.compress_block_size, config.num_attention_heads // config.num_key_value_heads
+    batch, _, length, _ = query.shape
+    num_blocks = int(position_ids.max()) // block_size + 1
+    block_of = position_ids // block_size  # [B, T]
+    members = (block_of[:, None, :] == torch.arange(num_blocks)[None, :, None]) & is_real[:, None, :]  # [B, C, T]
+    counts = members.sum(-1)  # [B, C]
+    averaging = members.double() / counts.clamp(min=1)[..., None]  # P: [B, C, T]
+    block_keys = averaging[:, None] @ key  # [B, H, C, D]
+    block_values = averaging[:, None] @ value
+    block_keys = block_keys @ layer["self_attn.compress_k.weight"].T + layer["self_attn.compress_k.bias"]
+    block_values = block_values @ layer["self_attn.compress_v.weight"].T + layer["self_attn.compress_v.bias"]
+    memory_keys = layer["self_attn.memory_k"].repeat_interleave(groups, dim=1).transpose(0, 1)  # [H, M, D]
+    memory_values = layer["self_attn.memory_v"].repeat_interleave(groups, dim=1).transpose(0, 1)
+    keys = torch.cat([memory_keys.expand(batch, -1, -1, -1), block_keys], dim=2)
+    values = torch.cat([memory_values.expand(batch, -1, -1, -1), block_values], dim=2)
+    block_end = torch.arange(num_blocks) * block_size + block_size - 1  # [C]
+    block_allowed = (block_end[None, None, :] <= position_ids[:, :, None]) & (counts[:, None, :] > 0)  # [B, T, C]
+    memory_allowed = torch.ones(batch, length, config.num_memory_tokens, dtype=torch.bool)
+    allowed = torch.cat([memory_allowed, block_allowed], dim=-1)[:, None]  # [B, 1, T, M + C]
+    return masked_softmax_attention(query @ keys.transpose(-1, -2) * scale, allowed, values)

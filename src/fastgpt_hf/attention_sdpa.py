@@ -1,0 +1,86 @@
+"""Windowed attention through `torch.nn.functional.scaled_dot_product_attention`, never quadratic for windows.
+
+A windowed layer cuts the queries into chunks of `window` and gives each chunk the `2 * window` keys that can
+reach it, so memory grows as T x window, not T x S. Full-attention layers use sdpa's causal kernel when nothing
+is padded and a dense mask otherwise, as Llama does. The rule is the one in `attention_masks`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .attention_masks import windowed_visibility
+
+
+def sdpa_windowed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    window: int | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `eager_windowed_attention`; returns `([B, T, H, D], None)`."""
+    if window is not None and query.shape[2] > window:
+        return blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout), None
+    return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+
+
+def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:
+    """One sdpa call over all S keys; the causal kernel when no mask is needed."""
+    query_length, key_length = query.shape[2], key.shape[2]
+    within_window = window is None or key_length <= window
+    needs_mask = key_is_real is not None or not within_window
+    is_causal = not needs_mask and query_length == key_length and query_length > 1
+    mask = None
+    if needs_mask or (query_length != key_length and query_length > 1):
+        mask = windowed_visibility(query_length, key_is_real, key_length, window, query.device)
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2)
+
+
+def blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:
+    """Chunks of `window` queries against their `2 * window` keys: `[B*N, H, w, D]` x `[B*N, K, 2w, D]`."""
+    batch, heads, query_length, head_dim = query.shape
+    # Keys older than the first query's window are never seen: keep at most window - 1 of the past.
+    dropped = max(0, key.shape[2] - query_length - (window - 1))
+    key, value = key[:, :, dropped:], value[:, :, dropped:]
+    past_length = key.shape[2] - query_length
+    num_chunks = -(-query_length // window)
+    # Left padding aligns chunk n's keys to padded positions [n*w, n*w + 2w); right padding fills the last chunk.
+    key_padding = (window - past_length, num_chunks * window - query_length)
+    real = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
+    if key_is_real is not None:
+        real = key_is_real[:, dropped:]
+    real_chunks = F.pad(real, key_padding, value=False).unfold(1, 2 * window, window)  # [B, N, 2w]
+    key_chunks = chunk_keys(key, key_padding, window)
+    value_chunks = chunk_keys(value, key_padding, window)
+    query_chunks = F.pad(query, (0, 0, 0, num_chunks * window - query_length))
+    query_chunks = query_chunks.view(batch, heads, num_chunks, window, head_dim).transpose(1, 2)
+    query_chunks = query_chunks.reshape(batch * num_chunks, heads, window, head_dim)
+    # Query a of a chunk sits at padded key index a + w and sees padded keys j with a < j <= a + w.
+    offset = torch.arange(2 * window, device=query.device)[None, :] - torch.arange(window, device=query.device)[:, None]
+    band = (offset > 0) & (offset <= window)
+    visible = band & (real_chunks[:, :, None, :] | (offset == window))  # [B, N, w, 2w]
+    output = F.scaled_dot_product_attention(
+        query_chunks,
+        key_chunks,
+        value_chunks,
+        attn_mask=visible.reshape(batch * num_chunks, 1, window, 2 * window),
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    output = output.view(batch, num_chunks, heads, window, head_dim).permute(0, 1, 3, 2, 4)
+    return output.reshape(batch, num_chunks * window, heads, head_dim)[:, :query_length]
+
+
+def chunk_keys(states: torch.Tensor, padding: tuple[int, int], window: int) -> torch.Tensor:
+    """`[B, K, S, D]` -> `[B*N, K, 2w, D]`: overlapping spans of 2w padded positions, one per query chunk."""
+    batch, kv_heads, _, head_dim = states.shape
+    padded = F.pad(states, (0, 0, *padding))
+    spans = padded.unfold(2, 2 * window, window)  # [B, K, N, D, 2w]
+    spans = spans.permute(0, 2, 1, 4, 3)  # [B, N, K, 2w, D]
+    return spans.reshape(-1, kv_heads, 2 * window, head_dim)

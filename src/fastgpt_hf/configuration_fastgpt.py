@@ -1,0 +1,174 @@
+"""`FastGPTConfig`: the one source of truth for a FastGPT model's shape and attention layout.
+
+Field names follow `LlamaConfig`; FastGPT adds the per-layer attention kind (`layer_types`) and the sizes of
+its sliding windows, memory slots and compression blocks (DESIGN.md sections 2 and 3). Derived values
+(`head_dim`, `num_key_value_heads`, the default three-stage `layer_types`) are filled in `__post_init__` and
+nowhere else; every invalid value raises a `ValueError` that names the field, the value and what is allowed.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+from .presets import PRESETS
+
+SLIDING = "sliding_attention"
+DYNAMIC = "dynamic_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, DYNAMIC, FULL)
+LAYER_TYPE_ALIASES = {"local": SLIDING, "dynamic": DYNAMIC, "global": FULL}
+
+
+def default_layer_types(num_hidden_layers: int) -> list[str]:
+    """Three stages of nearly equal size, shallow to deep: sliding, dynamic, full.
+
+    When the depth is not a multiple of three, the earlier (cheaper) stages take the extra layers:
+    16 layers give 6 sliding, 5 dynamic and 5 full.
+    """
+    base, extra = divmod(num_hidden_layers, 3)
+    sizes = [base + (stage < extra) for stage in range(3)]
+    return [kind for kind, size in zip(LAYER_TYPES, sizes) for _ in range(size)]
+
+
+@strict
+class FastGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a FastGPT causal language model. The defaults are Llama-3.2-1B's sizes with multi-head
+    attention (`num_key_value_heads` and `head_dim` derive from the heads when not given); the `1b` preset adds
+    its grouped-query heads and rope theta.
+
+    Args beyond `LlamaConfig`'s:
+        layer_types (`list[str]`, *optional*):
+            One entry per layer: `"sliding_attention"`, `"dynamic_attention"` or `"full_attention"` (aliases
+            `"local"`, `"dynamic"`, `"global"`). Defaults to three equal stages in that order.
+        sliding_window (`int`, defaults to 512):
+            Keys seen by a `sliding_attention` query, itself included.
+        dynamic_window (`int`, defaults to 1024):
+            Keys seen by the local branch of a `dynamic_attention` query, itself included.
+        num_memory_tokens (`int`, defaults to 8):
+            Learned key/value slots per key/value head in the global branch of dynamic layers.
+        compress_block_size (`int`, defaults to 64):
+            Positions averaged into one compressed key/value entry; at most `dynamic_window`.
+
+    ```python
+    >>> from fastgpt_hf import FastGPTConfig
+    >>> config = FastGPTConfig.from_preset("tiny")
+    >>> config.layer_types
+    ['sliding_attention', 'dynamic_attention', 'full_attention']
+    ```
+    """
+
+    model_type = "fastgpt"
+    keys_to_ignore_at_inference = ["cache"]
+    default_theta = 10000.0
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 128256
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float = 0.0
+    mlp_bias: bool = False
+    layer_types: list[str] | None = None
+    sliding_window: int = 512
+    dynamic_window: int = 1024
+    num_memory_tokens: int = 8
+    compress_block_size: int = 64
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = default_layer_types(self.num_hidden_layers)
+        else:
+            self.layer_types = [LAYER_TYPE_ALIASES.get(kind, kind) for kind in self.layer_types]
+        # Checked here as well as by `@strict` afterwards, so that a bad value surfaces as a plain `ValueError`.
+        self.validate_layer_type()
+        self.validate_architecture()
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "FastGPTConfig":
+        """The named size from `presets.PRESETS` (`tiny`, `small`, `125m`, `1b`, `13b`), with `overrides` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown FastGPT preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate_layer_type(self):
+        """Every entry a known kind (or alias), one entry per layer."""
+        unknown = sorted({kind for kind in self.layer_types if kind not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(
+                f"layer_types contains {unknown}; allowed are {list(LAYER_TYPES)} "
+                f"or their aliases {list(LAYER_TYPE_ALIASES)}."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give exactly one entry per layer."
+            )
+
+    def validate_architecture(self):
+        """Positive sizes, grouped-query heads that divide, blocks that fit in the dynamic window."""
+        positive_fields = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "sliding_window",
+            "dynamic_window",
+            "num_memory_tokens",
+            "compress_block_size",
+        )
+        for field in positive_fields:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}); choose a num_key_value_heads that divides it."
+            )
+        if self.compress_block_size > self.dynamic_window:
+            raise ValueError(
+                f"compress_block_size ({self.compress_block_size}) must be at most dynamic_window "
+                f"({self.dynamic_window})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+
+__all__ = ["FastGPTConfig"]

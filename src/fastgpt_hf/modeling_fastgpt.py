@@ -1,0 +1,432 @@
+"""FastGPT in Transformers v5's decoder anatomy: norm, rotary, MLP, hybrid attention, decoder layer, models.
+
+The skeleton and parameter names are Llama's (DESIGN.md section 1); attention follows `config.layer_types`
+(section 2). Windowed attention goes through one backend chosen by `config._attn_implementation` from
+`WINDOWED_ATTENTION_FUNCTIONS`; the dynamic layer's global branch lives in `attention_compressed`.
+
+Inputs: `attention_mask` is 2D, `[B, past + T]`, 1 for real tokens and 0 for padding (left padding for batched
+generation). Without `position_ids`, positions count real tokens (`cumsum(attention_mask) - 1`, as `generate()`
+does), so that a left-padded row gets the positions, windows and compression blocks it would get alone.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention_compressed import block_statistics, block_visibility, global_branch_attention
+from .attention_eager import eager_windowed_attention
+from .attention_flex import flex_windowed_attention
+from .attention_sdpa import sdpa_windowed_attention
+from .cache_fastgpt import FastGPTDynamicCache
+from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+
+# Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
+WINDOWED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "eager": eager_windowed_attention,
+    "sdpa": sdpa_windowed_attention,
+    "flex_attention": flex_windowed_attention,
+}
+
+
+class FastGPTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class FastGPTRotaryEmbedding(nn.Module):
+    def __init__(self, config: FastGPTConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: FastGPTConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim))
+        return inv_freq, 1.0
+
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[B, T, D]` in x's dtype, for `position_ids` `[B, T]`; angles in float32 (float64 models: float64)."""
+        angle_dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = position_ids[..., None].to(angle_dtype) * self.inv_freq.to(device=x.device, dtype=angle_dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(query, key, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query `[B, H, T, D]` and key `[B, K, T, D]` by cos, sin `[B, T, D]`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+class FastGPTMLP(nn.Module):
+    def __init__(self, config: FastGPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FastGPTAttention(nn.Module):
+    """Grouped-query attention of one layer kind: sliding, full, or dynamic (sliding mixed with a global branch)."""
+
+    def __init__(self, config: FastGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: None}[self.layer_type]
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        if self.layer_type == DYNAMIC:
+            memory_shape = (config.num_memory_tokens, config.num_key_value_heads, self.head_dim)
+            self.memory_k = nn.Parameter(torch.zeros(memory_shape))
+            self.memory_v = nn.Parameter(torch.zeros(memory_shape))
+            self.compress_k = nn.Linear(self.head_dim, self.head_dim)
+            self.compress_v = nn.Linear(self.head_dim, self.head_dim)
+            self.mix_gate = nn.Linear(config.hidden_size, config.num_attention_heads, bias=True)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states `[B, T, hidden]`; attention_mask `[B, past + T]` bool or None; position_ids `[B, T]`."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
+        rotary_query, rotary_key = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
+        past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        all_keys, all_values = rotary_key, value_states
+        if cache is not None:
+            all_keys, all_values = cache.update(rotary_key, value_states, self.layer_idx)
+        key_is_real = None if attention_mask is None else attention_mask[:, -all_keys.shape[2] :]
+        windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        dropout = self.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = windowed_attention(
+            rotary_query, all_keys, all_values, key_is_real, self.window, self.scaling, dropout
+        )
+        if self.layer_type == DYNAMIC:
+            query_is_real = None if attention_mask is None else attention_mask[:, -input_shape[1] :]
+            global_output = self.global_branch(
+                query_states, key_states, value_states, position_ids, query_is_real, past_length, cache
+            )
+            gate = torch.sigmoid(self.mix_gate(hidden_states))[..., None]  # [B, T, H, 1]
+            attn_output = gate * attn_output + (1 - gate) * global_output
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1))
+        return attn_output, attn_weights
+
+    def global_branch(
+        self,
+        query_states: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        query_is_real: torch.Tensor | None,
+        past_length: int,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Memory slots and compressed blocks (pre-rotary query, key `[B, *, T, D]`) -> `[B, T, H, D]`."""
+        block_size = self.config.compress_block_size
+        positions = position_ids.expand(query_states.shape[0], -1)
+        # Real positions never exceed the token's index, so these blocks cover every position seen so far.
+        num_blocks = -(-(past_length + query_states.shape[2]) // block_size)
+        sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
+        if cache is not None:
+            sums = cache.layers[self.layer_idx].accumulate_blocks(*sums)
+        key_sums, value_sums, counts = sums
+        denominator = counts.clamp(min=1)[:, None, :, None]
+        block_keys = self.compress_k((key_sums / denominator).to(query_states.dtype))
+        block_values = self.compress_v((value_sums / denominator).to(query_states.dtype))
+        return global_branch_attention(
+            query_states,
+            self.memory_k,
+            self.memory_v,
+            block_keys,
+            block_values,
+            block_visibility(positions, counts, block_size),
+            self.scaling,
+            self.attention_dropout if self.training else 0.0,
+        )
+
+
+class FastGPTDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: FastGPTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = FastGPTAttention(config, layer_idx)
+        self.mlp = FastGPTMLP(config)
+        self.input_layernorm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FastGPTPreTrainedModel(PreTrainedModel):
+    config: FastGPTConfig
+    config_class = FastGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FastGPTDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_record_outputs = {"hidden_states": FastGPTDecoderLayer, "attentions": FastGPTAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's init, plus a global branch that matters from the first step.
+
+        Memory slots start at the scale of projected keys and values (std `initializer_range * sqrt(hidden)`),
+        the compressors at the identity (a block's entry starts as its mean key / value), and the gate at 0.5.
+        """
+        super()._init_weights(module)
+        if isinstance(module, FastGPTAttention) and module.layer_type == DYNAMIC:
+            std = self.config.initializer_range * self.config.hidden_size**0.5
+            init.normal_(module.memory_k, mean=0.0, std=std)
+            init.normal_(module.memory_v, mean=0.0, std=std)
+            for compressor in (module.compress_k, module.compress_v):
+                init.eye_(compressor.weight)
+                init.zeros_(compressor.bias)
+
+    def attention_sparsity(self, seq_len: int) -> list[float]:
+        """Fraction of the `seq_len x seq_len` score matrix each layer skips (DESIGN.md section 3).
+
+        A query at position i scores min(i + 1, window) keys in a sliding layer, i + 1 in a full layer, and in a
+        dynamic layer min(i + 1, dynamic_window) local keys plus the memory slots and its (i + 1) // b blocks.
+        """
+        config = self.config
+        scored_by_position = torch.arange(1, seq_len + 1, dtype=torch.float64)
+        fractions = []
+        for layer_type in config.layer_types:
+            if layer_type == SLIDING:
+                scored = scored_by_position.clamp(max=config.sliding_window)
+            elif layer_type == DYNAMIC:
+                local = scored_by_position.clamp(max=config.dynamic_window)
+                scored = local + config.num_memory_tokens + scored_by_position // config.compress_block_size
+            else:
+                scored = scored_by_position
+            fractions.append(1.0 - scored.sum().item() / seq_len**2)
+        return fractions
+
+
+class FastGPTModel(FastGPTPreTrainedModel):
+    def __init__(self, config: FastGPTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [FastGPTDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FastGPTRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if self.config._attn_implementation not in WINDOWED_ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"FastGPT has no {self.config._attn_implementation!r} attention; "
+                f"use one of {sorted(WINDOWED_ATTENTION_FUNCTIONS)}."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = FastGPTDynamicCache(self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total_length = past_length + inputs_embeds.shape[1]
+        if total_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input reaches {total_length} positions ({past_length} cached + {inputs_embeds.shape[1]} new), "
+                f"more than max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
+            )
+        padding_mask = self.padding_mask(attention_mask, inputs_embeds.shape[0], total_length)
+        if position_ids is None:
+            position_ids = self.positions(padding_mask, past_length, inputs_embeds.shape[1], inputs_embeds.device)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=padding_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+    @staticmethod
+    def padding_mask(attention_mask: torch.Tensor | None, batch_size: int, total_length: int) -> torch.Tensor | None:
+        """The 2D mask as bool `[B, past + T]`, or None when nothing is padded (the fast, mask-free kernels)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, total_length):
+            raise ValueError(
+                f"FastGPT takes a 2D attention_mask of shape (batch, cached + new tokens) = "
+                f"({batch_size}, {total_length}), 1 for tokens and 0 for padding; got shape "
+                f"{tuple(attention_mask.shape)}."
+            )
+        padding_mask = attention_mask.bool()
+        if not is_torchdynamo_compiling() and bool(padding_mask.all()):
+            return None
+        return padding_mask
+
+    @staticmethod
+    def positions(
+        padding_mask: torch.Tensor | None, past_length: int, query_length: int, device: torch.device
+    ) -> torch.Tensor:
+        """`[B or 1, T]` positions counting real tokens only, so left padding shifts nothing."""
+        if padding_mask is None:
+            return torch.arange(past_length, past_length + query_length, device=device)[None]
+        return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+
+
+class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: FastGPTConfig):
+        super().__init__(config)
+        self.model = FastGPTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_length):
+        """`generate()`'s default dynamic cache, built from `config.layer_types` instead of Transformers' table."""
+        if model_kwargs.get("cache") is None and generation_config.use_cache and (
+            generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["cache"] = FastGPTDynamicCache(self.config)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_length
+        )
+
+
+__all__ = ["FastGPTPreTrainedModel", "FastGPTModel", "FastGPTForCausalLM"]
