@@ -45,7 +45,7 @@ def block_statistics(
 
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`[B, T, C]` bool: block c is complete at each query position and holds a real token."""
+    """`[B, T, C]` bool: block c is complete at each query position `[B, T]` and holds a real token."""
     block_index = torch.arange(counts.shape[1], device=positions.device)
     complete = (block_index + 1) * block_size - 1 <= positions[:, :, None]
     return complete & (counts[:, None, :] > 0)
@@ -53,40 +53,44 @@ def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: 
 
 def global_branch_attention(
     query_states: torch.Tensor,
+    query_positions: torch.Tensor,
     memory_keys: torch.Tensor,
     memory_values: torch.Tensor,
     block_keys: torch.Tensor,
     block_values: torch.Tensor,
-    block_visible: torch.Tensor,
+    block_counts: torch.Tensor,
+    block_size: int,
     scaling: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention of pre-rotary queries over memory slots and visible compressed blocks.
 
     Args:
-        query_states: `[B, H, T, D]`, before rotary.
+        query_states: `[B, H, T, D]`, before rotary; query_positions: `[B, T]`.
         memory_keys, memory_values: `[M, K, D]`.
-        block_keys, block_values: `[B, K, C, D]`, already compressed.
-        block_visible: `[B, T, C]` bool.
+        block_keys, block_values: `[B, K, C, D]`, already compressed; block_counts: `[B, C]`.
     Returns:
-        `[B, T, H, D]`.
+        `[B, T, H, D]`. Queries go in chunks of QUERY_CHUNK, so no tensor grows as T x C.
     """
-    batch, _, query_length, _ = query_states.shape
+    batch = query_states.shape[0]
     memory_shape = (batch, -1, -1, -1)
     keys = torch.cat([memory_keys.transpose(0, 1).expand(memory_shape).to(block_keys.dtype), block_keys], dim=2)
     values = torch.cat([memory_values.transpose(0, 1).expand(memory_shape).to(block_values.dtype), block_values], 2)
-    memory_visible = block_visible.new_ones(batch, query_length, memory_keys.shape[0])
-    visible = torch.cat([memory_visible, block_visible], dim=2)[:, None]  # [B, 1, T, M + C]
-    outputs = [
-        F.scaled_dot_product_attention(
-            query_states[:, :, start : start + QUERY_CHUNK],
-            keys,
-            values,
-            attn_mask=visible[:, :, start : start + QUERY_CHUNK],
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=True,
+    outputs = []
+    for start in range(0, query_states.shape[2], QUERY_CHUNK):
+        positions = query_positions[:, start : start + QUERY_CHUNK]
+        block_visible = block_visibility(positions, block_counts, block_size)
+        memory_visible = block_visible.new_ones(batch, positions.shape[1], memory_keys.shape[0])
+        visible = torch.cat([memory_visible, block_visible], dim=2)[:, None]  # [B, 1, chunk, M + C]
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query_states[:, :, start : start + QUERY_CHUNK],
+                keys,
+                values,
+                attn_mask=visible,
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=True,
+            )
         )
-        for start in range(0, query_length, QUERY_CHUNK)
-    ]
     return torch.cat(outputs, dim=2).transpose(1, 2)

@@ -27,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention_compressed import block_statistics, block_visibility, global_branch_attention
+from .attention_compressed import block_statistics, global_branch_attention
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
@@ -196,11 +196,13 @@ class FastGPTAttention(nn.Module):
         block_values = self.compress_v((value_sums / denominator).to(query_states.dtype))
         return global_branch_attention(
             query_states,
+            positions,
             self.memory_k,
             self.memory_v,
             block_keys,
             block_values,
-            block_visibility(positions, counts, block_size),
+            counts,
+            block_size,
             self.scaling,
             self.attention_dropout if self.training else 0.0,
         )
