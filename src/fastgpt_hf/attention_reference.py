@@ -19,15 +19,19 @@ def reference_logits(
     tokens, as the model does. Rows of padding tokens come out as whatever they are and are not to be compared.
     """
     config = model.config
-    weights = {name: tensor.detach().to(torch.float64) for name, tensor in model.state_dict().items()}
-    if "lm_head.weight" not in weights:
+    # Differentiable in the parameters, so that gradients can be checked against it too.
+    weights = {name: tensor.to(torch.float64) for name, tensor in model.named_parameters()}
+    if "lm_head.weight" not in weights:  # tied embeddings
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     batch, length = input_ids.shape
-    is_real = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    device = input_ids.device
+    is_real = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        is_real = attention_mask.bool()
     if position_ids is None:
         position_ids = (is_real.long().cumsum(-1) - 1).clamp(min=0)
-    position_ids = position_ids.cpu().expand(batch, length)
-    hidden = weights["model.embed_tokens.weight"][input_ids.cpu()]
+    position_ids = position_ids.expand(batch, length)
+    hidden = weights["model.embed_tokens.weight"][input_ids]
     cos, sin = rotary_tables(model, position_ids)
     for layer_idx, layer_type in enumerate(config.layer_types):
         prefix = f"model.layers.{layer_idx}."
@@ -49,7 +53,7 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def rotary_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin `[B, T, D]` in float64 from the model's inverse frequencies."""
     rotary = model.model.rotary_emb
-    angles = position_ids[..., None].double() * rotary.inv_freq.double().cpu()
+    angles = position_ids[..., None].double() * rotary.inv_freq.double()
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
 
@@ -81,8 +85,8 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
     key = heads(normed @ layer["self_attn.k_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
     value = heads(normed @ layer["self_attn.v_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
     length = normed.shape[1]
-    i = torch.arange(length)[:, None]  # query index
-    j = torch.arange(length)[None, :]  # key index
+    i = torch.arange(length, device=normed.device)[:, None]  # query index
+    j = torch.arange(length, device=normed.device)[None, :]  # key index
     window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: length}[layer_type]
     local_allowed = (j <= i) & (i - j < window) & is_real[:, None, None, :]  # [B, 1, T, T]
     local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
@@ -100,9 +104,11 @@ def compressed_global_attention(config, layer, query, key, value, position_ids, 
     """Pre-rotary query over [memory slots; compress(P K)] with P the block-averaging matrix; `[B, H, T, D]`."""
     block_size, groups = config.compress_block_size, config.num_attention_heads // config.num_key_value_heads
     batch, _, length, _ = query.shape
+    device = query.device
     num_blocks = int(position_ids.max()) // block_size + 1
     block_of = position_ids // block_size  # [B, T]
-    members = (block_of[:, None, :] == torch.arange(num_blocks)[None, :, None]) & is_real[:, None, :]  # [B, C, T]
+    block_index = torch.arange(num_blocks, device=device)
+    members = (block_of[:, None, :] == block_index[None, :, None]) & is_real[:, None, :]  # [B, C, T]
     counts = members.sum(-1)  # [B, C]
     averaging = members.double() / counts.clamp(min=1)[..., None]  # P: [B, C, T]
     block_keys = averaging[:, None] @ key  # [B, H, C, D]
@@ -113,8 +119,8 @@ def compressed_global_attention(config, layer, query, key, value, position_ids, 
     memory_values = layer["self_attn.memory_v"].repeat_interleave(groups, dim=1).transpose(0, 1)
     keys = torch.cat([memory_keys.expand(batch, -1, -1, -1), block_keys], dim=2)
     values = torch.cat([memory_values.expand(batch, -1, -1, -1), block_values], dim=2)
-    block_end = torch.arange(num_blocks) * block_size + block_size - 1  # [C]
+    block_end = block_index * block_size + block_size - 1  # [C]
     block_allowed = (block_end[None, None, :] <= position_ids[:, :, None]) & (counts[:, None, :] > 0)  # [B, T, C]
-    memory_allowed = torch.ones(batch, length, config.num_memory_tokens, dtype=torch.bool)
+    memory_allowed = torch.ones(batch, length, config.num_memory_tokens, dtype=torch.bool, device=device)
     allowed = torch.cat([memory_allowed, block_allowed], dim=-1)[:, None]  # [B, 1, T, M + C]
     return masked_softmax_attention(query @ keys.transpose(-1, -2) * scale, allowed, values)

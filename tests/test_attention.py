@@ -1,0 +1,77 @@
+"""Every attention backend against the float64 dense reference, outputs and gradients.
+
+The grid covers each layer kind alone and mixed, lengths from 1 to 299 with windows of 8 / 16 and blocks of 4 that
+they are not multiples of, left-padded batches (padding positions are not compared), and grouped-query ratios.
+"""
+
+import pytest
+import torch
+
+from fastgpt_hf.attention_reference import reference_logits
+
+from .conftest import STACKS, left_padded_batch, tiny_model
+
+BACKENDS = ["eager", "sdpa", "flex_attention"]
+LENGTHS = [1, 6, 37, 131, 299]
+FLOAT64_TOLERANCE = 1e-10
+FLOAT32_TOLERANCE = 2e-4  # logits are O(1): float32 attention over a few hundred keys
+
+
+def max_error_on_real_tokens(logits: torch.Tensor, reference: torch.Tensor, attention_mask) -> float:
+    real = torch.ones(logits.shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    return (logits.double() - reference)[real].abs().max().item()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("length", LENGTHS, ids=lambda length: f"T{length}")
+@pytest.mark.parametrize("stack", sorted(STACKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference_in_float64(backend, stack, length, padded):
+    model = tiny_model(stack, backend)
+    input_ids, attention_mask = left_padded_batch(length)
+    if not padded:
+        attention_mask = None
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa2", "mha"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_query_ratios(backend, kv_heads):
+    model = tiny_model("mixed", backend, num_key_value_heads=kv_heads)
+    input_ids, attention_mask = left_padded_batch(61)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference_in_float32(backend):
+    model = tiny_model("mixed", backend, dtype=torch.float32)
+    input_ids, attention_mask = left_padded_batch(131)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT32_TOLERANCE
+
+
+# flex_attention has no backward on the CPU; its gradients are checked on the GPU (tests/test_gpu.py).
+@pytest.mark.parametrize("length", [9, 70], ids=lambda length: f"T{length}")
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_backend_gradients_match_reference(backend, length):
+    model = tiny_model("mixed", backend)
+    input_ids, attention_mask = left_padded_batch(length)
+    probe = torch.randn(*input_ids.shape, model.config.vocab_size, dtype=torch.float64) * attention_mask[..., None]
+
+    def gradients(compute_logits) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        (compute_logits() * probe).sum().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+    fast = gradients(lambda: model(input_ids, attention_mask=attention_mask).logits)
+    reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
+    for name, gradient in reference.items():
+        torch.testing.assert_close(fast[name], gradient, rtol=1e-9, atol=1e-9, msg=name)

@@ -1,0 +1,68 @@
+"""FastGPTConfig: defaults, presets, aliases, and the ValueErrors for every invalid value."""
+
+import pytest
+from transformers import AutoConfig
+
+import fastgpt_hf  # noqa: F401  (registers the Auto classes)
+from fastgpt_hf import FastGPTConfig
+from fastgpt_hf.presets import PRESETS
+
+
+def test_default_layout_is_three_stages_shallow_to_deep():
+    config = FastGPTConfig(num_hidden_layers=16)
+    assert config.layer_types == ["sliding_attention"] * 6 + ["dynamic_attention"] * 5 + ["full_attention"] * 5
+    assert (config.sliding_window, config.dynamic_window) == (512, 1024)
+    assert (config.num_memory_tokens, config.compress_block_size, config.max_position_embeddings) == (8, 64, 32768)
+
+
+def test_aliases_become_transformers_names():
+    config = FastGPTConfig.from_preset("tiny", layer_types=["global", "local", "dynamic"])
+    assert config.layer_types == ["full_attention", "sliding_attention", "dynamic_attention"]
+
+
+def test_derived_values():
+    config = FastGPTConfig(hidden_size=256, num_attention_heads=8, num_hidden_layers=3)
+    assert config.head_dim == 32 and config.num_key_value_heads == 8
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_auto_config(tmp_path, name):
+    config = FastGPTConfig.from_preset(name)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, FastGPTConfig)
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+
+
+def test_preset_shapes_match_their_llama_namesakes():
+    one_b, thirteen_b = FastGPTConfig.from_preset("1b"), FastGPTConfig.from_preset("13b")
+    assert (one_b.hidden_size, one_b.num_hidden_layers, one_b.num_attention_heads, one_b.num_key_value_heads) == (
+        2048, 16, 32, 8,
+    )
+    assert (thirteen_b.hidden_size, thirteen_b.num_hidden_layers, thirteen_b.intermediate_size) == (5120, 40, 13824)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"Unknown FastGPT preset 'huge'; choose one of \['125m', '13b', '1b'"):
+        FastGPTConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layer_types": ["local", "banded", "global"]}, r"layer_types contains \['banded'\]; allowed are"),
+        ({"layer_types": ["local", "global"]}, r"layer_types has 2 entries but num_hidden_layers is 3"),
+        ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
+        ({"compress_block_size": 32}, r"compress_block_size \(32\) must be at most dynamic_window \(16\)"),
+        ({"sliding_window": 0}, r"sliding_window must be a positive integer, got 0"),
+        ({"dynamic_window": -4}, r"dynamic_window must be a positive integer, got -4"),
+        ({"num_memory_tokens": 0}, r"num_memory_tokens must be a positive integer, got 0"),
+        ({"compress_block_size": 0}, r"compress_block_size must be a positive integer, got 0"),
+        ({"hidden_size": 0}, r"hidden_size must be a positive integer, got 0"),
+        ({"head_dim": 15}, r"head_dim must be even"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "-".join(value),
+)
+def test_invalid_values_raise_value_error_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        FastGPTConfig.from_preset("tiny", **overrides)

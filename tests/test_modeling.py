@@ -1,0 +1,137 @@
+"""FastGPTForCausalLM as a Transformers model: Llama equivalence, Auto classes, save/load, errors, gradients."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, FastGPTModel
+
+from .conftest import left_padded_batch, tiny_model
+
+
+def llama_twin(model: FastGPTForCausalLM) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of the same shape carrying `model`'s weights (all layers must be full attention)."""
+    config = model.config
+    llama_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=config.rope_parameters,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attn_implementation="eager",
+    )
+    llama = LlamaForCausalLM(llama_config).to(model.dtype).eval()
+    llama.load_state_dict(model.state_dict(), strict=True)
+    return llama
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
+def test_all_full_attention_fastgpt_is_llama(backend):
+    model = tiny_model("full", backend, dtype=torch.float32)
+    llama = llama_twin(model)
+    input_ids, _ = left_padded_batch(45)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, llama(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_full_attention_matches_llama_on_real_tokens():
+    model = tiny_model("full", "sdpa", dtype=torch.float32)
+    llama = llama_twin(model)
+    input_ids, attention_mask = left_padded_batch(30)
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask=attention_mask).logits
+        theirs = llama(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_classes_build_fastgpt(tiny_config):
+    assert isinstance(AutoModel.from_config(tiny_config), FastGPTModel)
+    assert isinstance(AutoModelForCausalLM.from_config(tiny_config), FastGPTForCausalLM)
+
+
+def test_save_and_reload_through_auto_gives_identical_logits(tmp_path):
+    model = tiny_model("mixed", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, FastGPTForCausalLM)
+    input_ids, attention_mask = left_padded_batch(50)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask).logits
+        assert torch.equal(reloaded(input_ids, attention_mask=attention_mask).logits, expected)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_model("mixed", dtype=torch.float32).train()
+    input_ids, attention_mask = left_padded_batch(40)
+    model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    attention = model.model.layers[1].self_attn
+    for parameter in (attention.memory_k, attention.memory_v, attention.mix_gate.weight):
+        assert parameter.grad.abs().sum() > 0
+    for compressor in (attention.compress_k, attention.compress_v):
+        assert compressor.weight.grad.abs().sum() > 0
+
+
+def test_global_branch_matters_at_initialisation():
+    """Fresh init: the gate is near 0.5 and the global branch changes the output."""
+    model = tiny_model("dynamic", dtype=torch.float32, initializer_range=0.02)
+    input_ids, _ = left_padded_batch(40)
+    with torch.no_grad():
+        before = model(input_ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.memory_v.mul_(2.0)
+        assert not torch.allclose(model(input_ids).logits, before, atol=1e-4)
+        gate = torch.sigmoid(model.model.layers[0].self_attn.mix_gate(torch.randn(5, 64)))
+    assert 0.3 < gate.mean() < 0.7
+
+
+def test_loss_logits_to_keep_and_outputs():
+    model = tiny_model("mixed", "eager", dtype=torch.float32)
+    input_ids, attention_mask = left_padded_batch(20)
+    output = model(
+        input_ids, attention_mask=attention_mask, labels=input_ids, output_hidden_states=True, output_attentions=True
+    )
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert len(output.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(output.attentions) == model.config.num_hidden_layers
+    assert output.attentions[0].shape == (3, 4, 20, 20)
+    last = model(input_ids, attention_mask=attention_mask, logits_to_keep=1).logits
+    torch.testing.assert_close(last[:, 0], output.logits[:, -1])
+
+
+def test_input_longer_than_max_position_embeddings_is_refused():
+    model = tiny_model("mixed", dtype=torch.float32, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"reaches 65 positions .* more than max_position_embeddings=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_attention_mask_of_wrong_shape_is_refused():
+    model = tiny_model("mixed", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"2D attention_mask of shape \(batch, cached \+ new tokens\) = \(1, 5\)"):
+        model(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 1, 5, 5))
+
+
+def test_unsupported_attention_implementation_is_refused():
+    model = tiny_model("mixed", dtype=torch.float32)
+    model.config._attn_implementation = "paged|eager"
+    with pytest.raises(ValueError, match=r"FastGPT has no 'paged\|eager' attention; use one of"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_attention_sparsity_at_4096_matches_the_design():
+    config = FastGPTConfig.from_preset(
+        "tiny", sliding_window=512, dynamic_window=1024, num_memory_tokens=8, compress_block_size=64
+    )
+    sliding, dynamic, full = FastGPTForCausalLM(config).attention_sparsity(4096)
+    assert sliding == pytest.approx(0.883, abs=1e-3)
+    assert dynamic == pytest.approx(0.771, abs=1e-3)
+    assert full == pytest.approx(0.5, abs=1e-3)
