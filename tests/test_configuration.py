@@ -37,7 +37,10 @@ def test_presets_round_trip_through_auto_config(tmp_path, name):
 def test_preset_shapes_match_their_llama_namesakes():
     one_b, thirteen_b = FastGPTConfig.from_preset("1b"), FastGPTConfig.from_preset("13b")
     assert (one_b.hidden_size, one_b.num_hidden_layers, one_b.num_attention_heads, one_b.num_key_value_heads) == (
-        2048, 16, 32, 8,
+        2048,
+        16,
+        32,
+        8,
     )
     assert (thirteen_b.hidden_size, thirteen_b.num_hidden_layers, thirteen_b.intermediate_size) == (5120, 40, 13824)
 

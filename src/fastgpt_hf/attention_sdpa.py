@@ -79,7 +79,7 @@ def blocked_window_attention(query, key, value, key_is_real, window, scaling, dr
 
 def chunk_keys(states: torch.Tensor, padding: tuple[int, int], window: int) -> torch.Tensor:
     """`[B, K, S, D]` -> `[B*N, K, 2w, D]`: overlapping spans of 2w padded positions, one per query chunk."""
-    batch, kv_heads, _, head_dim = states.shape
+    _, kv_heads, _, head_dim = states.shape
     padded = F.pad(states, (0, 0, *padding))
     spans = padded.unfold(2, 2 * window, window)  # [B, K, N, D, 2w]
     spans = spans.permute(0, 2, 1, 4, 3)  # [B, N, K, 2w, D]

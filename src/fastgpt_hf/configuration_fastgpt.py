@@ -27,7 +27,7 @@ def default_layer_types(num_hidden_layers: int) -> list[str]:
     """
     base, extra = divmod(num_hidden_layers, 3)
     sizes = [base + (stage < extra) for stage in range(3)]
-    return [kind for kind, size in zip(LAYER_TYPES, sizes) for _ in range(size)]
+    return [kind for kind, size in zip(LAYER_TYPES, sizes, strict=True) for _ in range(size)]
 
 
 @strict

@@ -78,7 +78,7 @@ class FastGPTRotaryEmbedding(nn.Module):
 
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[B, T, D]` in x's dtype, for `position_ids` `[B, T]`; angles in float32 (float64 models: float64)."""
+        """cos, sin `[B, T, D]` in x's dtype for `position_ids` `[B, T]`; angles in float32 (float64 models: 64)."""
         angle_dtype = torch.promote_types(x.dtype, torch.float32)
         freqs = position_ids[..., None].to(angle_dtype) * self.inv_freq.to(device=x.device, dtype=angle_dtype)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -421,14 +421,14 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_length):
         """`generate()`'s default dynamic cache, built from `config.layer_types` instead of Transformers' table."""
-        if model_kwargs.get("cache") is None and generation_config.use_cache and (
-            generation_config.cache_implementation in (None, "dynamic")
+        if (
+            model_kwargs.get("cache") is None
+            and generation_config.use_cache
+            and (generation_config.cache_implementation in (None, "dynamic"))
         ):
             model_kwargs["cache"] = FastGPTDynamicCache(self.config)
             return
-        super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_length
-        )
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_length)
 
 
-__all__ = ["FastGPTPreTrainedModel", "FastGPTModel", "FastGPTForCausalLM"]
+__all__ = ["FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]

@@ -1,0 +1,18 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both set up .venv from nothing first.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+$(VENV)/installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# The local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/installed
+	$(PYTHON) examples/demo.py
+
+test: $(VENV)/installed
+	$(PYTHON) -m pytest -q
