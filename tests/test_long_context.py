@@ -1,17 +1,19 @@
 """32K-token forward passes on the CPU, and peak memory that grows linearly for sliding and dynamic layers.
 
-Each measurement runs in a fresh Python process and reads its peak resident memory (`ru_maxrss`), so that no
-earlier allocation hides the forward pass's own peak.
+Each measurement runs in a fresh Python process that builds the model, then forks: the child's peak resident
+memory (`ru_maxrss`) starts from its size at the fork, so imports and model building do not hide the forward pass's
+own peak. Large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once.
 """
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 MEASURE = """
-import json, resource, sys, time, torch
+import json, os, resource, sys, time, torch
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 length, layer_types, batch = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
 torch.manual_seed(0)
@@ -21,6 +23,8 @@ config = FastGPTConfig.from_preset(
 )
 model = FastGPTForCausalLM(config).eval()
 input_ids = torch.randint(0, config.vocab_size, (batch, length))
+if os.fork() != 0:
+    sys.exit(os.wait()[1] >> 8)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 with torch.no_grad():
@@ -34,7 +38,8 @@ print(json.dumps({"growth_kib": after - before, "seconds": seconds, "finite": bo
 def measure_forward(length: int, layer_types: list[str], batch: int = 1) -> dict:
     """Peak memory growth (KiB) and seconds of one no-grad forward, in a fresh process."""
     command = [sys.executable, "-c", MEASURE, str(length), ",".join(layer_types), str(batch)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True, env=environment)
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
