@@ -1,0 +1,58 @@
+"""The CUDA paths against the float64 reference: sdpa and flex_attention kernels in bf16 and float32.
+
+Tolerances are relative, ||out - ref|| / ||ref|| over real tokens: bf16 operands land between 1e-3 and 1e-2,
+float32 (TF32 off) far under 1e-3.
+"""
+
+import pytest
+import torch
+
+from fastgpt_hf.attention_reference import reference_logits
+
+from .conftest import left_padded_batch, tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI machines have none"),
+]
+RELATIVE_TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+# Windows and blocks that span several of flex_attention's 128 x 128 tiles.
+LONG_WINDOWS = {"sliding_window": 64, "dynamic_window": 192, "compress_block_size": 16, "num_memory_tokens": 4}
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    real = attention_mask.bool()
+    difference = output.double()[real] - reference[real]
+    return (difference.norm() / reference[real].norm()).item()
+
+
+@pytest.mark.parametrize("length", [77, 1000], ids=lambda length: f"T{length}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex_attention", "eager"])
+def test_cuda_backend_matches_reference(backend, dtype, length):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", backend, dtype=dtype, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids, attention_mask = left_padded_batch(length)
+    input_ids, attention_mask = input_ids.cuda(), attention_mask.cuda()
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
+def test_cuda_gradients_match_reference(backend):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", backend, dtype=torch.float32, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids, attention_mask = left_padded_batch(300)
+    input_ids, attention_mask = input_ids.cuda(), attention_mask.cuda()
+    probe = torch.randn(*input_ids.shape, model.config.vocab_size, device="cuda") * attention_mask[..., None]
+
+    def gradients(compute_logits) -> torch.Tensor:
+        model.zero_grad()
+        (compute_logits().float() * probe).sum().backward()
+        return torch.cat([parameter.grad.flatten() for parameter in model.parameters()])
+
+    fast = gradients(lambda: model(input_ids, attention_mask=attention_mask).logits)
+    reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
+    assert ((fast - reference).norm() / reference.norm()).item() < 1e-4
