@@ -43,7 +43,9 @@ def flex_windowed_attention(
         return seen
 
     mask_batch = batch if key_is_real is not None else None
-    block_mask = create_block_mask(visible, mask_batch, None, query_length, key_length, device=query.device)
+    block_mask = create_block_mask(
+        visible, mask_batch, None, query_length, key_length, device=query.device, _compile=query.is_cuda
+    )
     attend = compiled_flex_attention() if query.is_cuda else flex_attention
     output = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2), None
