@@ -76,7 +76,7 @@ def main() -> None:
     fastgpt = FastGPTForCausalLM(config).to("cuda", torch.bfloat16).eval()
     llama = LlamaForCausalLM(llama_config_like(config)).to("cuda", torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()}; bf16 matmul {peak:.0f} TFLOP/s; preset {args.preset}")
-    print("| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | FastGPT floor ms | peak GiB Llama/FastGPT |")
+    print("| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | floor ms | peak GiB Llama/FastGPT |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for length in args.lengths:
         input_ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
