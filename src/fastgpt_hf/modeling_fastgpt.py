@@ -249,6 +249,11 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_record_outputs = {"hidden_states": FastGPTDecoderLayer, "attentions": FastGPTAttention}
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Attention reads `config._attn_implementation` at every call, so `set_attn_implementation` works."""
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         """Llama's init, plus a global branch that matters from the first step.
 
