@@ -167,7 +167,8 @@ class FastGPTAttention(nn.Module):
             global_output = self.global_branch(
                 query_states, key_states, value_states, position_ids, query_is_real, past_length, cache
             )
-            gate = torch.sigmoid(self.mix_gate(hidden_states))[..., None]  # [B, T, H, 1]
+            gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
+            gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
             attn_output = gate * attn_output + (1 - gate) * global_output
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1))
         return attn_output, attn_weights
@@ -192,8 +193,9 @@ class FastGPTAttention(nn.Module):
             sums = cache.layers[self.layer_idx].accumulate_blocks(*sums)
         key_sums, value_sums, counts = sums
         denominator = counts.clamp(min=1)[:, None, :, None]
-        block_keys = self.compress_k((key_sums / denominator).to(query_states.dtype))
-        block_values = self.compress_v((value_sums / denominator).to(query_states.dtype))
+        compress_dtype = self.compress_k.weight.dtype
+        block_keys = self.compress_k((key_sums / denominator).to(compress_dtype)).to(query_states.dtype)
+        block_values = self.compress_v((value_sums / denominator).to(compress_dtype)).to(query_states.dtype)
         return global_branch_attention(
             query_states,
             positions,
@@ -245,6 +247,8 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastGPTDecoderLayer"]
+    # The global branch's small parts stay float32 and are never quantized (quantizers skip these modules).
+    _keep_in_fp32_modules = ["memory_k", "memory_v", "compress_k", "compress_v", "mix_gate"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_record_outputs = {"hidden_states": FastGPTDecoderLayer, "attentions": FastGPTAttention}
