@@ -1,0 +1,52 @@
+"""Shared builders: tiny random FastGPT models and left-padded batches."""
+
+import pytest
+import torch
+
+import fastgpt_hf  # noqa: F401  (registers the Auto classes)
+from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+
+STACKS = {
+    "sliding": ["sliding_attention"] * 2,
+    "dynamic": ["dynamic_attention"] * 2,
+    "full": ["full_attention"] * 2,
+    "mixed": ["sliding_attention", "dynamic_attention", "full_attention", "dynamic_attention"],
+}
+
+
+def tiny_model(
+    stack: str = "mixed",
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **overrides,
+) -> FastGPTForCausalLM:
+    """A `tiny` preset model (windows 8 / 16, blocks of 4, 2 memory slots) with random weights, in eval mode.
+
+    Weights get a larger init than training uses so that attention is far from uniform and masks matter.
+    """
+    torch.manual_seed(seed)
+    layer_types = STACKS[stack]
+    config = FastGPTConfig.from_preset(
+        "tiny",
+        layer_types=layer_types,
+        num_hidden_layers=len(layer_types),
+        attn_implementation=attn_implementation,
+        **{"initializer_range": 0.2, **overrides},
+    )
+    return FastGPTForCausalLM(config).to(dtype).eval()
+
+
+def left_padded_batch(length: int, vocab_size: int = 128, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of `length` tokens: unpadded, 3 pads, half pads (at least one real token each)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (3, length), generator=generator)
+    attention_mask = torch.ones(3, length, dtype=torch.long)
+    attention_mask[1, : min(3, length - 1)] = 0
+    attention_mask[2, : length // 2] = 0
+    return input_ids, attention_mask
+
+
+@pytest.fixture
+def tiny_config() -> FastGPTConfig:
+    return FastGPTConfig.from_preset("tiny")
