@@ -47,14 +47,12 @@ def kept_key_mask(
         seen_length: tokens seen by the layer, the new ones included.
         key_length: S; the returned keys are the last S positions, after `S - seen_length` empty slots if positive.
     """
-    empty_slots = key_length - seen_length
     if attention_mask is None:
-        if empty_slots <= 0:
+        if key_length <= seen_length:
             return None
-        return (torch.arange(key_length, device=device) >= empty_slots)[None]
-    if empty_slots > 0:
-        attention_mask = F.pad(attention_mask, (empty_slots, 0), value=0)
-    return attention_mask[:, -key_length:]
+        return (torch.arange(key_length, device=device) >= key_length - seen_length)[None]
+    # Padding by S on the left and keeping the last S needs no branch on the (compiled: symbolic) lengths.
+    return F.pad(attention_mask, (key_length, 0), value=0)[:, -key_length:]
 
 
 class DynamicCompressedLayer(DynamicSlidingWindowLayer):
