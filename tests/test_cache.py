@@ -139,5 +139,7 @@ def test_cache_of_another_batch_size_is_refused():
     input_ids, attention_mask = left_padded_batch(8)
     cache = FastGPTDynamicCache(model.config)
     incremental_logits(model, input_ids, attention_mask, cache, [8])
-    with pytest.raises(ValueError, match=r"\(batch, kv heads, head_dim\) = \(3, 2, 16\) but the input needs \(1, 2, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"\(batch, kv heads, head_dim\) = \(3, 2, 16\) but the input needs \(1, 2, 16\)"
+    ):
         model(input_ids[:1, :1], cache=cache)

@@ -37,7 +37,10 @@ def argmax_loop(model, input_ids, attention_mask, new_tokens: int) -> torch.Tens
 def test_greedy_generate_equals_an_argmax_loop_over_full_recomputation(model, cache_implementation):
     input_ids, attention_mask = left_padded_batch(10)
     generated = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
         cache_implementation=cache_implementation,
     )
     assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, NEW_TOKENS))
@@ -69,8 +72,12 @@ def test_cached_generation_equals_generation_without_cache(model, cache_implemen
         torch.manual_seed(0)
         outputs.append(
             model.generate(
-                input_ids, attention_mask=attention_mask, max_new_tokens=20, use_cache=use_cache,
-                cache_implementation=cache_implementation if use_cache else None, **options,
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=20,
+                use_cache=use_cache,
+                cache_implementation=cache_implementation if use_cache else None,
+                **options,
             )
         )
     assert torch.equal(*outputs)
@@ -103,8 +110,12 @@ def test_static_cache_compiled_gives_the_dynamic_cache_tokens(model):
     compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
     expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     compiled = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
-        cache_implementation="static", compile_config=compile_config,
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=6,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=compile_config,
     )
     assert torch.equal(compiled, expected)
 

@@ -69,7 +69,11 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
         self.block_counts: torch.Tensor | None = None  # [B, C]
 
     def update_blocks(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor, is_real: torch.Tensor | None
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
     ) -> BlockSums:
         """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`) to their blocks; return all sums.
 
@@ -212,7 +216,11 @@ class StaticCompressedLayer(StaticRolledLayer):
                 torch._dynamo.mark_static_address(buffer)
 
     def update_blocks(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor, is_real: torch.Tensor | None
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
     ) -> BlockSums:
         """Same contract as `DynamicCompressedLayer.update_blocks`, with C = ceil(max_positions / b) always."""
         new_sums = block_statistics(
@@ -268,7 +276,7 @@ class FastGPTStaticCache(StaticCache):
 def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
     """Raise a `ValueError` unless `cache` was built for this model's layers and holds `batch_size` rows."""
     if not isinstance(cache, (FastGPTDynamicCache, FastGPTStaticCache)):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 (ValueError like every other bad-input error of the model)
             f"FastGPT needs a cache whose layers follow config.layer_types, got a {type(cache).__name__}. "
             "Pass cache=None (forward and generate() build one), FastGPTDynamicCache(model.config) "
             "or FastGPTStaticCache(model.config, max_cache_len)."
