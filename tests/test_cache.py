@@ -143,3 +143,15 @@ def test_cache_of_another_batch_size_is_refused():
         ValueError, match=r"\(batch, kv heads, head_dim\) = \(3, 2, 16\) but the input needs \(1, 2, 16\)"
     ):
         model(input_ids[:1, :1], cache=cache)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_decode_without_attention_mask_matches_the_reference(cache_kind):
+    """No mask at all (generate() drops an all-ones mask): the static buffer's empty slots must stay unseen."""
+    model = tiny_model("mixed")
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    reference = reference_logits(model, input_ids)
+    cache = build_cache(cache_kind, model.config, max_cache_len=30)
+    with torch.no_grad():
+        logits = torch.cat([model(token, cache=cache).logits for token in input_ids.split([5] + [1] * 19, dim=1)], 1)
+    assert (logits - reference).abs().max().item() < TOLERANCE
