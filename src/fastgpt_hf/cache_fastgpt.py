@@ -1,35 +1,91 @@
 """Generation state of FastGPT: what each layer kind keeps between decoding steps (DESIGN.md section 4).
 
+Two caches, both built from `config.layer_types` (`generate()` builds them by itself):
+
+`FastGPTDynamicCache` (the default; memory grows only where the layer kind needs it):
 - `full_attention`: Transformers' `DynamicLayer`, every key and value.
 - `sliding_attention`: Transformers' `DynamicSlidingWindowLayer`, the last `sliding_window - 1` keys and values.
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values plus, per block of
   `compress_block_size` positions, the sum of its real tokens' pre-rotary keys and values and their count. The
   running sums of the incomplete block and the sums of complete blocks share one `[B, K, C, D]` tensor, so the
   state is O(window + length / b).
+
+`FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
+Every layer keeps a rolled buffer of its last N keys and values, newest last (N = `max_cache_len` for full layers,
+the window minus one for the others); the dynamic layer adds block-sum buffers for ceil(max_cache_len / b) blocks.
+
+Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
+kept past followed by the T new tokens, so queries are the last T of the S returned keys. A static buffer that is
+not full yet has never-written slots on the left of the returned keys; `kept_key_mask` marks them as not real.
+Lengths are Python ints in both caches, so nothing here synchronizes with the device.
 """
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+)
 
-from .configuration_fastgpt import DYNAMIC, SLIDING, FastGPTConfig
+from .attention_compressed import block_statistics
+from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+
+BlockSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def kept_key_mask(
+    attention_mask: torch.Tensor | None, seen_length: int, key_length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Which of the S keys a layer's `update` returned are real tokens: `[B or 1, S]` bool, or None when all are.
+
+    Args:
+        attention_mask: `[B, seen_length]` 2D mask of the whole sequence so far (1 real, 0 padding), or None.
+        seen_length: tokens seen by the layer, the new ones included.
+        key_length: S; the returned keys are the last S positions, after `S - seen_length` empty slots if positive.
+    """
+    if attention_mask is None:
+        if key_length <= seen_length:
+            return None
+        return (torch.arange(key_length, device=device) >= key_length - seen_length)[None]
+    # Padding by S on the left and keeping the last S needs no branch on the (compiled: symbolic) lengths.
+    return F.pad(attention_mask, (key_length, 0), value=0)[:, -key_length:]
 
 
 class DynamicCompressedLayer(DynamicSlidingWindowLayer):
-    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus per-block sums."""
+    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus growing per-block sums."""
 
-    def __init__(self, sliding_window: int):
+    # Blocks sums cannot be un-added, and the window has already dropped what a rollback would need.
+    is_croppable = False
+
+    def __init__(self, sliding_window: int, compress_block_size: int):
         super().__init__(sliding_window=sliding_window)
+        self.compress_block_size = compress_block_size
         self.block_key_sums: torch.Tensor | None = None  # [B, K, C, D]
         self.block_value_sums: torch.Tensor | None = None  # [B, K, C, D]
         self.block_counts: torch.Tensor | None = None  # [B, C]
 
-    def accumulate_blocks(
-        self, key_sums: torch.Tensor, value_sums: torch.Tensor, counts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add the new tokens' block sums (covering blocks [0, C_new)) and return the totals."""
+    def update_blocks(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+    ) -> BlockSums:
+        """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`) to their blocks; return all sums.
+
+        Call after `update`, so that the blocks cover every position seen. Returns key sums, value sums `[B, K, C, D]`
+        and counts `[B, C]`, C = ceil(seen / compress_block_size).
+        """
+        num_blocks = -(-self.cumulative_length // self.compress_block_size)
+        key_sums, value_sums, counts = block_statistics(
+            key_states, value_states, positions, is_real, self.compress_block_size, num_blocks
+        )
         if self.block_counts is not None:
-            extra_blocks = key_sums.shape[2] - self.block_counts.shape[1]
+            extra_blocks = num_blocks - self.block_counts.shape[1]
             key_sums = key_sums + F.pad(self.block_key_sums, (0, 0, 0, extra_blocks))
             value_sums = value_sums + F.pad(self.block_value_sums, (0, 0, 0, extra_blocks))
             counts = counts + F.pad(self.block_counts, (0, extra_blocks))
@@ -40,6 +96,12 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
         """Blocks held (complete or not): one entry per `compress_block_size` positions seen."""
         return 0 if self.block_counts is None else self.block_counts.shape[1]
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "A FastGPT dynamic_attention layer cannot be cropped: its block sums and window have moved on. "
+            "Use generation modes without cache rollback (no assisted or prompt-lookup decoding)."
+        )
+
     def reset(self) -> None:
         super().reset()
         self.block_key_sums = self.block_value_sums = self.block_counts = None
@@ -47,9 +109,10 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.block_counts is not None:
-            self.block_key_sums = self.block_key_sums.index_select(0, beam_idx.to(self.block_key_sums.device))
-            self.block_value_sums = self.block_value_sums.index_select(0, beam_idx.to(self.block_value_sums.device))
-            self.block_counts = self.block_counts.index_select(0, beam_idx.to(self.block_counts.device))
+            beam_idx = beam_idx.to(self.block_counts.device)
+            self.block_key_sums = self.block_key_sums.index_select(0, beam_idx)
+            self.block_value_sums = self.block_value_sums.index_select(0, beam_idx)
+            self.block_counts = self.block_counts.index_select(0, beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -66,20 +129,182 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
             self.block_counts = self.block_counts[indices, ...]
 
 
+class StaticRolledLayer(StaticLayer):
+    """Fixed `[B, K, N, D]` buffers holding the last N keys and values, newest last, for `torch.compile`.
+
+    `update` returns the buffer followed by the new tokens (`[B, K, N + T, D]`, queries last) and keeps the last N
+    of them in place, so the buffers keep their address. Slots not yet written sit on the left and are zeros.
+    `seen` (a Python int, as in Transformers' `StaticSlidingWindowLayer`) counts the tokens seen, at most
+    `max_positions`.
+    """
+
+    is_croppable = False
+
+    def __init__(self, max_positions: int, kept_length: int):
+        super().__init__(max_cache_len=kept_length)
+        self.max_positions = max_positions
+        self.seen = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `[B, K, T, D]` keys and values; return the kept past and them, `[B, K, N + T, D]`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.seen + key_states.shape[2] > self.max_positions:
+            raise ValueError(
+                f"The static cache holds {self.max_positions} positions and has seen {self.seen}; "
+                f"{key_states.shape[2]} more do not fit. Build it with a larger max_cache_len "
+                f"(generate: generation_config.max_cache_len or a larger max_new_tokens)."
+            )
+        self.seen += key_states.shape[2]
+        all_keys = torch.cat([self.keys, key_states], dim=2)
+        all_values = torch.cat([self.values, value_states], dim=2)
+        self.keys.copy_(all_keys[:, :, all_keys.shape[2] - self.max_cache_len :])
+        self.values.copy_(all_values[:, :, all_values.shape[2] - self.max_cache_len :])
+        return all_keys, all_values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.max_positions
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Keys returned by the next `update` and the position of the first (negative while slots are empty)."""
+        return self.max_cache_len + query_length, self.seen - self.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("FastGPT's static cache cannot be cropped; use generation modes without cache rollback.")
+
+    def reset(self) -> None:
+        """Zero the buffers in place (they keep their address) and forget the positions seen."""
+        if self.is_initialized:
+            for buffer in self.batch_buffers():
+                buffer.zero_()
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch in place, so that the buffers keep their address."""
+        if self.is_initialized:
+            for buffer in self.batch_buffers():
+                buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def batch_buffers(self) -> list[torch.Tensor]:
+        """Every tensor indexed by batch."""
+        return [self.keys, self.values]
+
+
+class StaticCompressedLayer(StaticRolledLayer):
+    """Static cache of a `dynamic_attention` layer: the rolled window plus block-sum buffers for every block."""
+
+    def __init__(self, max_positions: int, kept_length: int, compress_block_size: int):
+        super().__init__(max_positions=max_positions, kept_length=kept_length)
+        self.compress_block_size = compress_block_size
+        self.max_blocks = -(-max_positions // compress_block_size)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, kv_heads, _, head_dim = key_states.shape
+        sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
+        block_shape = (batch, kv_heads, self.max_blocks, head_dim)
+        self.block_key_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
+        self.block_value_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
+        self.block_counts = torch.zeros(batch, self.max_blocks, dtype=sum_dtype, device=self.device)
+        if not torch.compiler.is_compiling():
+            for buffer in self.batch_buffers()[2:]:
+                torch._dynamo.mark_static_address(buffer)
+
+    def update_blocks(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+    ) -> BlockSums:
+        """Same contract as `DynamicCompressedLayer.update_blocks`, with C = ceil(max_positions / b) always."""
+        new_sums = block_statistics(
+            key_states, value_states, positions, is_real, self.compress_block_size, self.max_blocks
+        )
+        for buffer, new in zip((self.block_key_sums, self.block_value_sums, self.block_counts), new_sums, strict=True):
+            buffer.add_(new)
+        return self.block_key_sums, self.block_value_sums, self.block_counts
+
+    def batch_buffers(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, self.block_key_sums, self.block_value_sums, self.block_counts]
+
+
+def layer_signature(config: FastGPTConfig) -> tuple:
+    """What a cache's layers depend on in the config: the layer kinds and the window and block sizes."""
+    return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
+
+
 class FastGPTDynamicCache(DynamicCache):
     """A `DynamicCache` whose layers follow `config.layer_types`; `generate()` builds it by itself."""
 
-    def __init__(self, config: FastGPTConfig):
+    def __init__(self, config: FastGPTConfig, offloading: bool = False):
         layers = []
         for layer_type in config.layer_types:
             if layer_type == SLIDING:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
             elif layer_type == DYNAMIC:
-                layers.append(DynamicCompressedLayer(sliding_window=config.dynamic_window))
+                layers.append(DynamicCompressedLayer(config.dynamic_window, config.compress_block_size))
             else:
                 layers.append(DynamicLayer())
         # DynamicCache's own constructor knows only Transformers' layer kinds: build the layers here instead.
-        Cache.__init__(self, layers=layers)
+        Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=False)
+        self.layer_signature = layer_signature(config)
 
 
-__all__ = ["DynamicCompressedLayer", "FastGPTDynamicCache"]
+class FastGPTStaticCache(StaticCache):
+    """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile."""
+
+    def __init__(self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False):
+        layers = []
+        for layer_type in config.layer_types:
+            window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len + 1}
+            kept_length = min(window[layer_type] - 1, max_cache_len)
+            if layer_type == DYNAMIC:
+                layers.append(StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size))
+            else:
+                layers.append(StaticRolledLayer(max_cache_len, kept_length))
+        Cache.__init__(self, layers=layers, offloading=offloading)
+        self.max_cache_len = max_cache_len
+        self.layer_signature = layer_signature(config)
+
+
+def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
+    """Raise a `ValueError` unless `cache` was built for this model's layers and holds `batch_size` rows."""
+    if not isinstance(cache, (FastGPTDynamicCache, FastGPTStaticCache)):
+        raise ValueError(  # noqa: TRY004 (ValueError like every other bad-input error of the model)
+            f"FastGPT needs a cache whose layers follow config.layer_types, got a {type(cache).__name__}. "
+            "Pass cache=None (forward and generate() build one), FastGPTDynamicCache(model.config) "
+            "or FastGPTStaticCache(model.config, max_cache_len)."
+        )
+    if cache.layer_signature != layer_signature(config):
+        raise ValueError(
+            f"This cache was built for layers {cache.layer_signature} (layer_types, sliding_window, dynamic_window, "
+            f"compress_block_size) but the model has {layer_signature(config)}; "
+            "build the cache from this model's config."
+        )
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.dim() == 4:
+            expected = (batch_size, config.num_key_value_heads, config.head_dim)
+            held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[3])
+            if held != expected:
+                raise ValueError(
+                    f"The cache holds (batch, kv heads, head_dim) = {held} but the input needs {expected}; "
+                    "continue a cache only with the rows (and model) that filled it."
+                )
+            return
+
+
+__all__ = [
+    "DynamicCompressedLayer",
+    "FastGPTDynamicCache",
+    "FastGPTStaticCache",
+    "StaticCompressedLayer",
+    "StaticRolledLayer",
+    "check_cache",
+    "kept_key_mask",
+]

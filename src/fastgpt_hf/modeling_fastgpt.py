@@ -31,7 +31,7 @@ from .attention_compressed import block_statistics, global_branch_attention
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
-from .cache_fastgpt import FastGPTDynamicCache
+from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, check_cache, kept_key_mask
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
@@ -156,7 +156,8 @@ class FastGPTAttention(nn.Module):
         all_keys, all_values = rotary_key, value_states
         if cache is not None:
             all_keys, all_values = cache.update(rotary_key, value_states, self.layer_idx)
-        key_is_real = None if attention_mask is None else attention_mask[:, -all_keys.shape[2] :]
+        seen_length = past_length + input_shape[1]
+        key_is_real = kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         attn_output, attn_weights = windowed_attention(
@@ -165,7 +166,7 @@ class FastGPTAttention(nn.Module):
         if self.layer_type == DYNAMIC:
             query_is_real = None if attention_mask is None else attention_mask[:, -input_shape[1] :]
             global_output = self.global_branch(
-                query_states, key_states, value_states, position_ids, query_is_real, past_length, cache
+                query_states, key_states, value_states, position_ids, query_is_real, cache
             )
             gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
             gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
@@ -180,17 +181,17 @@ class FastGPTAttention(nn.Module):
         value_states: torch.Tensor,
         position_ids: torch.Tensor,
         query_is_real: torch.Tensor | None,
-        past_length: int,
         cache: Cache | None,
     ) -> torch.Tensor:
         """Memory slots and compressed blocks (pre-rotary query, key `[B, *, T, D]`) -> `[B, T, H, D]`."""
         block_size = self.config.compress_block_size
         positions = position_ids.expand(query_states.shape[0], -1)
-        # Real positions never exceed the token's index, so these blocks cover every position seen so far.
-        num_blocks = -(-(past_length + query_states.shape[2]) // block_size)
-        sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
-        if cache is not None:
-            sums = cache.layers[self.layer_idx].accumulate_blocks(*sums)
+        if cache is None:
+            # Real positions never exceed the token's index, so these blocks cover every position.
+            num_blocks = -(-query_states.shape[2] // block_size)
+            sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
+        else:
+            sums = cache.layers[self.layer_idx].update_blocks(key_states, value_states, positions, query_is_real)
         key_sums, value_sums, counts = sums
         denominator = counts.clamp(min=1)[:, None, :, None]
         compress_dtype = self.compress_k.weight.dtype
@@ -330,8 +331,12 @@ class FastGPTModel(FastGPTPreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("FastGPT got an empty input (0 tokens); give at least one token, e.g. a BOS token.")
         if use_cache and cache is None:
             cache = FastGPTDynamicCache(self.config)
+        if cache is not None:
+            check_cache(cache, self.config, inputs_embeds.shape[0])
         past_length = cache.get_seq_length() if cache is not None else 0
         total_length = past_length + inputs_embeds.shape[1]
         if total_length > self.config.max_position_embeddings:
@@ -428,16 +433,42 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_length):
-        """`generate()`'s default dynamic cache, built from `config.layer_types` instead of Transformers' table."""
-        if (
-            model_kwargs.get("cache") is None
-            and generation_config.use_cache
-            and (generation_config.cache_implementation in (None, "dynamic"))
-        ):
-            model_kwargs["cache"] = FastGPTDynamicCache(self.config)
-            return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_length)
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """`generate()`'s cache, built from `config.layer_types` instead of Transformers' table of layer kinds.
+
+        `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
+        "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
+        positions. A cache passed by the user is checked by the forward pass.
+        """
+        if generation_config.max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"generate() would reach {generation_config.max_length} positions (prompt + max_new_tokens), more "
+                f"than max_position_embeddings={self.config.max_position_embeddings}; shorten the prompt or lower "
+                "max_new_tokens."
+            )
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None or not generation_config.use_cache:
+            super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        elif implementation in (None, "dynamic", "offloaded"):
+            model_kwargs["cache"] = FastGPTDynamicCache(self.config, offloading=implementation == "offloaded")
+        elif implementation in ("static", "offloaded_static"):
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            offloading = implementation == "offloaded_static"
+            model_kwargs["cache"] = FastGPTStaticCache(self.config, max_cache_length, offloading=offloading)
+        else:
+            raise ValueError(
+                f"FastGPT has no {implementation!r} cache; use cache_implementation 'dynamic', 'offloaded', "
+                "'static' or 'offloaded_static'."
+            )
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """The 2D padding mask, unchanged: `generate()` calls this for static caches, and FastGPT builds each layer's
+        visibility itself (`attention_masks`), so it takes no 4D mask."""
+        return attention_mask
 
 
 __all__ = ["FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]

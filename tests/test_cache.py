@@ -1,0 +1,157 @@
+"""FastGPT's caches against the float64 reference: incremental decoding equals the full forward pass.
+
+Tolerance: float64 models, logits within 1e-9 of `reference_logits` (measured: about 4e-14).
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from fastgpt_hf.attention_reference import reference_logits
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
+
+from .conftest import STACKS, left_padded_batch, tiny_model
+
+TOLERANCE = 1e-9
+LENGTH = 40  # crosses the sliding window (8), the dynamic window (16) and ten blocks of 4
+
+
+def build_cache(kind: str, config, max_cache_len: int = LENGTH):
+    return FastGPTDynamicCache(config) if kind == "dynamic" else FastGPTStaticCache(config, max_cache_len)
+
+
+def incremental_logits(model, input_ids, attention_mask, cache, chunks: list[int], start: int = 0) -> torch.Tensor:
+    """Logits `[B, T, V]` from feeding the sequence from `start` through `cache` in chunks of the given sizes."""
+    logits = []
+    with torch.no_grad():
+        for size in chunks:
+            end = start + size
+            output = model(input_ids[:, start:end], attention_mask=attention_mask[:, :end], cache=cache, use_cache=True)
+            logits.append(output.logits)
+            start = end
+    return torch.cat(logits, dim=1)
+
+
+def max_error_on_real_tokens(logits, reference, attention_mask) -> float:
+    return (logits - reference).abs().amax(-1)[attention_mask.bool()].max().item()
+
+
+# Prefill 13, a chunk of 19 (longer than every window, with a past), then one token at a time.
+CHUNKED_PREFILL_THEN_DECODE = [13, 19] + [1] * (LENGTH - 32)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_chunked_prefill_and_decode_match_the_reference(stack, cache_kind):
+    model = tiny_model(stack)
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    reference = reference_logits(model, input_ids, attention_mask)
+    cache = build_cache(cache_kind, model.config)
+    logits = incremental_logits(model, input_ids, attention_mask, cache, CHUNKED_PREFILL_THEN_DECODE)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex_attention"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_token_by_token_decode_matches_the_reference_for_every_backend(backend, cache_kind):
+    model = tiny_model("mixed", attn_implementation=backend)
+    input_ids, attention_mask = left_padded_batch(24)
+    reference = reference_logits(model, input_ids, attention_mask)
+    cache = build_cache(cache_kind, model.config, max_cache_len=24)
+    logits = incremental_logits(model, input_ids, attention_mask, cache, [1] * 24)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < TOLERANCE
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_reordered_cache_continues_the_reordered_rows(cache_kind):
+    """Beam search's `reorder_cache`: rows [2, 0, 0] continue exactly as those rows decoded from the start."""
+    model = tiny_model("mixed")
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    order = torch.tensor([2, 0, 0])
+    cache = build_cache(cache_kind, model.config)
+    incremental_logits(model, input_ids[:, :30], attention_mask[:, :30], cache, [30])
+    cache.reorder_cache(order)
+    reordered_ids, reordered_mask = input_ids[order], attention_mask[order]
+    with torch.no_grad():
+        logits = model(reordered_ids[:, 30:], attention_mask=reordered_mask, cache=cache).logits
+    reference = reference_logits(model, reordered_ids, reordered_mask)[:, 30:]
+    assert max_error_on_real_tokens(logits, reference, reordered_mask[:, 30:]) < TOLERANCE
+
+
+def test_state_stays_bounded_after_2000_tokens():
+    """DESIGN.md section 4: sliding w - 1 positions, dynamic w - 1 plus one entry per block, full everything."""
+    model = tiny_model("mixed", dtype=torch.float32)
+    config = model.config
+    cache = FastGPTDynamicCache(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 2001), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # chunks of 23 tokens keep the test fast; the state after each chunk is the same
+        for chunk in tokens.split(23, dim=1):
+            model(chunk, cache=cache, use_cache=True)
+    sliding, dynamic, full, _ = cache.layers
+    assert sliding.keys.shape[2] == config.sliding_window - 1
+    assert dynamic.keys.shape[2] == config.dynamic_window - 1
+    assert dynamic.num_blocks() == -(-2001 // config.compress_block_size)
+    assert full.keys.shape[2] == 2001
+    assert cache.get_seq_length() == 2001
+
+
+def test_static_cache_keeps_its_buffers_in_place():
+    """Fixed shapes and addresses across prefill, decode and reset: what compile and CUDA graphs need."""
+    model = tiny_model("mixed")
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    cache = FastGPTStaticCache(model.config, max_cache_len=LENGTH)
+    incremental_logits(model, input_ids[:, :2], attention_mask[:, :2], cache, [1, 1])
+    buffers = [(buffer.data_ptr(), buffer.shape) for layer in cache.layers for buffer in layer.batch_buffers()]
+    incremental_logits(model, input_ids, attention_mask, cache, [30, 1, 1], start=2)
+    cache.reorder_cache(torch.tensor([1, 2, 0]))
+    cache.reset()
+    assert [(buffer.data_ptr(), buffer.shape) for layer in cache.layers for buffer in layer.batch_buffers()] == buffers
+    sliding, dynamic, full, _ = cache.layers
+    assert [sliding.keys.shape[2], dynamic.keys.shape[2], full.keys.shape[2]] == [7, 15, LENGTH]
+    assert dynamic.block_counts.shape[1] == LENGTH // model.config.compress_block_size
+    assert cache.get_seq_length() == 0
+
+
+def test_static_cache_refuses_more_positions_than_it_holds():
+    model = tiny_model("mixed")
+    input_ids, attention_mask = left_padded_batch(12)
+    cache = FastGPTStaticCache(model.config, max_cache_len=10)
+    with pytest.raises(ValueError, match="static cache holds 10 positions"):
+        incremental_logits(model, input_ids, attention_mask, cache, [12])
+
+
+@pytest.mark.parametrize(
+    "make_cache, message",
+    [
+        (lambda config: DynamicCache(), "needs a cache whose layers follow config.layer_types"),
+        (lambda config: FastGPTDynamicCache(tiny_model("full").config), "build the cache from this model's config"),
+    ],
+    ids=["plain-dynamic-cache", "other-model"],
+)
+def test_foreign_cache_is_refused(make_cache, message):
+    model = tiny_model("mixed")
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor([[1, 2, 3]]), cache=make_cache(model.config))
+
+
+def test_cache_of_another_batch_size_is_refused():
+    model = tiny_model("mixed")
+    input_ids, attention_mask = left_padded_batch(8)
+    cache = FastGPTDynamicCache(model.config)
+    incremental_logits(model, input_ids, attention_mask, cache, [8])
+    with pytest.raises(
+        ValueError, match=r"\(batch, kv heads, head_dim\) = \(3, 2, 16\) but the input needs \(1, 2, 16\)"
+    ):
+        model(input_ids[:1, :1], cache=cache)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_decode_without_attention_mask_matches_the_reference(cache_kind):
+    """No mask at all (generate() drops an all-ones mask): the static buffer's empty slots must stay unseen."""
+    model = tiny_model("mixed")
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    reference = reference_logits(model, input_ids)
+    cache = build_cache(cache_kind, model.config, max_cache_len=30)
+    with torch.no_grad():
+        logits = torch.cat([model(token, cache=cache).logits for token in input_ids.split([5] + [1] * 19, dim=1)], 1)
+    assert (logits - reference).abs().max().item() < TOLERANCE

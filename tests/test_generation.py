@@ -1,0 +1,177 @@
+"""`generate()` with FastGPT's caches: every decoding mode against recomputation, static cache, compile, pipeline.
+
+Float64 tiny models (windows 8 / 16, blocks of 4), so 30 new tokens after a 10-token prompt cross every window
+and block boundary; greedy decoding is compared token for token with an argmax loop over `reference_logits`.
+"""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CompileConfig, DynamicCache, PreTrainedTokenizerFast, pipeline
+
+from fastgpt_hf.attention_reference import reference_logits
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
+
+from .conftest import left_padded_batch, tiny_model
+
+NEW_TOKENS = 30
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tiny_model("mixed")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def argmax_loop(model, input_ids, attention_mask, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding that recomputes every step from scratch with the float64 reference."""
+    for _ in range(new_tokens):
+        next_tokens = reference_logits(model, input_ids, attention_mask)[:, -1].argmax(-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_tokens], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)], dim=1)
+    return input_ids
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_greedy_generate_equals_an_argmax_loop_over_full_recomputation(model, cache_implementation):
+    input_ids, attention_mask = left_padded_batch(10)
+    generated = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        cache_implementation=cache_implementation,
+    )
+    assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, NEW_TOKENS))
+
+
+def test_left_padded_batch_equals_each_prompt_generated_alone(model):
+    input_ids, attention_mask = left_padded_batch(20)  # prompts longer than the sliding window
+    batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for row in range(input_ids.shape[0]):
+        prompt = input_ids[row : row + 1, attention_mask[row].bool()]
+        alone = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(alone[0, prompt.shape[1] :], batched[row, input_ids.shape[1] :])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+        {"num_beams": 3, "num_return_sequences": 2, "do_sample": False},
+    ],
+    ids=["sampling", "beam-search"],
+)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_cached_generation_equals_generation_without_cache(model, cache_implementation, options):
+    """Same seed, same tokens: the cache (beam search: with its reordering) changes nothing but speed."""
+    input_ids, attention_mask = left_padded_batch(10)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs.append(
+            model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=20,
+                use_cache=use_cache,
+                cache_implementation=cache_implementation if use_cache else None,
+                **options,
+            )
+        )
+    assert torch.equal(*outputs)
+
+
+def test_generation_continues_from_a_returned_cache(model):
+    """Multi-turn chat: turn two reuses `out.cache` and equals generating the whole conversation afresh."""
+    input_ids, attention_mask = left_padded_batch(10)
+    first = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
+    )
+    assert isinstance(first.cache, FastGPTDynamicCache)
+    user_turn = torch.randint(1, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    conversation = torch.cat([first.sequences, user_turn], dim=1)
+    conversation_mask = torch.cat([attention_mask, torch.ones(3, 12 + 5, dtype=attention_mask.dtype)], dim=1)
+    continued = model.generate(
+        conversation, attention_mask=conversation_mask, cache=first.cache, max_new_tokens=10, do_sample=False
+    )
+    afresh = model.generate(conversation, attention_mask=conversation_mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(continued, afresh)
+
+
+def test_static_cache_compiled_gives_the_dynamic_cache_tokens(model):
+    """`torch.compile` of the decode step with the static cache; fullgraph, so no host sync or graph break.
+
+    The CPU run uses the aot_eager backend (dynamo tracing + functionalization) to stay fast.
+    """
+    input_ids, attention_mask = left_padded_batch(10)
+    compile_config = CompileConfig(fullgraph=True, dynamic=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
+    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    compiled = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=6,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=compile_config,
+    )
+    assert torch.equal(compiled, expected)
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on a few sentences, built locally."""
+    sentences = [
+        "the quick brown fox jumps over the lazy dog",
+        "a small model reads a long story one word at a time",
+        "windows slide while blocks remember the distant past",
+    ]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    assert tokenizer.get_vocab_size() <= vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_text_generation_pipeline(model):
+    tokenizer = tiny_tokenizer(model.config.vocab_size)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "the quick brown fox"
+    text = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    token_ids = generator(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected_ids = model.generate(prompt_ids, max_new_tokens=12, do_sample=False)[0]
+    assert list(token_ids) == expected_ids.tolist()
+    assert text == prompt + tokenizer.decode(expected_ids[prompt_ids.shape[1] :])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"input_ids": torch.zeros(1, 0, dtype=torch.long)}, "empty input"),
+        ({"max_new_tokens": 32768}, "more than max_position_embeddings=32768"),
+        ({"cache": DynamicCache()}, "needs a cache whose layers follow config.layer_types"),
+        ({"cache_implementation": "quantized"}, "FastGPT has no 'quantized' cache"),
+    ],
+    ids=["empty-prompt", "beyond-max-positions", "plain-dynamic-cache", "quantized-cache"],
+)
+def test_bad_generate_arguments_are_refused(model, arguments, message):
+    arguments = {"input_ids": torch.ones(1, 4, dtype=torch.long), "max_new_tokens": 3, **arguments}
+    with pytest.raises(ValueError, match=message):
+        model.generate(**arguments)
+
+
+def test_cache_from_another_batch_size_is_refused_by_generate(model):
+    input_ids, attention_mask = left_padded_batch(6)
+    first = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=2, do_sample=False, return_dict_in_generate=True
+    )
+    with pytest.raises(ValueError, match="continue a cache only with the rows"):
+        model.generate(first.sequences[:1], cache=first.cache, max_new_tokens=2)
+
+
+def test_static_cache_from_another_model_is_refused_by_generate(model):
+    other = FastGPTStaticCache(tiny_model("sliding").config, max_cache_len=16)
+    with pytest.raises(ValueError, match="build the cache from this model's config"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), cache=other, max_new_tokens=2)
