@@ -248,7 +248,7 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastGPTDecoderLayer"]
-    # The global branch's small parts stay float32 and are never quantized (quantizers skip these modules).
+    # The global branch's small parts: never quantized (quantizers skip these) and kept float32 when loading fp16.
     _keep_in_fp32_modules = ["memory_k", "memory_v", "compress_k", "compress_v", "mix_gate"]
     _supports_sdpa = True
     _supports_flex_attn = True

@@ -1,0 +1,171 @@
+"""INT8 quantization of FastGPT through the ecosystem's quantizers: which schemes, how to apply, save and reload.
+
+Every scheme quantizes the projection and MLP weights to int8 with one scale per output channel and leaves the
+parts that must stay precise alone: `lm_head`, and the modules the model declares in `_keep_in_fp32_modules`
+(memory slots, compressors, gates); norms and embeddings are never quantized.
+
+| scheme | how | where |
+| --- | --- | --- |
+| `bnb-int8` | bitsandbytes LLM.int8, `BitsAndBytesConfig(load_in_8bit=True)` at load time | CPU and CUDA |
+| `torchao-int8-weight` | `TorchAoConfig(Int8WeightOnlyConfig())`: int8 weights, float activations | servers |
+| `torchao-int8-dynamic` | `TorchAoConfig(Int8DynamicActivationInt8WeightConfig())`: int8 x int8 matmuls | servers |
+| `dynamic-range` | PyTorch's `quantize_dynamic` of the Linear layers, per-channel (fbgemm / qnnpack) | edge CPUs |
+
+Quantization-aware training: `prepare_qat` inserts torchao fake quantizers (int8 per-channel weights, int8
+per-token activations) that train through `Trainer` like any module; `convert_qat` then makes real int8 weights,
+the same as `torchao-int8-dynamic`.
+"""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
+
+from .modeling_fastgpt import FastGPTPreTrainedModel
+
+LOAD_TIME_SCHEMES = ("bnb-int8", "torchao-int8-weight", "torchao-int8-dynamic")
+SCHEMES = (*LOAD_TIME_SCHEMES, "dynamic-range")
+DYNAMIC_RANGE_WEIGHTS = "dynamic_range_int8.pt"
+SCHEME_PACKAGES = {"bnb-int8": "bitsandbytes", "torchao-int8-weight": "torchao", "torchao-int8-dynamic": "torchao"}
+
+
+def require_scheme(scheme: str) -> None:
+    """Raise a ValueError naming what to install or choose when `scheme` cannot run here."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"Unknown quantization scheme {scheme!r}; choose one of {list(SCHEMES)}.")
+    package = SCHEME_PACKAGES.get(scheme)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"Scheme {scheme!r} needs {package}: pip install 'fastgpt_hf[quant]'.")
+    if scheme == "dynamic-range" and torch.backends.quantized.engine == "none":
+        raise ValueError("Scheme 'dynamic-range' needs PyTorch's fbgemm or qnnpack engine, which this build lacks.")
+
+
+def precise_module_names() -> list[str]:
+    """Names of the modules no scheme may quantize: the output head and FastGPT's float32 declarations."""
+    return ["lm_head", *FastGPTPreTrainedModel._keep_in_fp32_modules]
+
+
+def quantization_config(scheme: str) -> BitsAndBytesConfig | TorchAoConfig:
+    """The Transformers quantization config of a load-time scheme."""
+    require_scheme(scheme)
+    # Transformers matches these against full parameter names from their start: anchor each name at any depth.
+    skipped = [rf"(.*\.)?{name}" for name in precise_module_names()]
+    if scheme == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped)
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    base = Int8WeightOnlyConfig() if scheme == "torchao-int8-weight" else Int8DynamicActivationInt8WeightConfig()
+    return TorchAoConfig(base, modules_to_not_convert=skipped)
+
+
+def load_quantized(checkpoint: str | Path, scheme: str, device_map: str = "cpu") -> PreTrainedModel:
+    """Load a float checkpoint with int8 weights under `scheme` (any of `SCHEMES`)."""
+    if scheme == "dynamic-range":
+        return dynamic_range_quantize(AutoModelForCausalLM.from_pretrained(checkpoint).eval())
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=quantization_config(scheme), device_map=device_map
+    )
+
+
+def dynamic_range_quantize(model: PreTrainedModel) -> PreTrainedModel:
+    """Replace the model's Linear layers, except the precise ones, by int8 dynamic-range Linear layers."""
+    require_scheme("dynamic-range")
+    precise = set(precise_module_names())
+    per_channel = torch.ao.quantization.per_channel_dynamic_qconfig
+    qconfig_by_name = {
+        name: per_channel
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[-1] not in precise
+    }
+    return torch.ao.quantization.quantize_dynamic(model, qconfig_by_name, dtype=torch.qint8)
+
+
+def save_dynamic_range(model: PreTrainedModel, folder: str | Path) -> None:
+    """Save a dynamic-range model: its config and the quantized state dict (packed int8 weights)."""
+    folder = Path(folder)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / DYNAMIC_RANGE_WEIGHTS)
+
+
+def load_dynamic_range(folder: str | Path) -> PreTrainedModel:
+    """Rebuild a model saved by `save_dynamic_range`."""
+    folder = Path(folder)
+    if not (folder / DYNAMIC_RANGE_WEIGHTS).exists():
+        raise ValueError(f"{folder} has no {DYNAMIC_RANGE_WEIGHTS}; save it with save_dynamic_range first.")
+    model = dynamic_range_quantize(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).eval())
+    # Packed quantized weights are not plain tensors, so the state dict needs the full unpickler: load only
+    # checkpoints you made.
+    model.load_state_dict(torch.load(folder / DYNAMIC_RANGE_WEIGHTS, weights_only=False))
+    return model
+
+
+def qat_filter():
+    """torchao filter: Linear layers that QAT and its conversion may touch."""
+    precise = set(precise_module_names())
+    return lambda module, name: isinstance(module, nn.Linear) and name.split(".")[-1] not in precise
+
+
+def prepare_qat(model: PreTrainedModel) -> PreTrainedModel:
+    """Insert int8 fake quantizers (per-channel weights, per-token activations) for quantization-aware training."""
+    require_scheme("torchao-int8-dynamic")
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weights = IntxFakeQuantizeConfig(torch.int8, "per_channel")
+    config = QATConfig(activation_config=activations, weight_config=weights, step="prepare")
+    quantize_(model, config, filter_fn=qat_filter())
+    return model
+
+
+def convert_qat(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn a QAT-prepared model into real int8 weights with dynamic int8 activations."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    is_fake_quantized = lambda module, name: isinstance(module, FakeQuantizedLinear)  # noqa: E731
+    quantize_(model, QATConfig(step="convert"), filter_fn=is_fake_quantized)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=qat_filter())
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored (int8 data plus scales for quantized layers)."""
+    total = 0
+    for tensor in list(model.state_dict().values()):
+        if isinstance(tensor, torch.Tensor):
+            total += _tensor_bytes(tensor)
+        elif isinstance(tensor, tuple):  # dynamic-range packed params: (weight, bias)
+            total += sum(_tensor_bytes(part) for part in tensor if isinstance(part, torch.Tensor))
+    return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if tensor.is_quantized:  # per-channel: a float64 scale and an int64 zero point per output channel
+        return tensor.numel() * tensor.element_size() + tensor.q_per_channel_scales().numel() * 16
+    if hasattr(tensor, "__tensor_flatten__"):  # torchao tensor subclasses: count their inner tensors
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def quantize_main(argv: list[str] | None = None) -> None:
+    """`fastgpt quantize CHECKPOINT OUTPUT --scheme SCHEME`: write an int8 copy of a float checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="fastgpt quantize", description="Quantize a FastGPT checkpoint to int8 and save it."
+    )
+    parser.add_argument("checkpoint", help="folder of a float FastGPT checkpoint (save_pretrained output)")
+    parser.add_argument("output", help="folder to write the quantized checkpoint to")
+    parser.add_argument("--scheme", choices=SCHEMES, default="torchao-int8-weight", help="see fastgpt_hf.quantization")
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint, "config.json").exists():
+        parser.error(f"{args.checkpoint} is not a checkpoint folder (no config.json)")
+    model = load_quantized(args.checkpoint, args.scheme)
+    if args.scheme == "dynamic-range":
+        save_dynamic_range(model, args.output)
+    else:
+        model.save_pretrained(args.output)
+    print(f"{args.scheme}: {weight_bytes(model) / 2**20:.1f} MiB of weights written to {args.output}")
