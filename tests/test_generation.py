@@ -7,6 +7,7 @@ and block boundary; greedy decoding is compared token for token with an argmax l
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch._dynamo.backends.debugging import aot_eager
 from transformers import CompileConfig, DynamicCache, PreTrainedTokenizerFast, pipeline
 
 from fastgpt_hf.attention_reference import reference_logits
@@ -101,23 +102,32 @@ def test_generation_continues_from_a_returned_cache(model):
 
 
 def test_static_cache_compiled_gives_the_dynamic_cache_tokens(model):
-    """`torch.compile` of the decode step with the static cache; fullgraph, so no host sync or graph break.
+    """`torch.compile` of the decode step with the static cache, as generate() sets it up on a GPU: fullgraph (no host
+    sync or graph break), and one graph without int inputs for every step, which is what one CUDA graph needs.
 
-    The CPU run uses the aot_eager backend (dynamo tracing + functionalization) to stay fast.
+    The CPU run traces with dynamo and runs through aot_eager (functionalization) to stay fast.
     """
     input_ids, attention_mask = left_padded_batch(10)
-    compile_config = CompileConfig(fullgraph=True, dynamic=True, backend="aot_eager", mode=None)
+    graph_inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_inputs.append(example_inputs)
+        return aot_eager(graph_module, example_inputs)
+
+    compile_config = CompileConfig(fullgraph=True, backend=recording_backend, mode=None)
     compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
-    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
     compiled = model.generate(
         input_ids,
         attention_mask=attention_mask,
-        max_new_tokens=6,
+        max_new_tokens=12,
         do_sample=False,
         cache_implementation="static",
         compile_config=compile_config,
     )
     assert torch.equal(compiled, expected)
+    assert len(graph_inputs) == 1
+    assert all(isinstance(value, torch.Tensor) for value in graph_inputs[0])
 
 
 def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

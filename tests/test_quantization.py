@@ -58,6 +58,19 @@ def test_scheme_is_close_to_float_and_keeps_precise_parts(float_checkpoint, sche
     assert generated.shape == (2, 9)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI machines have none")
+@pytest.mark.parametrize("scheme", quantization.LOAD_TIME_SCHEMES)
+def test_load_time_scheme_on_cuda(float_checkpoint, scheme):
+    folder, input_ids, reference = float_checkpoint
+    model = quantization.load_quantized(folder, scheme, device_map="cuda")
+    with torch.no_grad():
+        logits = model(input_ids.cuda()).logits.float().cpu()
+    assert ((logits - reference).norm() / reference.norm()).item() < RELATIVE_TOLERANCE
+    generated = model.generate(input_ids[:, :5].cuda(), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 9)
+
+
 @pytest.mark.parametrize("scheme", ["torchao-int8-weight", "torchao-int8-dynamic", "bnb-int8", "dynamic-range"])
 def test_quantized_checkpoint_saves_and_reloads(float_checkpoint, tmp_path, scheme):
     folder, input_ids, _ = float_checkpoint

@@ -15,9 +15,11 @@ Every layer keeps a rolled buffer of its last N keys and values, newest last (N 
 the window minus one for the others); the dynamic layer adds block-sum buffers for ceil(max_cache_len / b) blocks.
 
 Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
-kept past followed by the T new tokens, so queries are the last T of the S returned keys. A static buffer that is
-not full yet has never-written slots on the left of the returned keys; `kept_key_mask` marks them as not real.
-Lengths are Python ints in both caches, so nothing here synchronizes with the device.
+kept past followed by the T new tokens, so queries are the last T of the S returned keys. Which returned keys are
+real tokens: the dynamic cache reads it off the 2D attention mask (`kept_key_mask`); the static cache keeps a flag
+per slot (never-written slots and padding are False), so a compiled decode step needs only the new tokens' mask and
+reads no Python int in tensor code: one CUDA graph serves every step. `update_with_key_mask` gives both.
+The dynamic cache counts lengths in Python ints, the static cache in a device tensor.
 """
 
 import torch
@@ -133,9 +135,10 @@ class StaticRolledLayer(StaticLayer):
     """Fixed `[B, K, N, D]` buffers holding the last N keys and values, newest last, for `torch.compile`.
 
     `update` returns the buffer followed by the new tokens (`[B, K, N + T, D]`, queries last) and keeps the last N
-    of them in place, so the buffers keep their address. Slots not yet written sit on the left and are zeros.
-    `seen` (a Python int, as in Transformers' `StaticSlidingWindowLayer`) counts the tokens seen, at most
-    `max_positions`.
+    of them in place, so the buffers keep their address. Slots not yet written sit on the left, zeros, flagged not
+    real in `slot_is_real` `[B, N]`, which rolls with the keys. The tokens seen (at most `max_positions`) are counted
+    in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes every
+    step would make every compiled decode step a new CUDA graph.
     """
 
     is_croppable = False
@@ -143,36 +146,48 @@ class StaticRolledLayer(StaticLayer):
     def __init__(self, max_positions: int, kept_length: int):
         super().__init__(max_cache_len=kept_length)
         self.max_positions = max_positions
-        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # Which slots hold real tokens: never-written slots and left padding are False.
+        self.slot_is_real = torch.zeros(self.batch_size, self.max_cache_len, dtype=torch.bool, device=self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.slot_is_real)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args,
+        is_real: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `[B, K, T, D]` keys and values; return the kept past and them, `[B, K, N + T, D]`."""
+        """Append `[B, K, T, D]` keys and values (`is_real` `[B, T]`, None: all real); return the kept past and
+        them, `[B, K, N + T, D]`. `returned_key_is_real` `[B, N + T]` then says which of them are real tokens."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.seen + key_states.shape[2] > self.max_positions:
-            raise ValueError(
-                f"The static cache holds {self.max_positions} positions and has seen {self.seen}; "
-                f"{key_states.shape[2]} more do not fit. Build it with a larger max_cache_len "
-                f"(generate: generation_config.max_cache_len or a larger max_new_tokens)."
-            )
-        self.seen += key_states.shape[2]
+        self.cumulative_length.add_(key_states.shape[2])
+        if is_real is None:
+            is_real = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=self.device)
         all_keys = torch.cat([self.keys, key_states], dim=2)
         all_values = torch.cat([self.values, value_states], dim=2)
-        self.keys.copy_(all_keys[:, :, all_keys.shape[2] - self.max_cache_len :])
-        self.values.copy_(all_values[:, :, all_values.shape[2] - self.max_cache_len :])
+        self.returned_key_is_real = torch.cat([self.slot_is_real, is_real.bool()], dim=1)
+        first_kept = all_keys.shape[2] - self.max_cache_len
+        self.keys.copy_(all_keys[:, :, first_kept:])
+        self.values.copy_(all_values[:, :, first_kept:])
+        self.slot_is_real.copy_(self.returned_key_is_real[:, first_kept:])
         return all_keys, all_values
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self) -> torch.Tensor:
+        """Tokens seen, a 0-d tensor (`int()` it outside compiled code)."""
+        return self.cumulative_length
 
     def get_max_length(self) -> int:
         return self.max_positions
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Keys returned by the next `update` and the position of the first (negative while slots are empty)."""
-        return self.max_cache_len + query_length, self.seen - self.max_cache_len
+        return self.max_cache_len + query_length, int(self.cumulative_length) - self.max_cache_len
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("FastGPT's static cache cannot be cropped; use generation modes without cache rollback.")
@@ -182,7 +197,7 @@ class StaticRolledLayer(StaticLayer):
         if self.is_initialized:
             for buffer in self.batch_buffers():
                 buffer.zero_()
-        self.seen = 0
+        self.cumulative_length.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place, so that the buffers keep their address."""
@@ -192,7 +207,7 @@ class StaticRolledLayer(StaticLayer):
 
     def batch_buffers(self) -> list[torch.Tensor]:
         """Every tensor indexed by batch."""
-        return [self.keys, self.values]
+        return [self.keys, self.values, self.slot_is_real]
 
 
 class StaticCompressedLayer(StaticRolledLayer):
@@ -212,7 +227,7 @@ class StaticCompressedLayer(StaticRolledLayer):
         self.block_value_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
         self.block_counts = torch.zeros(batch, self.max_blocks, dtype=sum_dtype, device=self.device)
         if not torch.compiler.is_compiling():
-            for buffer in self.batch_buffers()[2:]:
+            for buffer in (self.block_key_sums, self.block_value_sums, self.block_counts):
                 torch._dynamo.mark_static_address(buffer)
 
     def update_blocks(
@@ -231,7 +246,29 @@ class StaticCompressedLayer(StaticRolledLayer):
         return self.block_key_sums, self.block_value_sums, self.block_counts
 
     def batch_buffers(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.block_key_sums, self.block_value_sums, self.block_counts]
+        return [*super().batch_buffers(), self.block_key_sums, self.block_value_sums, self.block_counts]
+
+
+def update_with_key_mask(
+    cache: Cache,
+    layer_idx: int,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Store `[B, K, T, D]` keys and values in a layer of either cache; return all S keys, values and which are real.
+
+    `attention_mask` `[B, past + T]` (or, with the static cache, `[B, T]` for the new tokens only) or None.
+    Returns keys and values `[B, K, S, D]` (queries are the last T) and `[B or 1, S]` bool or None (all real).
+    """
+    layer = cache.layers[layer_idx]
+    new_is_real = None if attention_mask is None else attention_mask[:, -key_states.shape[2] :]
+    if isinstance(layer, StaticRolledLayer):
+        all_keys, all_values = cache.update(key_states, value_states, layer_idx, is_real=new_is_real)
+        return all_keys, all_values, layer.returned_key_is_real
+    seen_length = layer.get_seq_length() + key_states.shape[2]
+    all_keys, all_values = cache.update(key_states, value_states, layer_idx)
+    return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
 
 
 def layer_signature(config: FastGPTConfig) -> tuple:
@@ -307,4 +344,5 @@ __all__ = [
     "StaticRolledLayer",
     "check_cache",
     "kept_key_mask",
+    "update_with_key_mask",
 ]

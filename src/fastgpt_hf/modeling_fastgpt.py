@@ -31,7 +31,7 @@ from .attention_compressed import block_statistics, global_branch_attention
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
-from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, check_cache, kept_key_mask
+from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, check_cache, update_with_key_mask
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
@@ -145,19 +145,20 @@ class FastGPTAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `[B, T, hidden]`; attention_mask `[B, past + T]` bool or None; position_ids `[B, T]`."""
+        """hidden_states `[B, T, hidden]`; attention_mask `[B, past + T]` (static cache: or `[B, T]`) bool or None;
+        position_ids `[B, T]`."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
         rotary_query, rotary_key = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
-        past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        all_keys, all_values = rotary_key, value_states
-        if cache is not None:
-            all_keys, all_values = cache.update(rotary_key, value_states, self.layer_idx)
-        seen_length = past_length + input_shape[1]
-        key_is_real = kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+        if cache is None:
+            all_keys, all_values, key_is_real = rotary_key, value_states, attention_mask
+        else:
+            all_keys, all_values, key_is_real = update_with_key_mask(
+                cache, self.layer_idx, rotary_key, value_states, attention_mask
+            )
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         attn_output, attn_weights = windowed_attention(
@@ -337,16 +338,24 @@ class FastGPTModel(FastGPTPreTrainedModel):
             cache = FastGPTDynamicCache(self.config)
         if cache is not None:
             check_cache(cache, self.config, inputs_embeds.shape[0])
-        past_length = cache.get_seq_length() if cache is not None else 0
-        total_length = past_length + inputs_embeds.shape[1]
-        if total_length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Input reaches {total_length} positions ({past_length} cached + {inputs_embeds.shape[1]} new), "
-                f"more than max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
-            )
-        padding_mask = self.padding_mask(attention_mask, inputs_embeds.shape[0], total_length)
+        query_length = inputs_embeds.shape[1]
+        past_length = self.past_length(cache, query_length)
+        # The static cache flags which of its slots are real, so the new tokens' mask alone will do there (generate()'s
+        # compiled decode passes that: one fixed shape for every step).
+        if not isinstance(cache, FastGPTStaticCache):
+            mask_lengths = (past_length + query_length,)
+        elif is_torchdynamo_compiling():
+            mask_lengths = (query_length,)
+        else:
+            mask_lengths = (past_length + query_length, query_length)
+        padding_mask = self.padding_mask(attention_mask, inputs_embeds.shape[0], mask_lengths)
         if position_ids is None:
-            position_ids = self.positions(padding_mask, past_length, inputs_embeds.shape[1], inputs_embeds.device)
+            if padding_mask is not None and padding_mask.shape[1] != mask_lengths[0]:
+                raise ValueError(
+                    "With an attention_mask of the new tokens only, pass position_ids too (their positions among "
+                    "the real tokens); or pass the mask of every token so far, (batch, cached + new tokens)."
+                )
+            position_ids = self.positions(padding_mask, past_length, query_length, inputs_embeds.device)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -360,16 +369,40 @@ class FastGPTModel(FastGPTPreTrainedModel):
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
+    def past_length(self, cache: Cache | None, query_length: int) -> int | torch.Tensor:
+        """Tokens already cached, with the position limits checked. In compiled code the static cache's 0-d device
+        counter comes back unchecked: reading it would synchronize, and generate() checks the limits beforehand."""
+        if cache is None:
+            return 0
+        past_length = cache.get_seq_length()
+        if is_torchdynamo_compiling():
+            return past_length
+        past_length = int(past_length)
+        total_length = past_length + query_length
+        if total_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input reaches {total_length} positions ({past_length} cached + {query_length} new), "
+                f"more than max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
+            )
+        if isinstance(cache, FastGPTStaticCache) and total_length > cache.max_cache_len:
+            raise ValueError(
+                f"The static cache holds {cache.max_cache_len} positions and has seen {past_length}; {query_length} "
+                "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
+                "or a larger max_new_tokens)."
+            )
+        return past_length
+
     @staticmethod
-    def padding_mask(attention_mask: torch.Tensor | None, batch_size: int, total_length: int) -> torch.Tensor | None:
-        """The 2D mask as bool `[B, past + T]`, or None when nothing is padded (the fast, mask-free kernels)."""
+    def padding_mask(
+        attention_mask: torch.Tensor | None, batch_size: int, lengths: tuple[int, ...]
+    ) -> torch.Tensor | None:
+        """The 2D mask as bool `[B, L]` (L one of `lengths`), or None when nothing is padded (mask-free kernels)."""
         if attention_mask is None:
             return None
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, total_length):
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
             raise ValueError(
-                f"FastGPT takes a 2D attention_mask of shape (batch, cached + new tokens) = "
-                f"({batch_size}, {total_length}), 1 for tokens and 0 for padding; got shape "
-                f"{tuple(attention_mask.shape)}."
+                f"FastGPT takes a 2D attention_mask of shape (batch, cached + new tokens) = ({batch_size}, "
+                f"{lengths[0]}), 1 for tokens and 0 for padding; got shape {tuple(attention_mask.shape)}."
             )
         padding_mask = attention_mask.bool()
         if not is_torchdynamo_compiling() and bool(padding_mask.all()):
@@ -378,11 +411,11 @@ class FastGPTModel(FastGPTPreTrainedModel):
 
     @staticmethod
     def positions(
-        padding_mask: torch.Tensor | None, past_length: int, query_length: int, device: torch.device
+        padding_mask: torch.Tensor | None, past_length: int | torch.Tensor, query_length: int, device: torch.device
     ) -> torch.Tensor:
         """`[B or 1, T]` positions counting real tokens only, so left padding shifts nothing."""
         if padding_mask is None:
-            return torch.arange(past_length, past_length + query_length, device=device)[None]
+            return (torch.arange(query_length, device=device) + past_length)[None]
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
 
@@ -465,10 +498,13 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
                 "'static' or 'offloaded_static'."
             )
 
-    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-        """The 2D padding mask, unchanged: `generate()` calls this for static caches, and FastGPT builds each layer's
-        visibility itself (`attention_masks`), so it takes no 4D mask."""
-        return attention_mask
+    def create_masks_for_generate(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor | None:
+        """The 2D padding mask of the new tokens (`inputs_embeds` `[B, T, *]`): `generate()` calls this for static
+        caches only, which flag their real slots themselves. FastGPT builds each layer's visibility itself
+        (`attention_masks`), so it takes no 4D mask; and a fixed shape keeps one CUDA graph for every decode step."""
+        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
 
 
 __all__ = ["FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]

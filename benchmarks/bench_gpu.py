@@ -1,0 +1,186 @@
+"""FastGPT against a LlamaForCausalLM of the same shape on one CUDA device: prefill, decode, memory, floors.
+
+Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B's shape, `13b` Llama-2-13B's).
+- Ceilings, measured first: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
+- Prefill (`--prefill`): `bench_prefill.py`'s table (each model's fastest attention backend; floor = FLOPs / rate).
+- Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, with
+  each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs) and the
+  fastest reported. ms/token = (time of 65 new tokens - time of 1) / 64 on the same cache size, so prefill cancels.
+  Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight and the whole cache.
+- `--int8`: also FastGPT and Llama with torchao int8 weight-only Linear layers (FastGPT's precise modules and
+  lm_head skipped, as `fastgpt_hf.quantization` declares).
+`--results FILE` appends the tables, the command and the device to a markdown file.
+
+    python benchmarks/bench_gpu.py --preset 1b --prefill --decode 1:2048 1:32768 32:8192
+    python benchmarks/bench_gpu.py --preset 13b --decode 32:1024 --int8
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+from bench_prefill import best_prefill, llama_config_like, matmul_tflops, median_ms, prefill_flops
+from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
+from transformers import GenerationConfig, LlamaForCausalLM
+
+from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.quantization import precise_module_names, weight_bytes
+
+SETTINGS = ("dynamic", "static")
+NEW_TOKENS = 65
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB, counting bytes read plus written, GB/s."""
+    source = torch.randn(2**29, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / median_ms(lambda: target.copy_(source)) / 1e6
+
+
+def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 3) -> float:
+    """Median wall ms of `generate()` for `new_tokens` greedy tokens, cache sized for NEW_TOKENS either way."""
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        cache_implementation=setting,
+        max_cache_len=prompt.shape[1] + NEW_TOKENS if setting == "static" else None,
+    )
+    attention_mask = torch.ones_like(prompt)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=attention_mask, generation_config=config)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_ms_per_token(model, prompt: torch.Tensor, setting: str) -> tuple[float, float]:
+    """(ms per decode step, peak GiB of this model's weights plus what generate() allocates) for one setting.
+
+    The first calls warm up compile and CUDA graphs. Other models held on the device are not counted."""
+    with torch.no_grad():
+        generate_ms(model, prompt, NEW_TOKENS, setting, repeats=2)
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        full = generate_ms(model, prompt, NEW_TOKENS, setting)
+        single = generate_ms(model, prompt, 1, setting)
+    peak = weight_bytes(model) + torch.cuda.max_memory_allocated() - resident
+    return (full - single) / (NEW_TOKENS - 1), peak / 2**30
+
+
+def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float, str, float, dict]:
+    """(fastest ms/token, its setting, its peak GiB, every setting's ms); a failing setting is reported, not fatal."""
+    timings = {}
+    for setting in settings:
+        try:
+            timings[setting] = decode_ms_per_token(model, prompt, setting)
+        except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
+            print(f"  {type(model).__name__} {setting}: failed: {type(error).__name__}: {str(error)[:200]}")
+        torch._dynamo.reset()
+    setting = min(timings, key=lambda name: timings[name][0])
+    return timings[setting][0], setting, timings[setting][1], {name: ms for name, (ms, _) in timings.items()}
+
+
+def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
+    """torchao int8 weight-only (per-channel) on every Linear except lm_head and the modules kept precise."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    skipped = {*precise_module_names(), "lm_head"}
+
+    def quantized(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in skipped
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=quantized)
+    return model
+
+
+def prefill_table(fastgpt, llama, config: FastGPTConfig, lengths: list[int], peak: float) -> list[str]:
+    rows = ["| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | floor ms | peak GiB Llama/FastGPT |"]
+    rows.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for length in lengths:
+        input_ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
+        llama_ms, llama_backend, llama_gib = best_prefill(llama, input_ids)
+        ours_ms, our_backend, our_gib = best_prefill(fastgpt, input_ids)
+        floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
+        rows.append(
+            f"| {length} | {llama_ms:.1f} ({llama_backend}) | {ours_ms:.1f} ({our_backend}) | "
+            f"{llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {llama_gib:.1f} / {our_gib:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    for model in (fastgpt, llama):
+        model.set_attn_implementation("sdpa")
+    return rows
+
+
+def decode_table(
+    models: dict, config: FastGPTConfig, shapes: list[tuple[int, int]], bandwidth: float, settings: list[str]
+) -> list[str]:
+    """One row per (model, batch, context): fastest setting, ms/token, tokens/s, floor, peak memory."""
+    rows = ["| model | batch x context | ms/token (setting) | tokens/s | floor ms | x floor | peak GiB | per setting |"]
+    rows.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for batch, context in shapes:
+        device = next(iter(models.values())).device
+        prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
+        speeds = {}
+        for name, model in models.items():
+            cache_bytes = (llama_cache_bytes if "Llama" in name else fastgpt_cache_bytes)(config, context)
+            floor_ms = (weight_bytes(model) + batch * cache_bytes) / (bandwidth * 1e6)
+            ms, setting, gib, every = best_decode(model, prompt, settings)
+            speeds[name] = ms
+            per_setting = ", ".join(f"{key} {value:.2f}" for key, value in every.items())
+            rows.append(
+                f"| {name} | {batch} x {context} | {ms:.2f} ({setting}) | {batch * 1e3 / ms:.0f} | {floor_ms:.2f} | "
+                f"{ms / floor_ms:.1f} | {gib:.1f} | {per_setting} |"
+            )
+            print(rows[-1], flush=True)
+        for name in speeds:
+            if name.startswith("FastGPT"):
+                peer = name.replace("FastGPT", "Llama")
+                print(f"  {name} vs {peer} at {batch} x {context}: {speeds[peer] / speeds[name]:.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="1b")
+    parser.add_argument("--prefill", type=int, nargs="*", help="prefill lengths (default 2048 8192 32768 if given)")
+    parser.add_argument("--decode", nargs="*", default=[], help="BATCH:CONTEXT pairs, e.g. 1:2048 32:8192")
+    parser.add_argument("--int8", action="store_true", help="also decode with torchao int8 weight-only Linears")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, help="generate settings")
+    parser.add_argument("--results", help="markdown file to append the tables to")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = FastGPTConfig.from_preset(args.preset)
+    bandwidth, peak = copy_bandwidth_gbs(), matmul_tflops()
+    header = (
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bandwidth:.0f} GB/s, "
+        f"bf16 matmul {peak:.0f} TFLOP/s; preset {args.preset}"
+    )
+    print(header, flush=True)
+    fastgpt = FastGPTForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    llama = LlamaForCausalLM(llama_config_like(config)).to("cuda", torch.bfloat16).eval()
+    sections = []
+    if args.prefill is not None:
+        sections.append(prefill_table(fastgpt, llama, config, args.prefill or [2048, 8192, 32768], peak))
+    shapes = [tuple(int(part) for part in shape.split(":")) for shape in args.decode]
+    if shapes:
+        sections.append(
+            decode_table({"Llama bf16": llama, "FastGPT bf16": fastgpt}, config, shapes, bandwidth, args.settings)
+        )
+    if shapes and args.int8:
+        quantized = {"Llama int8": int8_weight_only(llama), "FastGPT int8": int8_weight_only(fastgpt)}
+        sections.append(decode_table(quantized, config, shapes, bandwidth, args.settings))
+    if args.results:
+        with open(args.results, "a") as results:
+            command = "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])
+            results.write(f"\n`{command}`\n\n{header}\n\n" + "\n\n".join("\n".join(rows) for rows in sections) + "\n")
+
+
+if __name__ == "__main__":
+    main()
