@@ -69,7 +69,6 @@ def apply_tensor_parallelism_to_own_stage(model: nn.Module, tp_mesh, tp_plan: di
     return TRANSFORMERS_APPLY_TENSOR_PARALLELISM(model, tp_mesh, own_plan)
 
 
-
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, mean over the tokens of one microbatch (Transformers' causal LM loss)."""
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
@@ -128,7 +127,9 @@ def load_stage(args: argparse.Namespace) -> FastGPTForCausalLM:
     """This rank's stage, TP- and FSDP-sharded, in training mode."""
     world_size = dist.get_world_size()
     if world_size % (args.tp_size * args.dp_size) != 0:
-        raise ValueError(f"{world_size} processes do not split into --dp-size {args.dp_size} x --tp-size {args.tp_size}.")
+        raise ValueError(
+            f"{world_size} processes do not split into --dp-size {args.dp_size} x --tp-size {args.tp_size}."
+        )
     pp_size = world_size // (args.tp_size * args.dp_size)
     if args.tp_size > 1 and pp_size > 1:
         transformers.distributed.mixin.apply_tensor_parallelism = apply_tensor_parallelism_to_own_stage
@@ -167,7 +168,9 @@ def main() -> None:
     dp_rank = model._mesh_manager.get_mesh("fsdp").get_local_rank()
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
-        rows = torch.randint(0, model.config.vocab_size, (args.dp_size, args.batch_size, args.seq_len), generator=generator)
+        rows = torch.randint(
+            0, model.config.vocab_size, (args.dp_size, args.batch_size, args.seq_len), generator=generator
+        )
         input_ids = rows[dp_rank].to(model.device)
         losses = []
         optimizer.zero_grad()

@@ -4,11 +4,11 @@
     torchrun --nproc_per_node 2 examples/tensor_parallel.py --model-dir my-fastgpt --dtype bfloat16
 
 (`from_pretrained(..., tp_plan="auto")` does the same, with a deprecation warning.) The plan is
-`FastGPTConfig.base_model_tp_plan` (plus Transformers' vocabulary-split `embed_tokens` and gathered `lm_head`): q/k/v and the MLP's gate/up
-projections column-wise, o_proj and down_proj row-wise (one all-reduce after each), and in dynamic layers the
-memory slots `[M, K, D]` split on K with k/v_proj's heads, `mix_gate` column-wise with q_proj's heads, and
-`compress_k` / `compress_v` (shared by the heads) replicated with their gradients summed over the ranks. The
-attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
+`FastGPTConfig.base_model_tp_plan`, plus Transformers' vocabulary-split `embed_tokens` and gathered `lm_head`:
+q/k/v and the MLP's gate/up projections column-wise, o_proj and down_proj row-wise (one all-reduce after each),
+and in dynamic layers the memory slots `[M, K, D]` split on K with k/v_proj's heads, `mix_gate` column-wise with
+q_proj's heads, and `compress_k` / `compress_v` (shared by the heads) replicated with their gradients summed over
+the ranks. The attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
 `num_key_value_heads` must be a multiple of the number of processes.
 
 The script runs a forward pass (printing the logits' shape on rank 0) and one training step (loss, then the
@@ -64,7 +64,9 @@ def main() -> None:
     loss.backward()
     grads = full_gradients(model)
     if dist.get_rank() == 0:
-        print(f"tensor parallel over {dist.get_world_size()} ranks: logits {tuple(logits.shape)}, loss {loss.item():.4f}")
+        print(
+            f"tensor parallel over {dist.get_world_size()} ranks: logits {tuple(logits.shape)}, loss {loss.item():.4f}"
+        )
         if args.save:
             saved = {"input_ids": input_ids.cpu(), "logits": logits.cpu(), "loss": loss.item(), "grads": grads}
             torch.save(saved, args.save)

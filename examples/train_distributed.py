@@ -23,7 +23,7 @@ from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 
 
 class CountingSequences(Dataset):
-    """Row i: `(start + stride * t) % vocab_size` for t < seq_len, start and stride drawn from a generator seeded by i."""
+    """Row i: `(start + stride * t) % vocab_size` for t < seq_len; start and stride drawn with seed i."""
 
     def __init__(self, num_rows: int, seq_len: int, vocab_size: int) -> None:
         self.num_rows, self.seq_len, self.vocab_size = num_rows, seq_len, vocab_size
@@ -47,7 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
     parser.add_argument(
-        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu trains with gloo between processes; cuda with nccl",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the data order")

@@ -10,6 +10,7 @@ loss computes in float32 whatever the model's dtype; Trainer (float32 training) 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,18 +31,32 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def launch(script: Path, *args: str, processes: int = 2) -> None:
-    """Run `script` under torchrun on `processes` CPU processes; fail with its output if it fails or hangs."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", str(script), *args]
-    if processes == 1:
-        command = [sys.executable, str(script), *args]
+def start(script: Path, *args: str, processes: int = 2) -> subprocess.Popen:
+    """Start `script` on `processes` CPU processes (torchrun when more than one), in a session of its own."""
+    command = [sys.executable, str(script), *args]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", *command[1:]]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY / "src"), environment.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, start_new_session=True
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    """Wait for a started launch; on failure or after LAUNCH_TIMEOUT_S, kill its process group and fail."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=environment)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{script.name} did not finish in {LAUNCH_TIMEOUT_S} s:\n{error.stdout}\n{error.stderr}")
-    assert result.returncode == 0, f"{script.name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{process.args} did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-8000:]}")
+    assert process.returncode == 0, f"{process.args} failed:\n{output[-8000:]}"
+
+
+def launch(script: Path, *args: str) -> None:
+    """Run `script` on 2 CPU processes under torchrun; fail with its output if it fails or hangs."""
+    finish(start(script, *args))
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +88,21 @@ def test_data_parallel_trainer_loss_equals_single_process(tmp_path):
     """examples/train_distributed.py under torchrun (DDP, 2 x 4 rows) logs the losses of one process (8 rows)."""
     script = REPOSITORY / "examples" / "train_distributed.py"
     common = ["--preset", "tiny", "--steps", "3", "--global-batch-size", "8", "--device", "cpu"]
-    for processes in (1, 2):
-        launch(
+    # Both launches at once: the suite's time is mostly the processes' imports.
+    runs = [
+        start(
             script,
             *common,
             "--output-dir",
-            str(tmp_path / f"run{processes}"),
+            str(tmp_path / f"run{n}"),
             "--loss-file",
-            str(tmp_path / f"losses{processes}.json"),
-            processes=processes,
+            str(tmp_path / f"losses{n}.json"),
+            processes=n,
         )
+        for n in (1, 2)
+    ]
+    for run in runs:
+        finish(run)
     single, data_parallel = (json.loads((tmp_path / f"losses{n}.json").read_text()) for n in (1, 2))
     assert (single["world_size"], data_parallel["world_size"]) == (1, 2)
     assert len(single["losses"]) == 3
@@ -102,8 +122,15 @@ def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
 def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
     """`from_pretrained(tp_plan="auto")` on 2 ranks: every projection, memory slot and gate split by head."""
     output = tmp_path / "tensor_parallel.pt"
-    launch(REPOSITORY / "examples" / "tensor_parallel.py", "--model-dir", str(model_dir), "--dtype", "float64",
-           "--save", str(output))
+    launch(
+        REPOSITORY / "examples" / "tensor_parallel.py",
+        "--model-dir",
+        str(model_dir),
+        "--dtype",
+        "float64",
+        "--save",
+        str(output),
+    )
     saved = torch.load(output)
     logits, loss, grads = reference_step(model_dir, saved["input_ids"])
     torch.testing.assert_close(saved["logits"], logits, rtol=0, atol=1e-10)
@@ -114,8 +141,17 @@ def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
 def test_pipeline_parallel_step_matches_unsplit(model_dir, tmp_path):
     """Two stages under GPipe, 2 microbatches: the last stage's loss and both stages' gradients match."""
     prefix = tmp_path / "pipeline"
-    launch(REPOSITORY / "examples" / "pipeline_parallel.py", "--model-dir", str(model_dir), "--dtype", "float64",
-           "--steps", "1", "--save-first-step", str(prefix))
+    launch(
+        REPOSITORY / "examples" / "pipeline_parallel.py",
+        "--model-dir",
+        str(model_dir),
+        "--dtype",
+        "float64",
+        "--steps",
+        "1",
+        "--save-first-step",
+        str(prefix),
+    )
     first, last = (torch.load(f"{prefix}.rank{rank}.pt") for rank in (0, 1))
     _, loss, grads = reference_step(model_dir, first["input_ids"])
     assert first["loss"] is None
