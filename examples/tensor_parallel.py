@@ -11,9 +11,10 @@ q_proj's heads, and `compress_k` / `compress_v` (shared by the heads) replicated
 the ranks. The attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
 `num_key_value_heads` must be a multiple of the number of processes.
 
-The script runs a forward pass (printing the logits' shape on rank 0) and one training step (loss, then the
-gradients gathered from their shards). `--save PATH` writes the batch, logits, loss and full gradients from
-rank 0, which tests/test_distributed.py compares with the unsharded model.
+The script runs a forward pass (printing the logits' shape on rank 0), greedy generation (each rank caches its
+own heads) and one training step (loss, then the gradients gathered from their shards). `--save PATH` writes the
+batch, logits, generated tokens, loss and full gradients from rank 0, which tests/test_distributed.py compares
+with the unsharded model.
 """
 
 import argparse
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=37)
+    parser.add_argument("--new-tokens", type=int, default=12, help="greedy tokens generated after 5 prompt tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="rank 0 writes the batch, logits, loss and gradients here")
     return parser.parse_args()
@@ -59,6 +61,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids, use_cache=False).logits
+    generated = model.generate(input_ids[:, :5], max_new_tokens=args.new_tokens, do_sample=False)
     model.train()
     loss = model(input_ids, labels=input_ids, use_cache=False).loss
     loss.backward()
@@ -68,7 +71,8 @@ def main() -> None:
             f"tensor parallel over {dist.get_world_size()} ranks: logits {tuple(logits.shape)}, loss {loss.item():.4f}"
         )
         if args.save:
-            saved = {"input_ids": input_ids.cpu(), "logits": logits.cpu(), "loss": loss.item(), "grads": grads}
+            saved = {"input_ids": input_ids.cpu(), "logits": logits.cpu(), "generated": generated.cpu()}
+            saved.update(loss=loss.item(), grads=grads)
             torch.save(saved, args.save)
     dist.destroy_process_group()
 

@@ -120,7 +120,8 @@ def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
 
 
 def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
-    """`from_pretrained(tp_plan="auto")` on 2 ranks: every projection, memory slot and gate split by head."""
+    """`DistributedConfig(tp_plan="auto")` on 2 ranks, every projection, memory slot and gate split by head:
+    logits, greedy generation (a cache of each rank's heads), loss and gradients match the unsharded model."""
     output = tmp_path / "tensor_parallel.pt"
     launch(
         REPOSITORY / "examples" / "tensor_parallel.py",
@@ -134,6 +135,12 @@ def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
     saved = torch.load(output)
     logits, loss, grads = reference_step(model_dir, saved["input_ids"])
     torch.testing.assert_close(saved["logits"], logits, rtol=0, atol=1e-10)
+    prompt = saved["input_ids"][:, :5]
+    new_tokens = saved["generated"].shape[1] - prompt.shape[1]
+    generated = FastGPTForCausalLM.from_pretrained(model_dir).generate(
+        prompt, max_new_tokens=new_tokens, do_sample=False
+    )
+    torch.testing.assert_close(saved["generated"], generated, rtol=0, atol=0)
     assert saved["loss"] == pytest.approx(loss, abs=1e-6)
     assert_gradients_match(saved["grads"], grads)
 
