@@ -36,8 +36,9 @@ from transformers import DistributedConfig
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from pipeline_parallel import (  # noqa: E402  (the example's stage, loss and tied-embedding handling)
+from pipeline_parallel import (  # noqa: E402  (the example's stage, loss, tied embeddings and optimizer)
     FastGPTPipelineStage,
+    adamw_per_tensor_type,
     causal_lm_loss,
     sum_tied_embedding_grads,
     tied_embedding_group,
@@ -193,18 +194,10 @@ def parity(mode: str, folder: str, input_ids: torch.Tensor, reference, device: t
     return dict(zip(("loss", "grads", "logits"), maxima.tolist(), strict=True))
 
 
-def adamw_per_tensor_type(model: torch.nn.Module) -> list[torch.optim.AdamW]:
-    """AdamW over the DTensor parameters and another over the plain ones: a foreach (multi-tensor) step cannot
-    mix the two, and TP leaves the norms plain."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = ([p for p in parameters if isinstance(p, DTensor)], [p for p in parameters if not isinstance(p, DTensor)])
-    return [torch.optim.AdamW(group, lr=1e-4, foreach=True) for group in groups if group]
-
-
 def throughput(mode: str, folder: str, args: argparse.Namespace, device: torch.device) -> float:
     """Tokens per second of the global batch over `--timed-steps` optimizer steps in `--dtype`."""
     run = ModeRun(mode, folder, getattr(torch, args.dtype), device)
-    optimizers = adamw_per_tensor_type(run.model)
+    optimizers = adamw_per_tensor_type(run.model, learning_rate=1e-4)
     vocab_size = run.model.config.vocab_size
     input_ids = random_batch(vocab_size, args.global_batch_size, args.seq_len, seed=1, device=device)
     all_ranks = mode != "single"

@@ -14,6 +14,10 @@ them (less activation memory, same gradients). Each data-parallel rank feeds its
 `[B, T, hidden]` activations. With tied embeddings the first and last stages each hold the embedding matrix;
 their gradients are summed before the optimizer step, as in Megatron-LM.
 
+Two Transformers 5.24 limits are worked around in `load_stage`: `DistributedConfig` refuses FSDP with PP (its own
+pipeline forward is inference-only; this script trains with its own schedule), and with PP and TP together it
+applies TP rules naming the other stages' modules (`apply_tensor_parallelism_to_own_stage` drops them).
+
 `--save-first-step PATH` writes each rank's first-step loss, gradients and batch to `PATH.rank<N>.pt`, from
 which tests/test_distributed.py checks the loss and gradients against the unsplit model's.
 """
@@ -114,9 +118,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def random_model_dir(preset: str, seed: int) -> str:
-    """Rank 0 saves a randomly initialised preset for every rank to load (collective)."""
+    """A randomly initialised preset, saved by each node's first process for the node's ranks (collective).
+
+    Seeded initialisation on the CPU gives every node the same weights."""
     folder = os.path.join(tempfile.gettempdir(), f"fastgpt-{preset}-seed{seed}")
-    if dist.get_rank() == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.manual_seed(seed)
         FastGPTForCausalLM(FastGPTConfig.from_preset(preset)).save_pretrained(folder)
     dist.barrier()
@@ -131,6 +137,11 @@ def load_stage(args: argparse.Namespace) -> FastGPTForCausalLM:
             f"{world_size} processes do not split into --dp-size {args.dp_size} x --tp-size {args.tp_size}."
         )
     pp_size = world_size // (args.tp_size * args.dp_size)
+    if pp_size < 2:
+        raise ValueError(
+            f"{world_size} processes with --dp-size {args.dp_size} and --tp-size {args.tp_size} leave one pipeline "
+            "stage; launch more processes, or use train_distributed.py (DP) or tensor_parallel.py (TP)."
+        )
     if args.tp_size > 1 and pp_size > 1:
         transformers.distributed.mixin.apply_tensor_parallelism = apply_tensor_parallelism_to_own_stage
     model_dir = args.model_dir or random_model_dir(args.preset, args.seed)
@@ -142,6 +153,14 @@ def load_stage(args: argparse.Namespace) -> FastGPTForCausalLM:
         model_dir, dtype=getattr(torch, args.dtype), distributed_config=distributed_config
     )
     return model.train()
+
+
+def adamw_per_tensor_type(model: nn.Module, learning_rate: float) -> list[torch.optim.AdamW]:
+    """AdamW over the DTensor parameters and another over the plain ones: a multi-tensor (foreach) step, the
+    default on GPUs, cannot mix the two, and TP without FSDP leaves the norms plain."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = ([p for p in parameters if isinstance(p, DTensor)], [p for p in parameters if not isinstance(p, DTensor)])
+    return [torch.optim.AdamW(group, lr=learning_rate) for group in groups if group]
 
 
 def save_step(path: str, stage: FastGPTPipelineStage, input_ids: torch.Tensor, loss: float | None) -> None:
@@ -163,7 +182,7 @@ def main() -> None:
     pipeline = model._pp_stage
     stage = PipelineStage(stage_module, pipeline.pp_rank, pipeline.pp_size, model.device, group=pipeline.pp_group)
     schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=causal_lm_loss)
-    optimizer = torch.optim.AdamW(stage_module.parameters(), lr=args.learning_rate)
+    optimizers = adamw_per_tensor_type(stage_module, args.learning_rate)
     tied_group = tied_embedding_group(model)
     dp_rank = model._mesh_manager.get_mesh("fsdp").get_local_rank()
     generator = torch.Generator().manual_seed(args.seed)
@@ -173,13 +192,14 @@ def main() -> None:
         )
         input_ids = rows[dp_rank].to(model.device)
         losses = []
-        optimizer.zero_grad()
         schedule.step(*([input_ids] if stage_module.is_first else []), target=input_ids, losses=losses)
         sum_tied_embedding_grads(stage_module, tied_group)
         loss = torch.stack(losses).mean().item() if stage_module.is_last else None
         if step == 0 and args.save_first_step:
             save_step(f"{args.save_first_step}.rank{dist.get_rank()}.pt", stage_module, input_ids, loss)
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
         if stage_module.is_last:
             print(f"rank {dist.get_rank()} step {step}: loss {loss:.4f}")
     dist.destroy_process_group()
