@@ -94,8 +94,13 @@ def sum_tied_embedding_grads(stage: FastGPTPipelineStage, group: dist.ProcessGro
     if group is None or not (stage.is_first or stage.is_last):
         return
     weight = stage.model.model.embed_tokens.weight if stage.is_first else stage.model.lm_head.weight
-    # Both stages shard the matrix alike (TP on the vocabulary, FSDP on dim 0), so local shards line up.
-    grad = weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad
+    grad = weight.grad
+    if isinstance(grad, DTensor):
+        # DTensor's embedding backward may leave the gradient replicated; shard it as the weight (no communication)
+        # so that both stages hold the same slices, then sum the local slices.
+        if grad.placements != weight.placements:
+            weight.grad = grad = grad.redistribute(placements=weight.placements)
+        grad = grad.to_local()
     dist.all_reduce(grad, group=group)
 
 

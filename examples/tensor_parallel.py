@@ -7,14 +7,15 @@
 `FastGPTConfig.base_model_tp_plan`, plus Transformers' vocabulary-split `embed_tokens` and gathered `lm_head`:
 q/k/v and the MLP's gate/up projections column-wise, o_proj and down_proj row-wise (one all-reduce after each),
 and in dynamic layers the memory slots `[M, K, D]` split on K with k/v_proj's heads, `mix_gate` column-wise with
-q_proj's heads, and `compress_k` / `compress_v` (shared by the heads) replicated with their gradients summed over
-the ranks. The attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
+q_proj's heads, and `compress_k` / `compress_v` (shared by the heads) whole on every rank, their input split by
+head (Transformers' `sequence_parallel` style on dim 1) so that DTensor sums their gradients over the ranks.
+The attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
 `num_key_value_heads` must be a multiple of the number of processes.
 
 The script runs a forward pass (printing the logits' shape on rank 0), greedy generation (each rank caches its
-own heads) and one training step (loss, then the gradients gathered from their shards). `--save PATH` writes the
-batch, logits, generated tokens, loss and full gradients from rank 0, which tests/test_distributed.py compares
-with the unsharded model.
+own heads) and one training step over two accumulated halves of the batch (loss, then the gradients gathered
+from their shards). `--save PATH` writes the batch, logits, generated tokens, loss and full gradients from
+rank 0, which tests/test_distributed.py compares with the unsharded model.
 """
 
 import argparse
@@ -63,16 +64,18 @@ def main() -> None:
         logits = model(input_ids, use_cache=False).logits
     generated = model.generate(input_ids[:, :5], max_new_tokens=args.new_tokens, do_sample=False)
     model.train()
-    loss = model(input_ids, labels=input_ids, use_cache=False).loss
-    loss.backward()
+    # Two accumulated halves, as gradient accumulation or pipeline microbatches run them.
+    loss = 0.0
+    for rows in input_ids.chunk(2):
+        half_loss = model(rows, labels=rows, use_cache=False).loss / 2
+        half_loss.backward()
+        loss += half_loss.item()
     grads = full_gradients(model)
     if dist.get_rank() == 0:
-        print(
-            f"tensor parallel over {dist.get_world_size()} ranks: logits {tuple(logits.shape)}, loss {loss.item():.4f}"
-        )
+        print(f"tensor parallel over {dist.get_world_size()} ranks: logits {tuple(logits.shape)}, loss {loss:.4f}")
         if args.save:
             saved = {"input_ids": input_ids.cpu(), "logits": logits.cpu(), "generated": generated.cpu()}
-            saved.update(loss=loss.item(), grads=grads)
+            saved.update(loss=loss, grads=grads)
             torch.save(saved, args.save)
     dist.destroy_process_group()
 
