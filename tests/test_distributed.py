@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from transformers.integrations.tensor_parallel import replace_layer_number_by_wildcard
 
 from fastgpt_hf import FastGPTForCausalLM
 
@@ -82,6 +83,23 @@ def assert_gradients_match(grads: dict[str, torch.Tensor], reference: dict[str, 
     assert set(grads) >= set(reference)
     for name, reference_grad in reference.items():
         torch.testing.assert_close(grads[name], reference_grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_tensor_parallel_plan_names_every_parameter_but_the_norms():
+    """A parameter without a rule stays whole and unsynchronised on every rank; only the norms may (their input
+    and gradients are already whole). Catches a new parameter added without a plan entry."""
+    model = tiny_model("mixed")
+    plan = model.tp_plan
+    without_rule = set()
+    for name, _ in model.named_parameters():
+        generic_name = replace_layer_number_by_wildcard(name)
+        if generic_name not in plan and generic_name.rsplit(".", 1)[0] not in plan:
+            without_rule.add(generic_name)
+    assert without_rule == {
+        "model.layers.*.input_layernorm.weight",
+        "model.layers.*.post_attention_layernorm.weight",
+        "model.norm.weight",
+    }
 
 
 def test_data_parallel_trainer_loss_equals_single_process(tmp_path):
