@@ -8,8 +8,10 @@ counts upward from a random start with a random stride, modulo the vocabulary), 
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_distributed.py
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/train_distributed.py
 
-`--global-batch-size` is split evenly over the processes, so every launch above takes the same optimizer steps
-on the same rows: the loss of a 2-process run equals the single-process run's (tests/test_distributed.py).
+FSDP2 through accelerate needs GPUs: on CPUs accelerate 1.15 runs the fsdp2 config as DDP (tests/fsdp2_worker.py
+shows the CPU route, Transformers' `DistributedConfig(fsdp_size=N)`). `--global-batch-size` is split evenly over
+the processes, so every launch above takes the same optimizer steps on the same rows: the loss of a 2-process run
+equals the single-process run's (tests/test_distributed.py).
 """
 
 import argparse

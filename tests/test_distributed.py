@@ -36,7 +36,9 @@ def start(script: Path, *args: str, processes: int = 2) -> subprocess.Popen:
     """Start `script` on `processes` CPU processes (torchrun when more than one), in a session of its own."""
     command = [sys.executable, str(script), *args]
     if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", *command[1:]]
+        # --standalone: a free port of its own, so concurrent launches on one machine do not collide.
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*torchrun, *command[1:]]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY / "src"), environment.get("PYTHONPATH", "")])
     return subprocess.Popen(
@@ -53,6 +55,18 @@ def finish(process: subprocess.Popen) -> None:
         output, _ = process.communicate()
         pytest.fail(f"{process.args} did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-8000:]}")
     assert process.returncode == 0, f"{process.args} failed:\n{output[-8000:]}"
+
+
+def finish_all(processes: list[subprocess.Popen]) -> None:
+    """`finish` each launch; if one fails, kill the others' process groups before failing."""
+    try:
+        for process in processes:
+            finish(process)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
 
 
 def launch(script: Path, *args: str) -> None:
@@ -119,8 +133,7 @@ def test_data_parallel_trainer_loss_equals_single_process(tmp_path):
         )
         for n in (1, 2)
     ]
-    for run in runs:
-        finish(run)
+    finish_all(runs)
     single, data_parallel = (json.loads((tmp_path / f"losses{n}.json").read_text()) for n in (1, 2))
     assert (single["world_size"], data_parallel["world_size"]) == (1, 2)
     assert len(single["losses"]) == 3
