@@ -73,6 +73,7 @@ def main() -> None:
         report_to=[],
         bf16=args.bf16,
         use_cpu=args.device == "cpu",
+        ddp_find_unused_parameters=False,  # every parameter takes part in each forward: no extra graph walk
         seed=args.seed,
         disable_tqdm=True,
     )
