@@ -324,9 +324,11 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
             f"compress_block_size) but the model has {layer_signature(config)}; "
             "build the cache from this model's config."
         )
+    # Under tensor parallelism (Transformers sets `config.distributed_config`) a rank holds its share of the heads.
+    tensor_parallel_size = getattr(getattr(config, "distributed_config", None), "tp_size", 1)
     for layer in cache.layers:
         if layer.is_initialized and layer.keys.dim() == 4:
-            expected = (batch_size, config.num_key_value_heads, config.head_dim)
+            expected = (batch_size, config.num_key_value_heads // tensor_parallel_size, config.head_dim)
             held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[3])
             if held != expected:
                 raise ValueError(

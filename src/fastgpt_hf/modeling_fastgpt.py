@@ -172,7 +172,9 @@ class FastGPTAttention(nn.Module):
             gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
             gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
             attn_output = gate * attn_output + (1 - gate) * global_output
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1))
+        # Contiguous as in Llama: the gate mix keeps sdpa's transposed strides, which a row-sharded o_proj
+        # (a DTensor declared with contiguous strides) cannot view.
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
 
     def global_branch(
@@ -423,6 +425,7 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: FastGPTConfig):
         super().__init__(config)
