@@ -347,6 +347,9 @@ def optional_model_card_module() -> ModuleType | None:
 
 
 class FastGPTModel(FastGPTPreTrainedModel):
+    # A causal-LM checkpoint loads into the base model: its output head is the one tensor left out on purpose.
+    _keys_to_ignore_on_load_unexpected = {r"^lm_head\."}
+
     def __init__(self, config: FastGPTConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
