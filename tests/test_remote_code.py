@@ -80,7 +80,12 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
     (tmp_path / "load.py").write_text(LOAD_WITHOUT_PACKAGE)
     python = venv_without_package(tmp_path / "venv")
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
     command = [str(python), "-I", "load.py", "checkpoint", "inputs.pt", "outputs.pt"]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -162,6 +162,7 @@ def push_model(
     tags: list[str] | None = None,
 ) -> str:
     """`model.push_to_hub`: save the model with its card (replacing the repo's README.md) and upload the folder."""
+    tags = [*(model.model_tags or []), *(tags or [])]
     with tempfile.TemporaryDirectory() as folder:
         write_model_card(model, folder, model_id=repo_id, tags=tags)
         model.save_pretrained(folder, max_shard_size=max_shard_size)
