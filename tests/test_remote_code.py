@@ -28,6 +28,7 @@ with torch.no_grad():
 generated = model.generate(
     inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=8, do_sample=False
 )
+model.save_pretrained("resaved")  # the copied code saves too, without the package's card generator
 torch.save(
     {
         "package_importable": importlib.util.find_spec("fastgpt_hf") is not None,
@@ -98,3 +99,6 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     # The same code on the same weights and inputs: bit for bit.
     assert torch.equal(outputs["logits"], expected_logits)
     assert torch.equal(outputs["generated"], expected_tokens)
+    resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_fastgpt.py"} <= resaved
+    assert "README.md" not in resaved

@@ -314,11 +314,12 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` (code and `auto_map` included), plus a README.md model card when the
         folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code)."""
-        self.config.auto_map = {
-            **getattr(self.config, "auto_map", {}),
-            "AutoModel": "modeling_fastgpt.FastGPTModel",
-            "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
-        }
+        if self.is_remote_code():  # the code is copied: map both model classes it holds, not only this one
+            self.config.auto_map = {
+                **getattr(self.config, "auto_map", {}),
+                "AutoModel": "modeling_fastgpt.FastGPTModel",
+                "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
         model_card = optional_model_card_module()
         readme = os.path.join(save_directory, "README.md")
