@@ -1,4 +1,5 @@
-"""A saved checkpoint carries its code: it loads and generates in a fresh virtualenv that lacks fastgpt_hf."""
+"""A saved checkpoint carries its code: it loads and generates in a fresh virtualenv that lacks fastgpt_hf,
+from its folder and from a (stand-in) Hub repository."""
 
 import json
 import subprocess
@@ -14,30 +15,26 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 import fastgpt_hf
 
 from .conftest import left_padded_batch, tiny_model
+from .hub_stand_in import HubStandIn
 
-# Run by the fresh venv's interpreter: load through auto_map, report what it computed.
+# Run by the fresh venv's interpreter: load through auto_map from a folder and from a Hub repository, report.
 LOAD_WITHOUT_PACKAGE = """
 import importlib.util, sys, torch
 from transformers import AutoModelForCausalLM
 
-folder, inputs_file, outputs_file = sys.argv[1:]
+folder, repo_id, inputs_file, outputs_file = sys.argv[1:]
 inputs = torch.load(inputs_file)
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-with torch.no_grad():
-    logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-generated = model.generate(
-    inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=8, do_sample=False
-)
+outputs = {"package_importable": importlib.util.find_spec("fastgpt_hf") is not None}
+for source in (folder, repo_id):
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    generated = model.generate(
+        inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=8, do_sample=False
+    )
+    outputs[source] = {"model_module": type(model).__module__, "logits": logits, "generated": generated}
 model.save_pretrained("resaved")  # the copied code saves too, without the package's card generator
-torch.save(
-    {
-        "package_importable": importlib.util.find_spec("fastgpt_hf") is not None,
-        "model_module": type(model).__module__,
-        "logits": logits,
-        "generated": generated,
-    },
-    outputs_file,
-)
+torch.save(outputs, outputs_file)
 """
 
 
@@ -81,24 +78,29 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
     (tmp_path / "load.py").write_text(LOAD_WITHOUT_PACKAGE)
     python = venv_without_package(tmp_path / "venv")
-    env = {
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": "/usr/bin:/bin",
-    }
-    command = [str(python), "-I", "load.py", "checkpoint", "inputs.pt", "outputs.pt"]
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    with HubStandIn() as hub:
+        hub.publish("someone/fastgpt-tiny", tmp_path / "checkpoint")
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_CACHE": str(tmp_path / "hub_cache"),
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "HF_HUB_DISABLE_XET": "1",
+            "PATH": "/usr/bin:/bin",
+        }
+        command = [str(python), "-I", "load.py", "checkpoint", "someone/fastgpt-tiny", "inputs.pt", "outputs.pt"]
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
     outputs = torch.load(tmp_path / "outputs.pt")
     assert not outputs["package_importable"]
-    assert outputs["model_module"].startswith("transformers_modules.")
     with torch.no_grad():
         expected_logits = model(input_ids, attention_mask=attention_mask).logits
     expected_tokens = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
-    # The same code on the same weights and inputs: bit for bit.
-    assert torch.equal(outputs["logits"], expected_logits)
-    assert torch.equal(outputs["generated"], expected_tokens)
+    for source in ("checkpoint", "someone/fastgpt-tiny"):
+        assert outputs[source]["model_module"].startswith("transformers_modules.")
+        # The same code on the same weights and inputs: bit for bit.
+        assert torch.equal(outputs[source]["logits"], expected_logits), source
+        assert torch.equal(outputs[source]["generated"], expected_tokens), source
     resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_fastgpt.py"} <= resaved
+    assert {"config.json", "model.safetensors", "modeling_fastgpt.py", "strict_loading.py"} <= resaved
     assert "README.md" not in resaved
