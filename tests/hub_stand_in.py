@@ -38,6 +38,7 @@ class HubStandIn:
         self.unanswered: list[str] = []  # requests no route matched: what a newer client may need
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler_class())
+        self.server.daemon_threads = True  # a client that hangs up badly must not block the test's exit
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def __enter__(self) -> "HubStandIn":
