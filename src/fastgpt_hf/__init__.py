@@ -1,12 +1,22 @@
-"""FastGPT for Hugging Face Transformers: importing this package registers it with the Auto classes."""
+"""FastGPT for Hugging Face Transformers: importing this package registers it with the Auto classes.
+
+It also marks the classes for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` into
+config.json and copies the modeling code (a flat set of files with relative imports) beside the weights:
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` then works without this package.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_fastgpt import FastGPTConfig
+from .configuration_fastgpt import FASTGPT_HF_VERSION, FastGPTConfig
 from .modeling_fastgpt import FastGPTForCausalLM, FastGPTModel, FastGPTPreTrainedModel
 
 AutoConfig.register(FastGPTConfig.model_type, FastGPTConfig, exist_ok=True)
 AutoModel.register(FastGPTConfig, FastGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(FastGPTConfig, FastGPTForCausalLM, exist_ok=True)
+FastGPTConfig.register_for_auto_class("AutoConfig")
+FastGPTModel.register_for_auto_class("AutoModel")
+FastGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__version__ = FASTGPT_HF_VERSION
 
 __all__ = ["FastGPTConfig", "FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]

@@ -4,6 +4,11 @@ Field names follow `LlamaConfig`; FastGPT adds the per-layer attention kind (`la
 its sliding windows, memory slots and compression blocks (DESIGN.md sections 2 and 3). Derived values
 (`head_dim`, `num_key_value_heads`, the default three-stage `layer_types`) are filled in `__post_init__` and
 nowhere else; every invalid value raises a `ValueError` that names the field, the value and what is allowed.
+
+`fastgpt_hf_version` records the package version a checkpoint was written by: a config from another
+major.minor version is refused (`validate_version`), and every config this code reads or builds is written back
+with this code's version. The constant travels with the checkpoint's copied code, so a `trust_remote_code` load
+checks it too.
 """
 
 from huggingface_hub.dataclasses import strict
@@ -11,6 +16,9 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 from .presets import PRESETS
+
+# The package version (pyproject.toml reads it from here); checkpoints of the same major.minor are compatible.
+FASTGPT_HF_VERSION = "0.1.0"
 
 SLIDING = "sliding_attention"
 DYNAMIC = "dynamic_attention"
@@ -49,6 +57,9 @@ class FastGPTConfig(PreTrainedConfig):
             Learned key/value slots per key/value head in the global branch of dynamic layers.
         compress_block_size (`int`, defaults to 64):
             Positions averaged into one compressed key/value entry; at most `dynamic_window`.
+        fastgpt_hf_version (`str`, *optional*):
+            The fastgpt_hf version that wrote the checkpoint; another major.minor raises a `ValueError`. Always
+            holds this code's version once the config is built, so saving records it.
 
     ```python
     >>> from fastgpt_hf import FastGPTConfig
@@ -112,6 +123,7 @@ class FastGPTConfig(PreTrainedConfig):
     dynamic_window: int = 1024
     num_memory_tokens: int = 8
     compress_block_size: int = 64
+    fastgpt_hf_version: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -125,6 +137,8 @@ class FastGPTConfig(PreTrainedConfig):
         # Checked here as well as by `@strict` afterwards, so that a bad value surfaces as a plain `ValueError`.
         self.validate_layer_type()
         self.validate_architecture()
+        self.validate_version()
+        self.fastgpt_hf_version = FASTGPT_HF_VERSION
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -180,6 +194,19 @@ class FastGPTConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+    def validate_version(self):
+        """A recorded `fastgpt_hf_version` must share this code's major.minor (None: a config built here)."""
+        if self.fastgpt_hf_version is None:
+            return
+        if self.fastgpt_hf_version.split(".")[:2] != FASTGPT_HF_VERSION.split(".")[:2]:
+            major_minor = ".".join(FASTGPT_HF_VERSION.split(".")[:2])
+            raise ValueError(
+                f"This checkpoint was written by fastgpt_hf {self.fastgpt_hf_version}, but this is fastgpt_hf "
+                f"{FASTGPT_HF_VERSION}, which reads checkpoints of {major_minor}.x only; install "
+                f"fastgpt_hf=={self.fastgpt_hf_version} or load with trust_remote_code=True to use the code saved "
+                "beside the weights."
+            )
 
 
 __all__ = ["FastGPTConfig"]

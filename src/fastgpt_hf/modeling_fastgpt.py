@@ -9,7 +9,10 @@ generation). Without `position_ids`, positions count real tokens (`cumsum(attent
 does), so that a left-padded row gets the positions, windows and compression blocks it would get alone.
 """
 
+import importlib
+import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
 from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, check_cache, update_with_key_mask
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .strict_loading import check_loading_report
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
 WINDOWED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -297,8 +301,59 @@ class FastGPTPreTrainedModel(PreTrainedModel):
             fractions.append(1.0 - scored.sum().item() / seq_len**2)
         return fractions
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: missing, unexpected or (unless `ignore_mismatched_sizes=True`)
+        mis-shaped tensors raise a `ValueError` naming them (`strict_loading`) instead of random initialisation."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        # Transformers would raise its own RuntimeError on mis-shaped tensors; let the report reach the check.
+        model, loading_report = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        check_loading_report(pretrained_model_name_or_path, cls.__name__, loading_report, ignore_mismatched_sizes)
+        return (model, loading_report) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained` (code and `auto_map` included), plus a README.md model card when the
+        folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code)."""
+        if self.is_remote_code():  # the code is copied: map both model classes it holds, not only this one
+            self.config.auto_map = {
+                **getattr(self.config, "auto_map", {}),
+                "AutoModel": "modeling_fastgpt.FastGPTModel",
+                "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        model_card = optional_model_card_module()
+        readme = os.path.join(save_directory, "README.md")
+        if model_card is not None and kwargs.get("is_main_process", True) and not os.path.exists(readme):
+            model_card.write_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """`PreTrainedModel.push_to_hub` with the FastGPT model card as README.md when the package is installed."""
+        model_card = optional_model_card_module()
+        if model_card is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        return model_card.push_model(self, repo_id, **kwargs)
+
+
+def optional_model_card_module() -> ModuleType | None:
+    """fastgpt_hf's `model_card` module, or None where this file runs as a checkpoint's copied code without it.
+
+    Imported by name, not by an import statement, so that Transformers does not copy it beside the weights.
+    """
+    try:
+        return importlib.import_module(".model_card", __package__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.model_card":
+            raise
+        return None
+
 
 class FastGPTModel(FastGPTPreTrainedModel):
+    # A causal-LM checkpoint loads into the base model: its output head is the one tensor left out on purpose.
+    _keys_to_ignore_on_load_unexpected = {r"^lm_head\."}
+
     def __init__(self, config: FastGPTConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id

@@ -1,0 +1,106 @@
+"""A saved checkpoint carries its code: it loads and generates in a fresh virtualenv that lacks fastgpt_hf,
+from its folder and from a (stand-in) Hub repository."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+import fastgpt_hf
+
+from .conftest import left_padded_batch, tiny_model
+from .hub_stand_in import HubStandIn
+
+# Run by the fresh venv's interpreter: load through auto_map from a folder and from a Hub repository, report.
+LOAD_WITHOUT_PACKAGE = """
+import importlib.util, sys, torch
+from transformers import AutoModelForCausalLM
+
+folder, repo_id, inputs_file, outputs_file = sys.argv[1:]
+inputs = torch.load(inputs_file)
+outputs = {"package_importable": importlib.util.find_spec("fastgpt_hf") is not None}
+for source in (folder, repo_id):
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    generated = model.generate(
+        inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=8, do_sample=False
+    )
+    outputs[source] = {"model_module": type(model).__module__, "logits": logits, "generated": generated}
+model.save_pretrained("resaved")  # the copied code saves too, without the package's card generator
+torch.save(outputs, outputs_file)
+"""
+
+
+def venv_without_package(folder: Path) -> Path:
+    """A venv (no pip) that sees this interpreter's site-packages through a plain path in a .pth file.
+
+    A plain path line only adds the directory: the .pth files inside it (the editable install of fastgpt_hf) do
+    not run, so transformers and torch import and fastgpt_hf does not.
+    """
+    venv.EnvBuilder(with_pip=False).create(folder)
+    python_dir = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = folder / "lib" / python_dir / "site-packages"
+    (site_packages / "test_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return folder / "bin" / "python"
+
+
+def test_copied_code_is_a_closed_set_of_relative_imports(tmp_path):
+    model = tiny_model("mixed", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    copied = sorted(path.name for path in tmp_path.glob("*.py"))
+    needed = {Path(name).name for name in get_relative_import_files(tmp_path / "modeling_fastgpt.py")}
+    assert set(copied) == needed | {"modeling_fastgpt.py"}
+    assert "model_card.py" not in copied  # the card generator stays in the package
+    for name in copied:
+        assert "fastgpt_hf" not in get_imports(tmp_path / name), f"{name} imports fastgpt_hf absolutely"
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_fastgpt.FastGPTConfig",
+        "AutoModel": "modeling_fastgpt.FastGPTModel",
+        "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
+    }
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_path):
+    if Path(fastgpt_hf.__file__).is_relative_to(sysconfig.get_paths()["purelib"]):
+        pytest.skip("fastgpt_hf is installed non-editable into site-packages, so no venv sharing them can lack it")
+    model = tiny_model("mixed", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "checkpoint")
+    input_ids, attention_mask = left_padded_batch(37)
+    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(LOAD_WITHOUT_PACKAGE)
+    python = venv_without_package(tmp_path / "venv")
+    with HubStandIn() as hub:
+        hub.publish("someone/fastgpt-tiny", tmp_path / "checkpoint")
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_CACHE": str(tmp_path / "hub_cache"),
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "HF_HUB_DISABLE_XET": "1",
+            "PATH": "/usr/bin:/bin",
+        }
+        command = [str(python), "-I", "load.py", "checkpoint", "someone/fastgpt-tiny", "inputs.pt", "outputs.pt"]
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
+    assert not outputs["package_importable"]
+    with torch.no_grad():
+        expected_logits = model(input_ids, attention_mask=attention_mask).logits
+    expected_tokens = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
+    for source in ("checkpoint", "someone/fastgpt-tiny"):
+        assert outputs[source]["model_module"].startswith("transformers_modules.")
+        # The same code on the same weights and inputs: bit for bit.
+        assert torch.equal(outputs[source]["logits"], expected_logits), source
+        assert torch.equal(outputs[source]["generated"], expected_tokens), source
+    resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_fastgpt.py", "strict_loading.py"} <= resaved
+    assert "README.md" not in resaved
