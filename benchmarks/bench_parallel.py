@@ -238,17 +238,18 @@ def run_mode(
     return result
 
 
-def print_table(results: list[dict]) -> None:
-    single = next((r["tokens_per_s"] for r in results if r["mode"] == "single"), None)
-    print(f"{'mode':<7}{'devices':>8}{'loss err':>11}{'grad err':>11}{'logit err':>11}{'tokens/s':>12}{'scaling':>9}")
-    for result in results:
-        errors = [f"{result[key]:>11.2e}" if key in result else f"{'-':>11}" for key in ("loss", "grads", "logits")]
-        if result["mode"] != "tp":
-            errors[2] = f"{'-':>11}"
-        efficiency = "-" if single is None else f"{result['tokens_per_s'] / (result['devices'] * single):.0%}"
-        print(
-            f"{result['mode']:<7}{result['devices']:>8}{''.join(errors)}{result['tokens_per_s']:>12.0f}{efficiency:>9}"
-        )
+TABLE_HEADER = (
+    f"{'mode':<7}{'devices':>8}{'loss err':>11}{'grad err':>11}{'logit err':>11}{'tokens/s':>12}{'scaling':>9}"
+)
+
+
+def table_row(result: dict, single_tokens_per_s: float | None) -> str:
+    errors = [f"{result[key]:>11.2e}" if key in result else f"{'-':>11}" for key in ("loss", "grads", "logits")]
+    if result["mode"] != "tp":
+        errors[2] = f"{'-':>11}"
+    scaling = result["tokens_per_s"] / (result["devices"] * single_tokens_per_s) if single_tokens_per_s else None
+    efficiency = "-" if scaling is None else f"{scaling:.0%}"
+    return f"{result['mode']:<7}{result['devices']:>8}{''.join(errors)}{result['tokens_per_s']:>12.0f}{efficiency:>9}"
 
 
 def main() -> None:
@@ -259,10 +260,17 @@ def main() -> None:
     parity_ids = random_batch(vocab_size, args.global_batch_size, args.parity_seq_len, 0, device)
     reference = reference_step(folder, parity_ids, device)
     free_memory(device)
-    results = [run_mode(mode, folder, args, parity_ids, reference, device) for mode in args.modes]
     if dist.get_rank() == 0:
         print(f"preset {args.preset}, {args.dtype}, global batch {args.global_batch_size} x {args.seq_len} tokens")
-        print_table(results)
+        print(TABLE_HEADER, flush=True)
+    single_tokens_per_s = None
+    for mode in args.modes:
+        # Each row as soon as its mode ends, so that a mode that fails later leaves the others' figures.
+        result = run_mode(mode, folder, args, parity_ids, reference, device)
+        if mode == "single":
+            single_tokens_per_s = result.get("tokens_per_s")
+        if dist.get_rank() == 0:
+            print(table_row(result, single_tokens_per_s), flush=True)
     dist.destroy_process_group()
 
 
