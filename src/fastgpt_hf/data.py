@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PACKAGE_DIR = Path(__file__).parent
@@ -101,13 +102,22 @@ def pack_blocks(dataset: DatasetDict | Dataset, block_size: int) -> DatasetDict 
     return dataset.map(pack, batched=True, desc=f"Packing into blocks of {block_size}")
 
 
+def packed_datasets(
+    tokenizer: PreTrainedTokenizerBase, block_size: int, files: dict[str, str | Path] | None = None
+) -> DatasetDict:
+    """`load_text_dataset`, `tokenize_dataset` and `pack_blocks` in one call: ready for `Trainer`."""
+    return pack_blocks(tokenize_dataset(load_text_dataset(files), tokenizer), block_size)
+
+
 def count_words(text: str) -> int:
     """WikiText words: whitespace-split tokens (`<unk>` included) plus one `<eos>` per line."""
     return len(text.split()) + text.count("\n")
 
 
 @torch.no_grad()
-def strided_nll(model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+def strided_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int, show_progress: bool = False
+) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of `input_ids[1:]` (`[N]` long) and the number of tokens scored.
 
     Windows of at most `window` tokens start every `stride` tokens; a window scores only the tokens that the
@@ -118,7 +128,8 @@ def strided_nll(model: PreTrainedModel, input_ids: torch.Tensor, window: int, st
         raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
     device = next(model.parameters()).device
     total_length, scored_until, total_nll = input_ids.shape[0], 1, 0.0
-    for begin in range(0, total_length - 1, stride):
+    starts = range(0, max(total_length - window, 0) + stride, stride)
+    for begin in tqdm(starts, desc="Perplexity windows", disable=not show_progress):
         end = min(begin + window, total_length)
         logits = model(input_ids[None, begin:end].to(device)).logits[0].float()  # [T, vocab]
         # Logit t predicts token begin + t + 1: score targets [scored_until, end).
@@ -126,8 +137,6 @@ def strided_nll(model: PreTrainedModel, input_ids: torch.Tensor, window: int, st
         targets = input_ids[scored_until:end].to(device)
         total_nll += F.cross_entropy(logits[first : end - begin - 1], targets, reduction="sum").item()
         scored_until = end
-        if end == total_length:
-            break
     return total_nll, total_length - 1
 
 
@@ -143,13 +152,18 @@ class Perplexity:
 
 
 def evaluate_perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, window: int, stride: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    window: int,
+    stride: int,
+    show_progress: bool = False,
 ) -> Perplexity:
     """Strided perplexity of `text`, read after a BOS token so that its first token is scored too."""
     input_ids = torch.tensor([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]])
     was_training = model.training
     model.eval()
-    nll, tokens = strided_nll(model, input_ids, window, stride)
+    nll, tokens = strided_nll(model, input_ids, window, stride, show_progress)
     model.train(was_training)
     words = count_words(text)
     return Perplexity(
