@@ -13,6 +13,7 @@
   word-level WikiText-2 results.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,26 +119,29 @@ def count_words(text: str) -> int:
 def strided_nll(
     model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int, show_progress: bool = False
 ) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of `input_ids[1:]` (`[N]` long) and the number of tokens scored.
+    """Summed negative log-likelihood (nats) of the tokens of `input_ids` (`[N]` long) it scores, and their number.
 
-    Windows of at most `window` tokens start every `stride` tokens; a window scores only the tokens that the
-    previous one did not, so every token is scored once, with between `window - stride` and `window - 1`
-    tokens of context. `stride == window` gives disjoint windows.
+    Windows of at most `window` tokens start every `stride` tokens and score only the tokens that the previous
+    window did not. With `stride < window` every token after the first is scored once, with at least
+    `window - stride` tokens of context. `stride == window` gives disjoint windows, each scoring all its tokens
+    but the first, which has no context inside it (as in Transformers' documentation).
     """
     if not 0 < stride <= window:
         raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
     device = next(model.parameters()).device
-    total_length, scored_until, total_nll = input_ids.shape[0], 1, 0.0
+    total_length, scored_until, total_nll, scored = input_ids.shape[0], 1, 0.0, 0
     starts = range(0, max(total_length - window, 0) + stride, stride)
     for begin in tqdm(starts, desc="Perplexity windows", disable=not show_progress):
         end = min(begin + window, total_length)
-        logits = model(input_ids[None, begin:end].to(device)).logits[0].float()  # [T, vocab]
-        # Logit t predicts token begin + t + 1: score targets [scored_until, end).
-        first = scored_until - begin - 1
-        targets = input_ids[scored_until:end].to(device)
-        total_nll += F.cross_entropy(logits[first : end - begin - 1], targets, reduction="sum").item()
+        first_target = max(scored_until, begin + 1)
+        logits = model(input_ids[None, begin:end].to(device)).logits[0]  # [T, vocab]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        # Logit t predicts token begin + t + 1.
+        predicting = logits[first_target - begin - 1 : end - begin - 1]
+        total_nll += F.cross_entropy(predicting, input_ids[first_target:end].to(device), reduction="sum").item()
+        scored += end - first_target
         scored_until = end
-    return total_nll, total_length - 1
+    return total_nll, scored
 
 
 @dataclass
@@ -167,8 +171,8 @@ def evaluate_perplexity(
     model.train(was_training)
     words = count_words(text)
     return Perplexity(
-        per_token=float(torch.tensor(nll / tokens).exp()),
-        per_word=float(torch.tensor(nll / words).exp()),
+        per_token=math.exp(nll / tokens),
+        per_word=math.exp(nll / words),
         nll=nll,
         tokens=tokens,
         words=words,
