@@ -197,7 +197,9 @@ def main() -> None:
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     (output / "results.md").write_text(f"{table}\n\nFastGPT sample (greedy):\n\n```\n{sample}\n```\n")
     print(f"\n{table}\n\nFastGPT, reloaded through AutoModelForCausalLM, continues the prompt:\n{sample}\n")
-    print(f"Wrote {output}/results.md, results.json, loss_curves.png, speed_vs_length.png; {wall_seconds:.0f} s in all.")
+    print(
+        f"Wrote {output}/results.md, results.json, loss_curves.png, speed_vs_length.png; {wall_seconds:.0f} s in all."
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def timed_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: 
         return_dict_in_generate=True,
         pad_token_id=model.config.pad_token_id or 0,
     )
-    return time.perf_counter() - start, output.past_key_values
+    return time.perf_counter() - start, output.cache
 
 
 @torch.no_grad()

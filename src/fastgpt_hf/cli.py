@@ -103,7 +103,10 @@ def train_main(argv: list[str] | None = None) -> None:
     from .training import causal_lm_trainer, model_for_tokenizer, training_arguments
 
     tokenizer = load_tokenizer(args.tokenizer)
-    files = {"train": args.train_file or CORPUS_FILES["train"], "validation": args.valid_file or CORPUS_FILES["validation"]}
+    files = {
+        "train": args.train_file or CORPUS_FILES["train"],
+        "validation": args.valid_file or CORPUS_FILES["validation"],
+    }
     datasets = packed_datasets(tokenizer, args.block_size, files)
     overrides = {"attn_implementation": args.attn_implementation, **dict(args.overrides)}
     model = model_for_tokenizer(args.preset, tokenizer, seed=args.seed, **overrides)
@@ -234,7 +237,9 @@ def load_checkpoint(checkpoint: Path):
     from .data import load_tokenizer
 
     has_tokenizer = (checkpoint / "tokenizer.json").is_file()
-    return AutoModelForCausalLM.from_pretrained(checkpoint).eval(), load_tokenizer(checkpoint if has_tokenizer else None)
+    return AutoModelForCausalLM.from_pretrained(checkpoint).eval(), load_tokenizer(
+        checkpoint if has_tokenizer else None
+    )
 
 
 def delegated(module: str, function: str) -> Callable[[list[str]], None]:

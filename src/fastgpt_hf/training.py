@@ -12,6 +12,7 @@
 
 import logging
 import math
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from datasets import Dataset
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -133,8 +135,9 @@ def training_arguments(
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps,
         logging_steps=logging_steps,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing`.
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         bf16=chosen == "bf16",
         fp16=chosen == "fp16",
         seed=seed,
@@ -156,6 +159,16 @@ class PerplexityTrainer(Trainer):
             metrics.update(perplexity)
             self.log(perplexity)
         return metrics
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: PreTrainedModel | None = None) -> None:
+        """Trainer's own loading, with the checkpoint's config.json read by the model's config class.
+
+        Transformers 5.24 reads it through the base `PreTrainedConfig` (only to compare versions), whose
+        layer-type check rejects `dynamic_attention`, so resuming a FastGPT run would fail.
+        """
+        own_reader = type(self.model.config).from_json_file
+        with mock.patch.object(PreTrainedConfig, "from_json_file", own_reader):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 def causal_lm_trainer(
