@@ -1,8 +1,8 @@
 """Generation speed and state size at a given context: what `fastgpt bench` and the demo measure.
 
 `generation_speed` times greedy `generate()` with the model's default (dynamic) cache from a random prompt:
-the prefill (prompt in, first new token out) and the decode rate of the following tokens, and reads the
-bytes the cache holds at the end. Wall-clock figures: run on an otherwise idle machine.
+the prefill (prompt in, first new token's logits out) and the decode rate of the following tokens, read off
+the times at which generate() hands over each step's logits, and the bytes the cache holds at the end. Wall-clock figures: run on an otherwise idle machine.
 """
 
 import time
@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -36,8 +37,20 @@ def cache_bytes(cache: Cache) -> int:
     return total
 
 
-def timed_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, Cache]:
-    """Seconds for greedy generation of exactly `new_tokens` after `input_ids` `[1, T]`, and the final cache."""
+class StepClock(LogitsProcessor):
+    """Records the time at which `generate()` hands over each step's logits (after that step's forward)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[float], Cache]:
+    """Seconds from the call to each of `new_tokens` greedy steps after `input_ids` `[1, T]`, and the final cache."""
+    clock = StepClock()
     start = time.perf_counter()
     output = model.generate(
         input_ids,
@@ -46,29 +59,31 @@ def timed_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: 
         min_new_tokens=new_tokens,
         do_sample=False,
         return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([clock]),
         pad_token_id=model.config.pad_token_id or 0,
     )
-    return time.perf_counter() - start, output.cache
+    return [moment - start for moment in clock.times], output.cache
 
 
 @torch.no_grad()
 def generation_speed(
     model: PreTrainedModel, prompt_length: int, new_tokens: int = 32, seed: int = 0
 ) -> GenerationSpeed:
-    """Prefill time and decode rate of greedy generation from a random `prompt_length`-token prompt (batch 1)."""
+    """Prefill time and decode rate of greedy generation from a random `prompt_length`-token prompt (batch 1).
+
+    One `generate()` call: the first step's time is the prefill, the later steps' spacing the decode rate.
+    """
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}.")
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     input_ids = torch.randint(0, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
     model.eval()
-    timed_generate(model, input_ids[:, :8], 2)  # warm-up: first-call allocations and lazy initialisation
-    prefill_seconds, _ = timed_generate(model, input_ids, 1)
-    total_seconds, cache = timed_generate(model, input_ids, new_tokens)
-    decode_seconds = max(total_seconds - prefill_seconds, 1e-9)
+    timed_generate(model, input_ids[:, : min(prompt_length, 256)], 2)  # warm-up: first-call allocations
+    step_seconds, cache = timed_generate(model, input_ids, new_tokens)
     return GenerationSpeed(
         prompt_length=prompt_length,
-        prefill_seconds=prefill_seconds,
-        decode_tokens_per_second=(new_tokens - 1) / decode_seconds,
+        prefill_seconds=step_seconds[0],
+        decode_tokens_per_second=(new_tokens - 1) / (step_seconds[-1] - step_seconds[0]),
         cache_mib=cache_bytes(cache) / 2**20,
     )
