@@ -146,7 +146,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output; its tokenizer if it has one)")
     parser.add_argument("--file", help="text to evaluate (default: the shipped WikiText-2 valid excerpt)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (at most the trained context)")
-    parser.add_argument("--stride", type=int, default=128, help="tokens between window starts (<= window)")
+    parser.add_argument("--stride", type=int, help="tokens between window starts, at most --window (default: half)")
     parser.add_argument("--max-chars", type=int, help="evaluate only the first N characters of the file")
     args = parser.parse_args(argv)
     checkpoint = existing_checkpoint(parser, args.checkpoint)
@@ -155,7 +155,8 @@ def eval_main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_checkpoint(checkpoint)
     text = Path(args.file or CORPUS_FILES["validation"]).read_text(encoding="utf-8")[: args.max_chars]
-    result = evaluate_perplexity(model, tokenizer, text, args.window, args.stride, show_progress=True)
+    stride = args.stride or max(1, args.window // 2)
+    result = evaluate_perplexity(model, tokenizer, text, args.window, stride, show_progress=True)
     print(
         f"perplexity per token {result.per_token:.2f} ({result.tokens} tokens), "
         f"per word {result.per_word:.2f} ({result.words} words)"
