@@ -1,8 +1,9 @@
 """Generation speed and state size at a given context: what `fastgpt bench` and the demo measure.
 
 `generation_speed` times greedy `generate()` with the model's default (dynamic) cache from a random prompt:
-the prefill (prompt in, first new token's logits out) and the decode rate of the following tokens, read off
-the times at which generate() hands over each step's logits, and the bytes the cache holds at the end. Wall-clock figures: run on an otherwise idle machine.
+the prefill (prompt in, first new token's logits out) and the decode rate of the following tokens, read off the
+times at which generate() hands over each step's logits, and the bytes the cache holds at the end. Wall-clock
+figures: run on an otherwise idle machine.
 """
 
 import time

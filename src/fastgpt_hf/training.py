@@ -12,8 +12,8 @@
 
 import logging
 import math
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 from datasets import Dataset
