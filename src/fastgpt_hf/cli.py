@@ -45,6 +45,7 @@ def existing_checkpoint(parser: argparse.ArgumentParser, path: str) -> Path:
 
 
 def existing_file(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    """`path` unchanged when it is None or a file, else a parser error."""
     if path is not None and not Path(path).is_file():
         parser.error(f"file not found: {path}")
     return path
