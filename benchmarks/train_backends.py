@@ -56,7 +56,9 @@ def main() -> None:
         config = FastGPTConfig.from_preset("small", **DEMO_SHAPE, attn_implementation=backend)
         seconds = step_seconds(FastGPTForCausalLM(config).to(device), input_ids, args.repeats)
         print(f"{'FastGPT ' + backend:>24} {seconds:>8.3f} {tokens / seconds:>9.0f}", flush=True)
-    seconds = step_seconds(llama_peer(config).to(device), input_ids, args.repeats)
+    torch.manual_seed(0)
+    sdpa_config = FastGPTConfig.from_preset("small", **DEMO_SHAPE, attn_implementation="sdpa")
+    seconds = step_seconds(llama_peer(sdpa_config).to(device), input_ids, args.repeats)
     print(f"{'Llama sdpa':>24} {seconds:>8.3f} {tokens / seconds:>9.0f}")
 
 
