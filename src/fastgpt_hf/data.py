@@ -6,7 +6,8 @@
   `decode(encode(text)) == text` for any text.
 - The corpus (`corpus/`) is a WikiText-2 excerpt (see its README for the source and the CC BY-SA licence).
 - Perplexity of long text is the strided sliding-window method of Transformers' documentation: windows of
-  `window` tokens every `stride` tokens, each token scored once, by the window that gives it the most context.
+  `window` tokens every `stride` tokens, each token scored once, with at least `window - stride` tokens of
+  context once the text is that long.
   It is reported per token of our tokenizer and per WikiText word. WikiText's convention counts words as the
   whitespace-split tokens (`<unk>` included) plus one `<eos>` per line, which gives the published counts
   (217,646 for the validation split), so per-word perplexity = exp(total NLL / words) compares with published
@@ -36,7 +37,9 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-def train_tokenizer(files: list[str | Path], output_dir: str | Path, vocab_size: int = VOCAB_SIZE):
+def train_tokenizer(
+    files: list[str | Path], output_dir: str | Path, vocab_size: int = VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on text `files`, save it to `output_dir` for `AutoTokenizer`, and return it."""
     missing = [str(path) for path in files if not Path(path).is_file()]
     if missing:
