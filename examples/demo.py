@@ -3,8 +3,10 @@
 Both models get the same tokens (the shipped WikiText-2 excerpt, the shipped tokenizer), seed, optimizer and
 steps. FastGPT is the `small` preset cut down to 6 layers of width 128 (2 sliding with window 64, 2 dynamic with
 window 128 and blocks of 16, 2 full), trained on blocks of 256 tokens; the Llama has the same hidden size,
-layers, heads and vocabulary. Each model trains, is evaluated and benchmarked in a process of its own, so that
-its peak memory (peak resident set size of that process, interpreter and libraries included) is its own.
+layers, heads and vocabulary. Each model trains and is evaluated in a process of its own, so that its peak memory
+(peak resident set size of that process, interpreter and libraries included) is its own. Generation speed is
+measured afterwards in one process, the two saved models taking turns at each prompt length, so that both see
+the same machine load.
 
 Printed and written under the run folder (default `runs/demo/`):
 - the side-by-side table (`results.md`, `results.json`): parameters, training tokens/s, validation perplexity
@@ -76,7 +78,7 @@ def build_model(name: str, tokenizer, seed: int):
 
 
 def train_and_measure(name: str, args: argparse.Namespace) -> dict:
-    """Train, evaluate, benchmark and save one model (run in a process of its own)."""
+    """Train, evaluate and save one model (run in a process of its own)."""
     tokenizer = load_tokenizer()
     datasets = packed_datasets(tokenizer, args.block_size)
     model = build_model(name, tokenizer, args.seed)
@@ -94,7 +96,6 @@ def train_and_measure(name: str, args: argparse.Namespace) -> dict:
     train_metrics = trainer.train().metrics
     valid_text = CORPUS_FILES["validation"].read_text(encoding="utf-8")[: args.eval_chars]
     perplexity = evaluate_perplexity(model, tokenizer, valid_text, args.block_size, args.block_size // 2)
-    speeds = [generation_speed(model, length, args.new_tokens, args.seed).as_dict() for length in args.lengths]
     model.save_pretrained(run_folder)
     tokenizer.save_pretrained(run_folder)
     return {
@@ -103,7 +104,6 @@ def train_and_measure(name: str, args: argparse.Namespace) -> dict:
         "train_seconds": train_metrics["train_runtime"],
         "perplexity": vars(perplexity),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
-        "speeds": speeds,
         "losses": logged_losses(trainer),
     }
 
@@ -112,6 +112,16 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict:
     """`train_and_measure` in a fresh spawned process, so that its peak memory is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(train_and_measure, name, args).result(timeout=CHILD_TIMEOUT_SECONDS)
+
+
+def measure_speeds(output: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Greedy generation speed of both saved models at every prompt length, the models taking turns."""
+    models = {name: AutoModelForCausalLM.from_pretrained(output / name).eval() for name in MODELS}
+    speeds = {name: [] for name in MODELS}
+    for length in args.lengths:
+        for name, model in models.items():
+            speeds[name].append(generation_speed(model, length, args.new_tokens, args.seed).as_dict())
+    return speeds
 
 
 def reload_and_sample(folder: Path, prompt: str, new_tokens: int = 40) -> str:
@@ -188,6 +198,8 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     results = {name: run_isolated(name, args) for name in MODELS}
+    for name, speeds in measure_speeds(output, args).items():
+        results[name]["speeds"] = speeds
     sample = reload_and_sample(output / "fastgpt", args.prompt)
     table = markdown_table(table_rows(results, max(args.lengths)))
     plot_losses(results, output / "loss_curves.png")
