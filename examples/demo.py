@@ -60,7 +60,7 @@ CHILD_TIMEOUT_SECONDS = 1800
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="run folder")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (and perplexity window)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
