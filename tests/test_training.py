@@ -61,7 +61,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = tiny_model(stack="mixed", dtype=torch.float64).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
         results.append((loss.detach(), {name: param.grad for name, param in model.named_parameters()}))
@@ -80,7 +80,7 @@ def test_trainer_with_gradient_checkpointing_follows_the_same_losses(tokenizer, 
         tokenizer, blocks, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True, show_progress=False
     )
     checkpointed.train()
-    assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
     assert logged_losses(checkpointed) == pytest.approx(logged_losses(plain), rel=1e-5)
 
 
