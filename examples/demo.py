@@ -13,7 +13,7 @@ Printed and written under the run folder (default `runs/demo/`):
   per token and per WikiText word (strided, window 256, stride 128), peak memory, and greedy generation at a
   long prompt with each model's default dynamic cache: time to first token, decode tokens/s, cache MiB;
 - `fastgpt/` and `llama/` (save_pretrained, with the tokenizer); FastGPT is reloaded through
-  `AutoModelForCausalLM.from_pretrained` and continues a prompt;
+  `AutoModelForCausalLM.from_pretrained` and continues a prompt (seeded top-k sampling);
 - `loss_curves.png` and `speed_vs_length.png`.
 
 Seeded: the losses, perplexities and the sample repeat exactly on the same machine; timings vary with its load.
@@ -124,13 +124,14 @@ def measure_speeds(output: Path, args: argparse.Namespace) -> dict[str, list[dic
     return speeds
 
 
-def reload_and_sample(folder: Path, prompt: str, new_tokens: int = 40) -> str:
-    """Reload FastGPT through `AutoModelForCausalLM` and continue `prompt` greedily."""
+def reload_and_sample(folder: Path, prompt: str, seed: int, new_tokens: int = 48) -> str:
+    """Reload FastGPT through `AutoModelForCausalLM` and continue `prompt` (seeded top-k sampling)."""
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = load_tokenizer(folder)
     inputs = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=50)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
@@ -200,14 +201,14 @@ def main() -> None:
     results = {name: run_isolated(name, args) for name in MODELS}
     for name, speeds in measure_speeds(output, args).items():
         results[name]["speeds"] = speeds
-    sample = reload_and_sample(output / "fastgpt", args.prompt)
+    sample = reload_and_sample(output / "fastgpt", args.prompt, args.seed)
     table = markdown_table(table_rows(results, max(args.lengths)))
     plot_losses(results, output / "loss_curves.png")
     plot_speeds(results, output / "speed_vs_length.png")
     wall_seconds = time.perf_counter() - start
     summary = {"settings": vars(args), "results": results, "sample": sample, "wall_seconds": wall_seconds}
     (output / "results.json").write_text(json.dumps(summary, indent=2))
-    (output / "results.md").write_text(f"{table}\n\nFastGPT sample (greedy):\n\n```\n{sample}\n```\n")
+    (output / "results.md").write_text(f"{table}\n\nFastGPT sample (seeded top-k sampling):\n\n```\n{sample}\n```\n")
     print(f"\n{table}\n\nFastGPT, reloaded through AutoModelForCausalLM, continues the prompt:\n{sample}\n")
     print(
         f"Wrote {output}/results.md, results.json, loss_curves.png, speed_vs_length.png; {wall_seconds:.0f} s in all."
