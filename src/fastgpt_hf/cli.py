@@ -1,0 +1,290 @@
+"""The `fastgpt` console script: train, eval, generate, bench, quantize, card, push.
+
+`train`, `eval`, `generate` and `bench` live here; `quantize` dispatches to `fastgpt_hf.quantization`, `card` and
+`push` to `fastgpt_hf.model_card`. Every subcommand explains itself with `--help`; a missing file, an unknown
+preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2, not a traceback.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push")
+DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
+
+commands:
+  train      train a model from a preset on local text (default: the shipped WikiText-2 excerpt)
+  eval       strided perplexity of a checkpoint on a text file, per token and per WikiText word
+  generate   continue a prompt with a checkpoint
+  bench      generation speed and cache size at several prompt lengths, FastGPT beside Llama
+  quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
+  card       write a model card for a checkpoint (fastgpt_hf.model_card)
+  push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
+
+Run `fastgpt COMMAND --help` for a command's options."""
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` with a JSON value (`layer_types=["local","global"]`, `hidden_size=128`) or a plain string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def existing_checkpoint(parser: argparse.ArgumentParser, path: str) -> Path:
+    """`path` as a folder holding `config.json`, or a parser error saying what is missing."""
+    if not Path(path, "config.json").is_file():
+        parser.error(f"{path} is not a checkpoint folder (no config.json); pass a folder written by `fastgpt train`")
+    return Path(path)
+
+
+def existing_file(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    """`path` unchanged when it is None or a file, else a parser error."""
+    if path is not None and not Path(path).is_file():
+        parser.error(f"file not found: {path}")
+    return path
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt train",
+        description="Train a FastGPT from a preset with transformers.Trainer on local text files, then save the "
+        "final model and tokenizer to OUTPUT. Defaults: the shipped tokenizer and WikiText-2 excerpt.",
+    )
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (default: small)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, JSON values allowed: --set hidden_size=256 --set 'layer_types=[\"local\"]'",
+    )
+    parser.add_argument("--output", default="runs/train", help="folder for checkpoints and the final model")
+    parser.add_argument("--train-file", help="training text (default: the shipped WikiText-2 train excerpt)")
+    parser.add_argument("--valid-file", help="validation text (default: the shipped WikiText-2 valid excerpt)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the shipped byte-level BPE)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per training block")
+    parser.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per device batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches accumulated per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: only at the end)")
+    parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per evaluation")
+    parser.add_argument("--save-steps", type=int, help="write a checkpoint-N folder every N steps")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16/fp16 on CUDA"
+    )
+    parser.add_argument(
+        "--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"], help="backend"
+    )
+    parser.add_argument("--resume", help="checkpoint-N folder to resume from, or 'last' for the newest in OUTPUT")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """`fastgpt train`: Trainer run from a preset; prints the final validation loss and perplexity."""
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    for path in (args.train_file, args.valid_file):
+        existing_file(parser, path)
+    from .data import CORPUS_FILES, load_tokenizer, packed_datasets
+    from .training import causal_lm_trainer, model_for_tokenizer, training_arguments
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    files = {
+        "train": args.train_file or CORPUS_FILES["train"],
+        "validation": args.valid_file or CORPUS_FILES["validation"],
+    }
+    datasets = packed_datasets(tokenizer, args.block_size, files)
+    overrides = {"attn_implementation": args.attn_implementation, **dict(args.overrides)}
+    model = model_for_tokenizer(args.preset, tokenizer, seed=args.seed, **overrides)
+    training_args = training_arguments(
+        args.output,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        logging_steps=max(1, min(10, args.max_steps // 10)),
+        gradient_checkpointing=args.gradient_checkpointing,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    validation = datasets["validation"].select(range(min(args.eval_blocks, len(datasets["validation"]))))
+    trainer = causal_lm_trainer(model, training_args, datasets["train"], validation)
+    resume = True if args.resume == "last" else args.resume
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate()
+    trainer.save_model(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"eval_loss {metrics['eval_loss']:.4f}  eval_perplexity {metrics['eval_perplexity']:.2f}  -> {args.output}")
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """`fastgpt eval CHECKPOINT`: strided perplexity per token and per word."""
+    parser = argparse.ArgumentParser(
+        prog="fastgpt eval",
+        description="Perplexity of a checkpoint on a text file by the strided sliding-window method: windows of "
+        "--window tokens every --stride tokens, each token scored once. Reported per token of the tokenizer and per "
+        "WikiText word (whitespace-split tokens plus one <eos> per line), comparable with published WikiText-2 "
+        "word-level numbers.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output; its tokenizer if it has one)")
+    parser.add_argument("--file", help="text to evaluate (default: the shipped WikiText-2 valid excerpt)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window (at most the trained context)")
+    parser.add_argument("--stride", type=int, help="tokens between window starts, at most --window (default: half)")
+    parser.add_argument("--max-chars", type=int, help="evaluate only the first N characters of the file")
+    args = parser.parse_args(argv)
+    checkpoint = existing_checkpoint(parser, args.checkpoint)
+    existing_file(parser, args.file)
+    from .data import CORPUS_FILES, evaluate_perplexity
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    text = Path(args.file or CORPUS_FILES["validation"]).read_text(encoding="utf-8")[: args.max_chars]
+    stride = args.stride or max(1, args.window // 2)
+    result = evaluate_perplexity(model, tokenizer, text, args.window, stride, show_progress=True)
+    print(
+        f"perplexity per token {result.per_token:.2f} ({result.tokens} tokens), "
+        f"per word {result.per_word:.2f} ({result.words} words)"
+    )
+
+
+def generate_main(argv: list[str] | None = None) -> None:
+    """`fastgpt generate CHECKPOINT --prompt TEXT`: print the prompt and its continuation."""
+    parser = argparse.ArgumentParser(
+        prog="fastgpt generate",
+        description="Continue a prompt with a checkpoint through model.generate (greedy unless --sample).",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output)")
+    parser.add_argument("--prompt", default=" = Robert Boulter = \n", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.8, help="with --sample")
+    parser.add_argument("--top-k", type=int, default=50, help="with --sample")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    checkpoint = existing_checkpoint(parser, args.checkpoint)
+    import torch
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k} if args.sample else {}
+    output = model.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+    )
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+
+def bench_main(argv: list[str] | None = None) -> None:
+    """`fastgpt bench`: decode speed and cache size by prompt length, FastGPT and a Llama of the same shape."""
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt bench",
+        description="Greedy generation from random prompts of several lengths (batch 1, default dynamic cache): "
+        "seconds to the first token, decode tokens/s and cache MiB, for FastGPT and a LlamaForCausalLM of the "
+        "same shape with random weights. Wall-clock figures: run on an idle machine.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="FastGPT checkpoint folder to benchmark")
+    source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random-weight preset (default)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="prompt lengths")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measurement")
+    parser.add_argument("--no-llama", action="store_true", help="skip the Llama peer")
+    args = parser.parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .benchmarking import generation_speed
+    from .configuration_fastgpt import FastGPTConfig
+    from .training import llama_peer
+
+    if args.checkpoint:
+        model = AutoModelForCausalLM.from_pretrained(existing_checkpoint(parser, args.checkpoint))
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(FastGPTConfig.from_preset(args.preset))
+    models = {"FastGPT": model} if args.no_llama else {"FastGPT": model, "Llama": llama_peer(model.config)}
+    print(f"{'model':>8} {'prompt':>7} {'first token s':>14} {'decode tok/s':>13} {'cache MiB':>10}")
+    for name, candidate in models.items():
+        for length in args.lengths:
+            speed = generation_speed(candidate, length, args.new_tokens)
+            print(
+                f"{name:>8} {length:>7} {speed.prefill_seconds:>14.3f} {speed.decode_tokens_per_second:>13.1f} "
+                f"{speed.cache_mib:>10.2f}",
+                flush=True,
+            )
+
+
+def load_checkpoint(checkpoint: Path):
+    """Model (eval mode) and tokenizer of a checkpoint folder; the shipped tokenizer when it has none."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import load_tokenizer
+
+    has_tokenizer = (checkpoint / "tokenizer.json").is_file()
+    return AutoModelForCausalLM.from_pretrained(checkpoint).eval(), load_tokenizer(
+        checkpoint if has_tokenizer else None
+    )
+
+
+def delegated(module: str, function: str) -> Callable[[list[str]], None]:
+    """A subcommand implemented elsewhere in the package, imported only when it runs."""
+
+    def run(argv: list[str]) -> None:
+        import importlib
+
+        try:
+            implementation = importlib.import_module(f"fastgpt_hf.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"fastgpt_hf.{module}":
+                raise
+            raise ValueError(f"this installation of fastgpt_hf has no {module} module; update the package") from None
+        getattr(implementation, function)(argv)
+
+    return run
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": train_main,
+    "eval": eval_main,
+    "generate": generate_main,
+    "bench": bench_main,
+    "quantize": delegated("quantization", "quantize_main"),
+    "card": delegated("model_card", "card_main"),
+    "push": delegated("model_card", "push_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `fastgpt COMMAND [options]`."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="fastgpt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=COMMANDS, help="what to do")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        raise SystemExit(0 if argv else 2)
+    command = parser.parse_args(argv[:1]).command
+    try:
+        SUBCOMMANDS[command](argv[1:])
+    except ValueError as error:
+        print(f"fastgpt {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,99 @@
+"""`fastgpt` console script: every subcommand's help, a tiny train / eval / generate / bench, clear errors."""
+
+import importlib.util
+
+import pytest
+
+from fastgpt_hf.cli import COMMANDS, main
+from fastgpt_hf.data import CORPUS_FILES
+
+HAS_MODEL_CARD = importlib.util.find_spec("fastgpt_hf.model_card") is not None
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `fastgpt *argv`."""
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    status, out, _ = run_cli(["--help"], capsys)
+    assert status == 0
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_subcommand_explains_itself(command, capsys):
+    if command in ("card", "push") and not HAS_MODEL_CARD:
+        status, _, err = run_cli([command, "--help"], capsys)
+        assert status == 2 and "has no model_card module" in err
+        return
+    status, out, _ = run_cli([command, "--help"], capsys)
+    assert status == 0
+    assert f"usage: fastgpt {command}" in out
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    files = {}
+    for split, lines in (("train", 30), ("validation", 10)):
+        text = "".join(CORPUS_FILES[split].read_text(encoding="utf-8").splitlines(keepends=True)[:lines])
+        files[split] = folder / f"{split}.txt"
+        files[split].write_text(text, encoding="utf-8")
+    return files
+
+
+def test_train_eval_generate_on_a_tiny_preset(text_files, tmp_path, capsys):
+    output = tmp_path / "run"
+    train = ["train", "--preset", "tiny", "--output", str(output), "--max-steps", "2", "--batch-size", "2"]
+    train += ["--block-size", "32", "--eval-blocks", "2", "--save-steps", "2", "--set", "num_hidden_layers=3"]
+    train += ["--train-file", str(text_files["train"]), "--valid-file", str(text_files["validation"])]
+    status, out, err = run_cli(train, capsys)
+    assert status == 0, err
+    assert "eval_perplexity" in out
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "checkpoint-2"):
+        assert (output / name).exists(), name
+
+    status, out, err = run_cli(["eval", str(output), "--file", str(text_files["validation"]), "--window", "32"], capsys)
+    assert status == 0, err
+    assert "perplexity per token" in out and "per word" in out
+
+    status, out, err = run_cli(["generate", str(output), "--prompt", " The game", "--max-new-tokens", "5"], capsys)
+    assert status == 0, err
+    assert out.startswith(" The game") and len(out) > len(" The game\n")
+
+
+def test_bench_prints_both_models(capsys):
+    status, out, err = run_cli(["bench", "--preset", "tiny", "--lengths", "40", "--new-tokens", "3"], capsys)
+    assert status == 0, err
+    assert "FastGPT" in out and "Llama" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_missing_checkpoint_is_a_clear_error(command, tmp_path, capsys):
+    status, _, err = run_cli([command, str(tmp_path / "absent")], capsys)
+    assert status == 2
+    assert "is not a checkpoint folder (no config.json)" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_preset_and_missing_file_are_clear_errors(tmp_path, capsys):
+    status, _, err = run_cli(["train", "--preset", "huge"], capsys)
+    assert status == 2 and "invalid choice: 'huge'" in err
+    status, _, err = run_cli(["train", "--train-file", str(tmp_path / "absent.txt")], capsys)
+    assert status == 2 and "file not found" in err
+    status, _, err = run_cli(["bench", "--checkpoint", str(tmp_path)], capsys)
+    assert status == 2 and "not a checkpoint folder" in err
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    status, _, err = run_cli(["train", "--preset", "tiny", "--set", "sliding_window=-1", "--max-steps", "1"], capsys)
+    assert status == 2
+    assert "sliding_window must be a positive integer" in err

@@ -1,0 +1,122 @@
+"""The shipped tokenizer and corpus, the datasets pipeline (tokenize, pack) and strided perplexity."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from fastgpt_hf.data import (
+    CORPUS_FILES,
+    TOKENIZER_DIR,
+    count_words,
+    evaluate_perplexity,
+    load_text_dataset,
+    load_tokenizer,
+    pack_blocks,
+    strided_nll,
+    tokenize_dataset,
+)
+from fastgpt_hf.presets import PRESETS
+
+from .conftest import tiny_model
+
+
+def test_shipped_tokenizer_is_fast_and_matches_the_small_preset():
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert tokenizer.is_fast
+    assert len(tokenizer) == PRESETS["small"]["vocab_size"] == 16384
+    assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_tokenizer_round_trips_corpus_lines():
+    tokenizer = load_tokenizer()
+    lines = CORPUS_FILES["validation"].read_text(encoding="utf-8").splitlines(keepends=True)[:300]
+    lines.append(" Ünïcödé — 戦場のヴァルキュリア 🙂 <unk> @-@ \t tabs \n")
+    for line in lines:
+        assert tokenizer.decode(tokenizer(line)["input_ids"]) == line
+
+
+def test_count_words_follows_wikitext_convention():
+    assert count_words(" = Title = \n \n A b <unk> . \n") == (3 + 4) + 3  # words + one <eos> per line
+    # The excerpt's README gives its count; the full validation split's published count uses the same rule.
+    assert count_words(CORPUS_FILES["validation"].read_text(encoding="utf-8")) == 43547
+
+
+def test_pack_blocks_concatenates_and_drops_the_remainder():
+    dataset = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]})
+    packed = pack_blocks(dataset, block_size=4)
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert packed["labels"] == packed["input_ids"]
+    with pytest.raises(ValueError, match="block_size must be at least 2"):
+        pack_blocks(dataset, block_size=1)
+
+
+def test_tokenized_blocks_decode_to_the_text(tmp_path):
+    text = "".join(CORPUS_FILES["train"].read_text(encoding="utf-8").splitlines(keepends=True)[:40])
+    path = tmp_path / "excerpt.txt"
+    path.write_text(text, encoding="utf-8")
+    tokenizer = load_tokenizer()
+    blocks = pack_blocks(tokenize_dataset(load_text_dataset({"train": path}), tokenizer), 64)["train"]
+    decoded = tokenizer.decode([token for block in blocks["input_ids"] for token in block])
+    assert len(blocks) > 10 and text.startswith(decoded)
+
+
+def test_missing_text_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Text files not found"):
+        load_text_dataset({"train": tmp_path / "absent.txt"})
+
+
+@pytest.fixture
+def model():
+    return tiny_model(stack="mixed", dtype=torch.float64, initializer_range=0.02).eval()
+
+
+# Transformers' causal-LM loss runs in float32 whatever the model's dtype: compare to float32 precision.
+LOSS_TOLERANCE = 1e-6
+
+
+def full_window_nll(model, input_ids: torch.Tensor) -> float:
+    """NLL summed over the window's predicted tokens, from the model's own mean loss."""
+    with torch.no_grad():
+        loss = model(input_ids[None], labels=input_ids[None]).loss.item()
+    return loss * (input_ids.shape[0] - 1)
+
+
+def test_strided_equals_full_window_on_short_text(model):
+    input_ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(0))
+    nll, scored = strided_nll(model, input_ids, window=32, stride=32)
+    assert scored == 19
+    assert math.exp(nll / scored) == pytest.approx(math.exp(full_window_nll(model, input_ids) / 19), rel=LOSS_TOLERANCE)
+
+
+def test_strided_with_stride_equal_to_window_is_disjoint_windows(model):
+    input_ids = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(1))
+    nll, scored = strided_nll(model, input_ids, window=16, stride=16)
+    chunks = input_ids.split(16)
+    assert scored == sum(len(chunk) - 1 for chunk in chunks) == 42
+    assert nll == pytest.approx(sum(full_window_nll(model, chunk) for chunk in chunks), rel=LOSS_TOLERANCE)
+
+
+def test_overlapping_strides_score_every_token_once(model):
+    input_ids = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(2))
+    nll, scored = strided_nll(model, input_ids, window=16, stride=5)
+    assert scored == 44
+    # A window as long as the text scores it all with full context: same as one forward pass.
+    whole_nll, whole_scored = strided_nll(model, input_ids, window=64, stride=7)
+    assert whole_scored == 44 and whole_nll == pytest.approx(full_window_nll(model, input_ids), rel=LOSS_TOLERANCE)
+    with pytest.raises(ValueError, match="stride must be in"):
+        strided_nll(model, input_ids, window=16, stride=17)
+
+
+def test_per_word_perplexity_is_total_nll_over_words():
+    tokenizer = load_tokenizer()
+    model = tiny_model(stack="mixed", dtype=torch.float64, vocab_size=len(tokenizer), initializer_range=0.02)
+    text = "".join(CORPUS_FILES["validation"].read_text(encoding="utf-8").splitlines(keepends=True)[:4])
+    result = evaluate_perplexity(model, tokenizer, text, window=32, stride=16)
+    assert result.tokens == len(tokenizer(text)["input_ids"])  # the BOS lets the first token be scored
+    assert result.words == count_words(text)
+    assert result.per_word == pytest.approx(math.exp(result.nll / result.words), rel=1e-12)
+    assert result.per_token == pytest.approx(math.exp(result.nll / result.tokens), rel=1e-12)
