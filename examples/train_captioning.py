@@ -155,7 +155,7 @@ def train(model, batches: dict[str, torch.Tensor], minutes: float, batch_size: i
         optimizer.step()
         optimizer.zero_grad()
         step += 1
-        if step % 50 == 0:
+        if step % 25 == 0:
             print(f"{name} step {step:5d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f} s", flush=True)
     model.eval()
 
