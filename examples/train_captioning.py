@@ -33,7 +33,7 @@ from fastgpt_hf.multimodal.adapters import captioning_lora_config
 from fastgpt_hf.multimodal.word_tokenizer import train_word_tokenizer
 
 IMAGE_SIZE = 32
-PATCH_SIZE = 8
+PATCH_SIZE = 16  # one patch per quadrant: 4 image tokens
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
 QUADRANTS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
@@ -109,8 +109,8 @@ def build_model(processor: FastGPTProcessor, seed: int) -> FastGPTForConditional
     )
     vision_config = {
         "model_type": "siglip_vision_model",
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": 128,
+        "intermediate_size": 256,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "image_size": IMAGE_SIZE,
@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=6000, help="pictures drawn, held-out split included")
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=5e-3, help="learning rate of the text pretraining")
+    parser.add_argument("--adapter-lr", type=float, default=1e-2)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -219,7 +220,7 @@ def main() -> None:
     model = get_peft_model(model, captioning_lora_config(rank=args.rank))
     model.print_trainable_parameters()
     image_batches = caption_batches(processor, splits["train"], with_images=True)
-    train(model, image_batches, args.minutes, args.batch_size, args.lr, "adapters")
+    train(model, image_batches, args.minutes, args.batch_size, args.adapter_lr, "adapters")
 
     held_out = splits["test"]
     predictions = caption(model, processor, list(held_out["image"]))
