@@ -3,7 +3,9 @@
 The composite follows Transformers' LLaVA configuration: the vision encoder is any config `AutoModel` can build
 (SigLIP, ViT, CLIP vision towers; SigLIP by default), the text model is a `FastGPTConfig` and never sees the
 vision config. Each image becomes `image_seq_length` placeholder tokens (`image_token_id`) in the prompt, one per
-patch feature the projector writes into the language model's embedding space.
+patch feature the projector writes into the language model's embedding space. A video becomes, per frame, its patch
+features average-pooled over `video_pool_size` x `video_pool_size` patches, projected by the same projector and
+marked with a learned frame-order embedding: `num_frames * tokens_per_frame` placeholders (`video_token_id`).
 """
 
 from typing import Literal
@@ -41,6 +43,13 @@ class FastGPTVLConfig(PreTrainedConfig):
             Hidden state of the vision encoder read by the projector (-1: the last layer).
         multimodal_projector_bias (`bool`, defaults to `True`):
             Whether the projector's linear layers have biases.
+        video_token_id (`int`, *optional*):
+            Token id of the video placeholder; None for a model that reads no video.
+        video_pool_size (`int`, defaults to 2):
+            Side of the square of patches averaged into one video token: a 14 x 14 patch grid pooled by 2 gives
+            7 x 7 = 49 tokens per frame.
+        max_video_frames (`int`, defaults to 1024):
+            Frames the learned frame-order embedding covers; longer videos are an error.
     """
 
     model_type = "fastgpt_vl"
@@ -58,6 +67,9 @@ class FastGPTVLConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = True
+    video_token_id: int | None = None
+    video_pool_size: int = 2
+    max_video_frames: int = 1024
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -66,14 +78,17 @@ class FastGPTVLConfig(PreTrainedConfig):
                 f"vision_feature_select_strategy must be one of {list(FEATURE_SELECT_STRATEGIES)}, "
                 f"got {self.vision_feature_select_strategy!r}."
             )
-        if not 0 <= self.image_token_id < self.text_config.vocab_size:
-            raise ValueError(
-                f"image_token_id ({self.image_token_id}) must be a token of the language model "
-                f"(0 <= id < text_config.vocab_size = {self.text_config.vocab_size}); add the placeholder to the "
-                "tokenizer and use its id."
-            )
-        if self.image_seq_length <= 0:
-            raise ValueError(f"image_seq_length must be a positive integer, got {self.image_seq_length}.")
+        for field in ("image_token_id", "video_token_id"):
+            token_id = getattr(self, field)
+            if token_id is not None and not 0 <= token_id < self.text_config.vocab_size:
+                raise ValueError(
+                    f"{field} ({token_id}) must be a token of the language model "
+                    f"(0 <= id < text_config.vocab_size = {self.text_config.vocab_size}); add the placeholder to "
+                    "the tokenizer and use its id."
+                )
+        for field in ("image_seq_length", "video_pool_size", "max_video_frames"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}.")
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
 
 

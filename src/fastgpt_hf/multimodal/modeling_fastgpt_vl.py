@@ -8,6 +8,8 @@ embeddings of its `image_seq_length` placeholder tokens (`config.image_token_id`
 images once before prefill (`get_image_features`) and decodes with FastGPT's own cache (`FastGPTGenerationMixin`).
 """
 
+import math
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -41,11 +43,25 @@ class FastGPTVLProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+def pool_frame_patches(patch_features: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """`[M, P, D]` patch features of a square g x g grid -> `[M, (g // pool_size) ** 2, D]`, each the mean of
+    `pool_size` x `pool_size` neighbouring patches (a remainder at the grid's edge is dropped)."""
+    grid = math.isqrt(patch_features.shape[1])
+    if grid * grid != patch_features.shape[1] or grid < pool_size:
+        raise ValueError(
+            f"Video frames need a square patch grid of at least video_pool_size={pool_size} per side; the vision "
+            f"encoder gives {patch_features.shape[1]} patches per frame (with vision_feature_select_strategy "
+            "'default' the first position is dropped as a class token)."
+        )
+    grid_features = patch_features.transpose(1, 2).unflatten(2, (grid, grid))  # [M, D, g, g]
+    return nn.functional.avg_pool2d(grid_features, pool_size).flatten(2).transpose(1, 2)
+
+
 class FastGPTVLPreTrainedModel(PreTrainedModel):
     config: FastGPTVLConfig
     config_class = FastGPTVLConfig
     base_model_prefix = "model"
-    input_modalities = ("image", "text")
+    input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastGPTDecoderLayer"]
     _supports_sdpa = True
@@ -63,6 +79,9 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = FastGPTVLProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        self.video_frame_embedding = None
+        if config.video_token_id is not None:
+            self.video_frame_embedding = nn.Embedding(config.max_video_frames, config.text_config.hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -71,50 +90,94 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def select_vision_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """pixel_values `[N, C, H, W]` -> the encoder's output and its patch features `[N, P, vision hidden]`."""
+        kwargs.pop("output_hidden_states", None)
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+        selected = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]  # the class token
+        return outputs, selected
+
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
         """pixel_values `[N images, C, H, W]` -> the vision encoder's output, with `pooler_output` the projected
         features `[N images, image_seq_length, text hidden]` (in the language model's embedding space)."""
-        kwargs.pop("output_hidden_states", None)
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        image_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
-        selected = image_outputs.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]  # the class token
+        image_outputs, selected = self.select_vision_features(pixel_values, **kwargs)
+        if selected.shape[1] != self.config.image_seq_length:
+            raise ValueError(
+                f"The vision encoder gives {selected.shape[1]} features per image but config.image_seq_length is "
+                f"{self.config.image_seq_length}; set image_seq_length to {selected.shape[1]} (and the processor's "
+                "num_image_tokens with it)."
+            )
         image_outputs.pooler_output = self.multi_modal_projector(selected)
         return image_outputs
 
-    def placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Bool `[B, T]` of the image placeholders; their count must equal the features of the given images."""
-        placeholder_mask = input_ids == self.config.image_token_id
-        num_placeholders = int(placeholder_mask.sum())
-        num_images = 0 if image_features is None else image_features.shape[0]
-        features_per_image = self.config.image_seq_length
-        if image_features is not None and image_features.shape[1] != features_per_image:
+    @can_return_tuple
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values_videos `[N videos, F, C, H, W]` -> the vision encoder's output over the N * F frames, with
+        `pooler_output` `[N videos, F * tokens_per_frame, text hidden]`: each frame's patches pooled, projected and
+        marked with the frame's order embedding, frame after frame."""
+        if self.video_frame_embedding is None:
+            raise ValueError("This model reads no video: config.video_token_id is None; set it to the video token.")
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        if num_frames > self.config.max_video_frames:
             raise ValueError(
-                f"The vision encoder gives {image_features.shape[1]} features per image but config.image_seq_length "
-                f"is {features_per_image}; set image_seq_length to {image_features.shape[1]} (and the processor's "
-                "num_image_tokens with it)."
+                f"The videos have {num_frames} frames, more than config.max_video_frames={self.config.max_video_frames}"
+                "; sample fewer frames (the processor's num_frames)."
             )
-        if num_placeholders != num_images * features_per_image:
+        video_outputs, selected = self.select_vision_features(pixel_values_videos.flatten(0, 1), **kwargs)
+        pooled = pool_frame_patches(selected, self.config.video_pool_size)  # [N * F, tokens_per_frame, vision]
+        projected = self.multi_modal_projector(pooled).unflatten(0, (num_videos, num_frames))
+        frame_order = self.video_frame_embedding(torch.arange(num_frames, device=projected.device))  # [F, text]
+        video_outputs.pooler_output = (projected + frame_order[None, :, None].to(projected.dtype)).flatten(1, 2)
+        return video_outputs
+
+    def placeholder_mask(
+        self, input_ids: torch.LongTensor, modality: str, token_id: int, features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Bool `[B, T]` of one modality's placeholders; their count must equal the given features
+        `[N inputs, tokens per input, hidden]`."""
+        placeholder_mask = input_ids == token_id
+        num_placeholders = int(placeholder_mask.sum())
+        num_inputs, tokens_per_input = (0, 0) if features is None else features.shape[:2]
+        if num_placeholders != num_inputs * tokens_per_input:
             raise ValueError(
-                f"The prompts hold {num_placeholders} image placeholder tokens (id {self.config.image_token_id}) but "
-                f"{num_images} images need {num_images * features_per_image} ({features_per_image} per image). Put "
-                "one '<image>' per image in the text and let FastGPTProcessor expand it, or pass one image per "
-                f"{features_per_image} placeholder tokens."
+                f"The prompts hold {num_placeholders} {modality} placeholder tokens (id {token_id}) but "
+                f"{num_inputs} {modality}s need {num_inputs * tokens_per_input} ({tokens_per_input} per {modality}). "
+                f"Put one '<{modality}>' per {modality} in the text and let FastGPTProcessor expand it, and give "
+                f"every {modality} (and, for videos, the number of frames the prompt was built for)."
             )
         return placeholder_mask
 
-    def merge_image_features(self, input_ids: torch.LongTensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings `[B, T, text hidden]` with the placeholders replaced by image features, in order."""
+    def merge_multimodal_features(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.Tensor | None,
+        video_features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings `[B, T, text hidden]` with each modality's placeholders replaced by its features, in
+        order; image and video prompts may share a batch."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        placeholder_mask = self.placeholder_mask(input_ids, image_features)
-        if image_features is None:
-            return inputs_embeds
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(placeholder_mask[..., None], image_features)
+        modalities = (
+            ("image", self.config.image_token_id, image_features),
+            ("video", self.config.video_token_id, video_features),
+        )
+        for modality, token_id, features in modalities:
+            if token_id is None:
+                continue
+            placeholder_mask = self.placeholder_mask(input_ids, modality, token_id, features)
+            if features is not None:
+                features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask[..., None], features)
+        return inputs_embeds
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -122,6 +185,7 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -130,23 +194,30 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalBaseModelOutputWithPast:
-        """input_ids `[B, T]` with `image_seq_length` placeholders per image; pixel_values `[N images, C, H, W]` in
-        the order of their placeholders (or `mm_encoder_outputs["image"]` already encoded, as `generate()` does)."""
+        """input_ids `[B, T]` with `image_seq_length` placeholders per image and `F * tokens_per_frame` per video;
+        pixel_values `[N images, C, H, W]` and pixel_values_videos `[N videos, F, C, H, W]` in the order of their
+        placeholders (or `mm_encoder_outputs["image"]` / `["video"]` already encoded, as `generate()` does)."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
-            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values=pixel_values)
-        image_features = None if image_outputs is None else image_outputs.pooler_output
+        encoded = dict(mm_encoder_outputs or {})
+        for modality, pixels, encode in (
+            ("image", pixel_values, self.get_image_features),
+            ("video", pixel_values_videos, self.get_video_features),
+        ):
+            if pixels is not None and encoded.get(modality) is not None:
+                raise ValueError(f"Pass either the {modality} pixels or mm_encoder_outputs[{modality!r}], not both.")
+            if pixels is not None:
+                encoded[modality] = encode(pixels)
+        image_features = None if encoded.get("image") is None else encoded["image"].pooler_output
+        video_features = None if encoded.get("video") is None else encoded["video"].pooler_output
+        has_features = image_features is not None or video_features is not None
         is_prefill = cache is None or cache.get_seq_length() == 0
-        if inputs_embeds is None and (is_prefill or image_features is not None):
-            inputs_embeds = self.merge_image_features(input_ids, image_features)
+        if inputs_embeds is None and (is_prefill or has_features):
+            inputs_embeds = self.merge_multimodal_features(input_ids, image_features, video_features)
         elif inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif image_features is not None:
-            raise ValueError("Images need input_ids to place them; pass input_ids instead of inputs_embeds.")
+        elif has_features:
+            raise ValueError("Images and videos need input_ids to place them; pass input_ids, not inputs_embeds.")
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -155,7 +226,9 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
+        return MultimodalBaseModelOutputWithPast(
+            **outputs, image_outputs=encoded.get("image"), video_outputs=encoded.get("video")
+        )
 
 
 class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGenerationMixin):
@@ -182,12 +255,19 @@ class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGeneratio
         """See `FastGPTVLModel.get_image_features`."""
         return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """See `FastGPTVLModel.get_video_features`."""
+        return self.model.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -202,6 +282,7 @@ class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGeneratio
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -222,7 +303,14 @@ class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGeneratio
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
         )
 
 
-__all__ = ["FastGPTForConditionalGeneration", "FastGPTVLModel", "FastGPTVLPreTrainedModel", "FastGPTVLProjector"]
+__all__ = [
+    "FastGPTForConditionalGeneration",
+    "FastGPTVLModel",
+    "FastGPTVLPreTrainedModel",
+    "FastGPTVLProjector",
+    "pool_frame_patches",
+]
