@@ -82,6 +82,9 @@ def test_frames_are_sampled_evenly_from_arrays_and_pil_frames(processor):
 def test_video_features_pool_each_frame_and_mark_its_order(processor):
     model = build_model(processor)
     pixel_values_videos = processor(videos=clips(2), text=[PROMPT] * 2, return_tensors="pt")["pixel_values_videos"]
+    assert model.config.video_tokens_per_frame == TOKENS_PER_FRAME
+    default = FastGPTVLConfig(text_config=FastGPTConfig(), video_token_id=5)  # SigLIP-base 224 / 16, 32K positions
+    assert (default.video_tokens_per_frame, default.max_frames_in_context(prompt_tokens=16)) == (49, 668)
     features = model.get_video_features(pixel_values_videos).pooler_output
     assert features.shape == (2, NUM_FRAMES * TOKENS_PER_FRAME, model.config.text_config.hidden_size)
     patches = model.model.select_vision_features(pixel_values_videos[1])[1]  # the frames of video 1 as images

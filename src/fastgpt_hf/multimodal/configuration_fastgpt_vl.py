@@ -91,5 +91,17 @@ class FastGPTVLConfig(PreTrainedConfig):
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}.")
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
 
+    @property
+    def video_tokens_per_frame(self) -> int:
+        """Placeholders per video frame: the encoder's square patch grid (`image_size // patch_size` per side, as in
+        SigLIP, ViT and CLIP) pooled by `video_pool_size`."""
+        grid = self.vision_config.image_size // self.vision_config.patch_size
+        return (grid // self.video_pool_size) ** 2
+
+    def max_frames_in_context(self, prompt_tokens: int) -> int:
+        """The most frames one video can have beside `prompt_tokens` other tokens within `max_position_embeddings`."""
+        free_positions = self.text_config.max_position_embeddings - prompt_tokens
+        return min(free_positions // self.video_tokens_per_frame, self.max_video_frames)
+
 
 __all__ = ["FastGPTVLConfig"]
