@@ -4,8 +4,12 @@ Transformers' LLaVA pattern: `FastGPTVLModel` holds `vision_tower` (any `AutoMod
 `multi_modal_projector` (`FastGPTVLProjector`, the trainable adapter) and `language_model` (a `FastGPTModel`,
 built from `config.text_config` alone); `FastGPTForConditionalGeneration` adds the `lm_head`. Each image's patch
 features `[image_seq_length, vision hidden]` are projected to `[image_seq_length, text hidden]` and written over the
-embeddings of its `image_seq_length` placeholder tokens (`config.image_token_id`), in order. `generate()` encodes the
-images once before prefill (`get_image_features`) and decodes with FastGPT's own cache (`FastGPTGenerationMixin`).
+embeddings of its `image_seq_length` placeholder tokens (`config.image_token_id`), in order. A video `[F, C, H, W]`
+goes through the same encoder frame by frame; each frame's patch grid is average-pooled by `config.video_pool_size`,
+projected, and offset by a learned embedding of the frame's index (`video_frame_embedding`), giving
+`F * config.video_tokens_per_frame` features for its placeholders (`config.video_token_id`). Image and video prompts
+may share a batch. `generate()` encodes the pixels once before prefill (`get_image_features`, `get_video_features`)
+and decodes with FastGPT's own cache (`FastGPTGenerationMixin`).
 """
 
 import math
