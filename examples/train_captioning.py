@@ -33,7 +33,7 @@ from fastgpt_hf.multimodal.adapters import captioning_lora_config
 from fastgpt_hf.multimodal.word_tokenizer import train_word_tokenizer
 
 IMAGE_SIZE = 32
-PATCH_SIZE = 16  # one patch per quadrant: 4 image tokens
+PATCH_SIZE = 8
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
 QUADRANTS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-3, help="learning rate of the text pretraining")
-    parser.add_argument("--adapter-lr", type=float, default=1e-2)
+    parser.add_argument("--adapter-lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

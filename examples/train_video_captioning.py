@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--adapter-lr", type=float, default=1e-2)
+    parser.add_argument("--adapter-lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
