@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from fastgpt_hf.benchmarking import generation_speed
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fastgpt_hf import data, quantization, training
+from fastgpt_hf.benchmarking import generation_speed
 
 
 def measure(name: str, model: PreTrainedModel, tokenizer, text: str, args: argparse.Namespace) -> dict:

@@ -5,10 +5,17 @@ config.json and copies the modeling code (a flat set of files with relative impo
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` then works without this package.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_fastgpt import FASTGPT_HF_VERSION, FastGPTConfig
 from .modeling_fastgpt import FastGPTForCausalLM, FastGPTModel, FastGPTPreTrainedModel
+from .multimodal import FastGPTForConditionalGeneration, FastGPTProcessor, FastGPTVLConfig, FastGPTVLModel
 
 AutoConfig.register(FastGPTConfig.model_type, FastGPTConfig, exist_ok=True)
 AutoModel.register(FastGPTConfig, FastGPTModel, exist_ok=True)
@@ -16,7 +23,20 @@ AutoModelForCausalLM.register(FastGPTConfig, FastGPTForCausalLM, exist_ok=True)
 FastGPTConfig.register_for_auto_class("AutoConfig")
 FastGPTModel.register_for_auto_class("AutoModel")
 FastGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(FastGPTVLConfig.model_type, FastGPTVLConfig, exist_ok=True)
+AutoModel.register(FastGPTVLConfig, FastGPTVLModel, exist_ok=True)
+AutoModelForImageTextToText.register(FastGPTVLConfig, FastGPTForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(FastGPTVLConfig, FastGPTProcessor, exist_ok=True)
 
 __version__ = FASTGPT_HF_VERSION
 
-__all__ = ["FastGPTConfig", "FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]
+__all__ = [
+    "FastGPTConfig",
+    "FastGPTForCausalLM",
+    "FastGPTForConditionalGeneration",
+    "FastGPTModel",
+    "FastGPTPreTrainedModel",
+    "FastGPTProcessor",
+    "FastGPTVLConfig",
+    "FastGPTVLModel",
+]

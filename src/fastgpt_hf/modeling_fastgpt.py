@@ -476,7 +476,52 @@ class FastGPTModel(FastGPTPreTrainedModel):
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
 
-class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
+class FastGPTGenerationMixin(GenerationMixin):
+    """`generate()` with FastGPT's cache; for any model whose (text) config is a `FastGPTConfig`."""
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """`generate()`'s cache, built from `config.layer_types` instead of Transformers' table of layer kinds.
+
+        `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
+        "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
+        positions. A cache passed by the user is checked by the forward pass.
+        """
+        text_config = self.config.get_text_config(decoder=True)
+        if generation_config.max_length > text_config.max_position_embeddings:
+            raise ValueError(
+                f"generate() would reach {generation_config.max_length} positions (prompt + max_new_tokens), more "
+                f"than max_position_embeddings={text_config.max_position_embeddings}; shorten the prompt or lower "
+                "max_new_tokens."
+            )
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None or not generation_config.use_cache:
+            super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        elif implementation in (None, "dynamic", "offloaded"):
+            model_kwargs["cache"] = FastGPTDynamicCache(text_config, offloading=implementation == "offloaded")
+        elif implementation in ("static", "offloaded_static"):
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            offloading = implementation == "offloaded_static"
+            model_kwargs["cache"] = FastGPTStaticCache(text_config, max_cache_length, offloading=offloading)
+        else:
+            raise ValueError(
+                f"FastGPT has no {implementation!r} cache; use cache_implementation 'dynamic', 'offloaded', "
+                "'static' or 'offloaded_static'."
+            )
+
+    def create_masks_for_generate(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor | None:
+        """The 2D padding mask of the new tokens (`inputs_embeds` `[B, T, *]`): `generate()` calls this for static
+        caches only, which flag their real slots themselves. FastGPT builds each layer's visibility itself
+        (`attention_masks`), so it takes no 4D mask; and a fixed shape keeps one CUDA graph for every decode step."""
+        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
+
+
+class FastGPTForCausalLM(FastGPTPreTrainedModel, FastGPTGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -524,45 +569,5 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
-    ) -> None:
-        """`generate()`'s cache, built from `config.layer_types` instead of Transformers' table of layer kinds.
 
-        `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
-        "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
-        positions. A cache passed by the user is checked by the forward pass.
-        """
-        if generation_config.max_length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"generate() would reach {generation_config.max_length} positions (prompt + max_new_tokens), more "
-                f"than max_position_embeddings={self.config.max_position_embeddings}; shorten the prompt or lower "
-                "max_new_tokens."
-            )
-        implementation = generation_config.cache_implementation
-        if model_kwargs.get("cache") is not None or not generation_config.use_cache:
-            super()._prepare_cache_for_generation(
-                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-            )
-        elif implementation in (None, "dynamic", "offloaded"):
-            model_kwargs["cache"] = FastGPTDynamicCache(self.config, offloading=implementation == "offloaded")
-        elif implementation in ("static", "offloaded_static"):
-            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
-            offloading = implementation == "offloaded_static"
-            model_kwargs["cache"] = FastGPTStaticCache(self.config, max_cache_length, offloading=offloading)
-        else:
-            raise ValueError(
-                f"FastGPT has no {implementation!r} cache; use cache_implementation 'dynamic', 'offloaded', "
-                "'static' or 'offloaded_static'."
-            )
-
-    def create_masks_for_generate(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> torch.Tensor | None:
-        """The 2D padding mask of the new tokens (`inputs_embeds` `[B, T, *]`): `generate()` calls this for static
-        caches only, which flag their real slots themselves. FastGPT builds each layer's visibility itself
-        (`attention_masks`), so it takes no 4D mask; and a fixed shape keeps one CUDA graph for every decode step."""
-        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
-
-
-__all__ = ["FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]
+__all__ = ["FastGPTForCausalLM", "FastGPTGenerationMixin", "FastGPTModel", "FastGPTPreTrainedModel"]
