@@ -128,3 +128,10 @@ def test_missing_package_is_named(monkeypatch):
     )
     with pytest.raises(ValueError, match=r"Scheme 'bnb-int8' needs bitsandbytes: pip install 'fastgpt_hf\[quant\]'"):
         quantization.quantization_config("bnb-int8")
+
+
+def test_weight_bytes_count_tied_weights_once(float_checkpoint):
+    folder, _, _ = float_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert quantization.weight_bytes(model) == sum(p.numel() * p.element_size() for p in model.parameters())

@@ -133,9 +133,10 @@ def convert_qat(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored (int8 data plus scales for quantized layers)."""
+    """Bytes of the model's weights as stored (int8 data plus scales for quantized layers); tied weights once."""
     total = 0
-    for tensor in list(model.state_dict().values()):
+    unique = {id(tensor): tensor for tensor in model.state_dict(keep_vars=True).values()}
+    for tensor in unique.values():
         if isinstance(tensor, torch.Tensor):
             total += _tensor_bytes(tensor)
         elif isinstance(tensor, tuple):  # dynamic-range packed params: (weight, bias)
