@@ -89,7 +89,10 @@ def build_dataset(num_pictures: int, held_out: int, seed: int) -> dict[str, Data
     return dataset.train_test_split(test_size=held_out, seed=seed)
 
 
-def build_model(processor: FastGPTProcessor, seed: int) -> FastGPTForConditionalGeneration:
+def build_model(
+    processor: FastGPTProcessor, seed: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, **vl_fields
+) -> FastGPTForConditionalGeneration:
+    """A small random captioner; `vl_fields` are further `FastGPTVLConfig` fields (the video example's)."""
     torch.manual_seed(seed)
     tokenizer = processor.tokenizer
     text_config = FastGPTConfig(
@@ -113,14 +116,14 @@ def build_model(processor: FastGPTProcessor, seed: int) -> FastGPTForConditional
         "intermediate_size": 256,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
+        "image_size": image_size,
+        "patch_size": patch_size,
     }
     config = FastGPTVLConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=processor.image_token_id,
-        image_seq_length=processor.num_image_tokens,
+        **{"image_seq_length": processor.num_image_tokens, **vl_fields},
     )
     return FastGPTForConditionalGeneration(config)
 

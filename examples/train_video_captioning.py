@@ -25,6 +25,7 @@ from datasets import Image as ImageFeature
 from peft import get_peft_model
 from PIL import Image, ImageDraw
 from train_captioning import COLOURS, SHAPES, accuracy, train
+from train_captioning import build_model as image_captioning_model
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from fastgpt_hf import FastGPTConfig, FastGPTForConditionalGeneration, FastGPTProcessor, FastGPTVLConfig
@@ -106,41 +107,16 @@ def build_dataset(num_clips: int, held_out: int, seed: int) -> dict[str, Dataset
 
 
 def build_model(processor: FastGPTProcessor, seed: int) -> FastGPTForConditionalGeneration:
-    torch.manual_seed(seed)
-    tokenizer = processor.tokenizer
-    text_config = FastGPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-        dynamic_window=16,
-        num_memory_tokens=4,
-        compress_block_size=4,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": FRAME_SIZE,
-        "patch_size": PATCH_SIZE,
-    }
-    config = FastGPTVLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=processor.image_token_id,
+    """The image example's captioner for frames of FRAME_SIZE: one token per patch, no pooling."""
+    return image_captioning_model(
+        processor,
+        seed,
+        image_size=FRAME_SIZE,
+        patch_size=PATCH_SIZE,
         image_seq_length=(FRAME_SIZE // PATCH_SIZE) ** 2,
         video_token_id=processor.video_token_id,
         video_pool_size=1,
     )
-    return FastGPTForConditionalGeneration(config)
 
 
 def clip_frames(split: Dataset, middle_only: bool) -> list[list[Image.Image]]:
