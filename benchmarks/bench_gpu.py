@@ -20,12 +20,13 @@ import sys
 import time
 
 import torch
-from bench_prefill import best_prefill, llama_config_like, matmul_tflops, median_ms, prefill_flops
+from bench_prefill import best_prefill, matmul_tflops, median_ms, prefill_flops
 from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
 from transformers import GenerationConfig, LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
+from fastgpt_hf.training import llama_config
 
 SETTINGS = ("dynamic", "static")
 NEW_TOKENS = 65
@@ -166,7 +167,7 @@ def main() -> None:
     torch.set_default_dtype(torch.bfloat16)  # random init straight on the GPU in bf16: seconds, even at 13b
     with torch.device("cuda"):
         fastgpt = FastGPTForCausalLM(config).eval()
-        llama = LlamaForCausalLM(llama_config_like(config)).eval()
+        llama = LlamaForCausalLM(llama_config(config)).eval()
     torch.set_default_dtype(torch.float32)
     sections = []
     if args.prefill is not None:

@@ -11,9 +11,10 @@ score entries each layer actually computes (from `attention_sparsity`).
 import argparse
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.training import llama_config
 
 BACKENDS = ("sdpa", "flex_attention")
 
@@ -37,12 +38,6 @@ def matmul_tflops() -> float:
     """Measured bf16 rate of an 8192^3 matrix product, TFLOP/s."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return 2 * 8192**3 / median_ms(lambda: a @ b) / 1e9
-
-
-def llama_config_like(config: FastGPTConfig) -> LlamaConfig:
-    shared = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    shared += ("num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "max_position_embeddings")
-    return LlamaConfig(**{name: getattr(config, name) for name in shared}, tie_word_embeddings=True)
 
 
 def prefill_flops(model: FastGPTForCausalLM, length: int) -> float:
@@ -74,7 +69,7 @@ def main() -> None:
     config = FastGPTConfig.from_preset(args.preset)
     peak = matmul_tflops()
     fastgpt = FastGPTForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    llama = LlamaForCausalLM(llama_config_like(config)).to("cuda", torch.bfloat16).eval()
+    llama = LlamaForCausalLM(llama_config(config)).to("cuda", torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()}; bf16 matmul {peak:.0f} TFLOP/s; preset {args.preset}")
     print("| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | floor ms | peak GiB Llama/FastGPT |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")

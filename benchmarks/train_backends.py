@@ -8,24 +8,17 @@ flex_attention has no backward on the CPU, so it is skipped there.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.training import llama_peer
 
-DEMO_SHAPE = {
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "layer_types": ["local", "local", "dynamic", "dynamic", "global", "global"],
-    "sliding_window": 64,
-    "dynamic_window": 128,
-    "compress_block_size": 16,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from demo import DEMO_OVERRIDES  # noqa: E402  (the demo's shape)
 
 
 def step_seconds(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int) -> float:
@@ -53,11 +46,11 @@ def main() -> None:
     print(f"{'model':>24} {'s/step':>8} {'tokens/s':>9}")
     for backend in backends:
         torch.manual_seed(0)
-        config = FastGPTConfig.from_preset("small", **DEMO_SHAPE, attn_implementation=backend)
+        config = FastGPTConfig.from_preset("small", **{**DEMO_OVERRIDES, "attn_implementation": backend})
         seconds = step_seconds(FastGPTForCausalLM(config).to(device), input_ids, args.repeats)
         print(f"{'FastGPT ' + backend:>24} {seconds:>8.3f} {tokens / seconds:>9.0f}", flush=True)
     torch.manual_seed(0)
-    sdpa_config = FastGPTConfig.from_preset("small", **DEMO_SHAPE, attn_implementation="sdpa")
+    sdpa_config = FastGPTConfig.from_preset("small", **DEMO_OVERRIDES)
     seconds = step_seconds(llama_peer(sdpa_config).to(device), input_ids, args.repeats)
     print(f"{'Llama sdpa':>24} {seconds:>8.3f} {tokens / seconds:>9.0f}")
 

@@ -72,11 +72,16 @@ def model_for_tokenizer(
     return FastGPTForCausalLM(config)
 
 
-def llama_peer(config: FastGPTConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A freshly initialised `LlamaForCausalLM` of the same shape: FastGPT with every layer full attention."""
+def llama_config(config: FastGPTConfig) -> LlamaConfig:
+    """The `LlamaConfig` of the same shape: FastGPT with every layer full attention."""
     shape = {field: getattr(config, field) for field in LLAMA_SHAPE_FIELDS}
+    return LlamaConfig(**shape, attn_implementation=config._attn_implementation)
+
+
+def llama_peer(config: FastGPTConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised `LlamaForCausalLM` of the same shape (`llama_config`)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation=config._attn_implementation))
+    return LlamaForCausalLM(llama_config(config))
 
 
 def choose_precision(requested: str = "auto") -> str:
