@@ -7,12 +7,12 @@ Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B'
   each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs) and the
   fastest reported. ms/token = (time of 65 new tokens - time of 1) / 64 on the same cache size, so prefill cancels.
   Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight and the whole cache.
-- `--int8`: also FastGPT and Llama with torchao int8 weight-only Linear layers (FastGPT's precise modules and
-  lm_head skipped, as `fastgpt_hf.quantization` declares).
+- `--weights bf16 int8`: decode with bf16 weights, and/or with torchao int8 weight-only Linear layers (FastGPT's
+  precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares).
 `--results FILE` appends the tables, the command and the device to a markdown file.
 
     python benchmarks/bench_gpu.py --preset 1b --prefill --decode 1:2048 1:32768 32:8192
-    python benchmarks/bench_gpu.py --preset 13b --decode 32:1024 --int8
+    python benchmarks/bench_gpu.py --preset 13b --decode 32:1024 --weights int8
 """
 
 import argparse
@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--preset", default="1b")
     parser.add_argument("--prefill", type=int, nargs="*", help="prefill lengths (default 2048 8192 32768 if given)")
     parser.add_argument("--decode", nargs="*", default=[], help="BATCH:CONTEXT pairs, e.g. 1:2048 32:8192")
-    parser.add_argument("--int8", action="store_true", help="also decode with torchao int8 weight-only Linears")
+    parser.add_argument(
+        "--weights", nargs="+", default=["bf16"], choices=("bf16", "int8"), help="decode with these weights"
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, help="generate settings")
     parser.add_argument("--results", help="markdown file to append the tables to")
     args = parser.parse_args()
@@ -173,11 +175,11 @@ def main() -> None:
     if args.prefill is not None:
         sections.append(prefill_table(fastgpt, llama, config, args.prefill or [2048, 8192, 32768], peak))
     shapes = [tuple(int(part) for part in shape.split(":")) for shape in args.decode]
-    if shapes:
+    if shapes and "bf16" in args.weights:
         sections.append(
             decode_table({"Llama bf16": llama, "FastGPT bf16": fastgpt}, config, shapes, bandwidth, args.settings)
         )
-    if shapes and args.int8:
+    if shapes and "int8" in args.weights:
         quantized = {"Llama int8": int8_weight_only(llama), "FastGPT int8": int8_weight_only(fastgpt)}
         sections.append(decode_table(quantized, config, shapes, bandwidth, args.settings))
     if args.results:

@@ -8,7 +8,8 @@
 q/k/v and the MLP's gate/up projections column-wise, o_proj and down_proj row-wise (one all-reduce after each),
 and in dynamic layers the memory slots `[M, K, D]` split on K with k/v_proj's heads, `mix_gate` column-wise with
 q_proj's heads, and `compress_k` / `compress_v` (shared by the heads) whole on every rank, their input split by
-head (Transformers' `sequence_parallel` style on dim 1) so that DTensor sums their gradients over the ranks.
+head (`fastgpt_shared_by_heads`: Transformers' `SequenceParallel` on the heads-first dim 0) so that DTensor sums
+their gradients over the ranks.
 The attention reads its head counts from the tensors, so each rank runs the same forward on its heads.
 `num_key_value_heads` must be a multiple of the number of processes.
 

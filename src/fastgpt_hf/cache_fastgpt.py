@@ -11,11 +11,14 @@ Two caches, both built from `config.layer_types` (`generate()` builds them by it
   state is O(window + length / b).
 
 `FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
-Every layer keeps a rolled buffer of its last N keys and values, newest last (N = `max_cache_len` for full layers,
-the window minus one for the others); the dynamic layer adds block-sum buffers for ceil(max_cache_len / b) blocks.
+Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
+(N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few
+slots instead of moving the cache; the dynamic layer adds block-sum buffers for ceil(max_cache_len / b) blocks.
 
 Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
-kept past followed by the T new tokens, so queries are the last T of the S returned keys. Which returned keys are
+kept past followed by the T new tokens, so queries are the last T of the S returned keys. The past is in time
+order, except in the static cache's one-token step, where every real past key is within the query's window and
+its order does not matter. Which returned keys are
 real tokens: the dynamic cache reads it off the 2D attention mask (`kept_key_mask`); the static cache keeps a flag
 per slot (never-written slots and padding are False), so a compiled decode step needs only the new tokens' mask and
 reads no Python int in tensor code: one CUDA graph serves every step. `update_with_key_mask` gives both.
@@ -132,19 +135,23 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
 
 
 class StaticRolledLayer(StaticLayer):
-    """Fixed `[B, K, N, D]` buffers holding the last N keys and values, newest last, for `torch.compile`.
+    """Fixed `[B, K, N + 1, D]` buffers holding the last N + 1 keys and values, for `torch.compile`.
 
-    `update` returns the buffer followed by the new tokens (`[B, K, N + T, D]`, queries last) and keeps the last N
-    of them in place, so the buffers keep their address. Slots not yet written sit on the left, zeros, flagged not
-    real in `slot_is_real` `[B, N]`, which rolls with the keys. The tokens seen (at most `max_positions`) are counted
-    in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes every
-    step would make every compiled decode step a new CUDA graph.
+    Slot N holds the newest token; slots [0, N) are a ring of the N before it, the j-th token to leave slot N going
+    to slot j % N. A one-token step (decode) therefore writes three slots and returns the buffers themselves: the
+    query is the last returned key and every other real slot is within its window, so their order does not matter,
+    and no step copies the cache. A longer step (prefill) returns the past in time order followed by the new tokens
+    (`[B, K, N + 1 + T, D]`, queries last) and stores the last N + 1 of them. Slots not yet written are zeros, flagged
+    not real in `slot_is_real` `[B, N + 1]`, which moves with the keys. The tokens seen (at most `max_positions`) are
+    counted in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes
+    every step would make every compiled decode step a new CUDA graph.
     """
 
     is_croppable = False
 
     def __init__(self, max_positions: int, kept_length: int):
-        super().__init__(max_cache_len=kept_length)
+        self.ring_length = max(kept_length, 1)
+        super().__init__(max_cache_len=self.ring_length + 1)
         self.max_positions = max_positions
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -163,20 +170,43 @@ class StaticRolledLayer(StaticLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `[B, K, T, D]` keys and values (`is_real` `[B, T]`, None: all real); return the kept past and
-        them, `[B, K, N + T, D]`. `returned_key_is_real` `[B, N + T]` then says which of them are real tokens."""
+        them, queries last. `returned_key_is_real` then says which of the returned keys are real tokens."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length.add_(key_states.shape[2])
         if is_real is None:
             is_real = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=self.device)
-        all_keys = torch.cat([self.keys, key_states], dim=2)
-        all_values = torch.cat([self.values, value_states], dim=2)
-        self.returned_key_is_real = torch.cat([self.slot_is_real, is_real.bool()], dim=1)
-        first_kept = all_keys.shape[2] - self.max_cache_len
-        self.keys.copy_(all_keys[:, :, first_kept:])
-        self.values.copy_(all_values[:, :, first_kept:])
-        self.slot_is_real.copy_(self.returned_key_is_real[:, first_kept:])
+        if key_states.shape[2] == 1:
+            self.push_one(key_states, value_states, is_real.bool())
+            self.returned_key_is_real = self.slot_is_real
+            return self.keys, self.values
+        ring_in_time_order = self.ring_slots(self.cumulative_length)
+        self.cumulative_length.add_(key_states.shape[2])
+        past_order = torch.cat([ring_in_time_order, ring_in_time_order.new_full((1,), self.ring_length)])
+        all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
+        all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
+        self.returned_key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real.bool()], dim=1)
+        stored_order = torch.cat([self.ring_slots(self.cumulative_length), past_order[-1:]])
+        kept = slice(all_keys.shape[2] - self.max_cache_len, None)
+        self.keys.index_copy_(2, stored_order, all_keys[:, :, kept])
+        self.values.index_copy_(2, stored_order, all_values[:, :, kept])
+        self.slot_is_real.index_copy_(1, stored_order, self.returned_key_is_real[:, kept])
         return all_keys, all_values
+
+    def ring_slots(self, tokens_seen: torch.Tensor) -> torch.Tensor:
+        """The ring's slots oldest first, after `tokens_seen` tokens (the newest of them in slot N)."""
+        tokens_in_ring = (tokens_seen - 1).clamp(min=0)
+        return (tokens_in_ring + torch.arange(self.ring_length, device=self.device)) % self.ring_length
+
+    def push_one(self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor) -> None:
+        """Move the newest token from slot N into the ring, over its oldest slot, and write the new one in slot N."""
+        oldest = self.ring_slots(self.cumulative_length)[:1]
+        newest = self.ring_length
+        for buffer, new in ((self.keys, key_states), (self.values, value_states)):
+            buffer.index_copy_(2, oldest, buffer[:, :, newest:].clone())
+            buffer[:, :, newest:].copy_(new)
+        self.slot_is_real.index_copy_(1, oldest, self.slot_is_real[:, newest:].clone())
+        self.slot_is_real[:, newest:].copy_(is_real)
+        self.cumulative_length.add_(1)
 
     def get_seq_length(self) -> torch.Tensor:
         """Tokens seen, a 0-d tensor (`int()` it outside compiled code)."""
@@ -186,8 +216,9 @@ class StaticRolledLayer(StaticLayer):
         return self.max_positions
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Keys returned by the next `update` and the position of the first (negative while slots are empty)."""
-        return self.max_cache_len + query_length, int(self.cumulative_length) - self.max_cache_len
+        """Keys returned by the next `update` and the position of the oldest (negative while slots are empty)."""
+        returned = self.max_cache_len if query_length == 1 else self.max_cache_len + query_length
+        return returned, int(self.cumulative_length) + query_length - returned
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("FastGPT's static cache cannot be cropped; use generation modes without cache rollback.")
@@ -299,8 +330,9 @@ class FastGPTStaticCache(StaticCache):
     def __init__(self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False):
         layers = []
         for layer_type in config.layer_types:
-            window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len + 1}
-            kept_length = min(window[layer_type] - 1, max_cache_len)
+            window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len}
+            # The past a query can see beside itself; with the newest slot the buffers hold min(window, max_cache_len).
+            kept_length = min(window[layer_type], max_cache_len) - 1
             if layer_type == DYNAMIC:
                 layers.append(StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size))
             else:

@@ -78,14 +78,13 @@ class FastGPTConfig(PreTrainedConfig):
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
         # Dynamic layers: the memory slots `[M, K, D]` and the gate's heads split with k/v_proj's and q_proj's
-        # heads. The compressors are shared by the heads: `sequence_parallel` keeps their parameters whole
-        # (replicated DTensors) and takes the input split on dim 1, here the key/value heads, so DTensor sums
-        # their gradients over the ranks in every backward (right under gradient accumulation and microbatches).
+        # heads. The compressors are shared by the heads: `fastgpt_shared_by_heads` (registered by the modeling
+        # module) keeps their parameters whole and takes their input split by key/value head.
         "layers.*.self_attn.memory_k": "colwise",
         "layers.*.self_attn.memory_v": "colwise",
         "layers.*.self_attn.mix_gate": "colwise",
-        "layers.*.self_attn.compress_k": "sequence_parallel",
-        "layers.*.self_attn.compress_v": "sequence_parallel",
+        "layers.*.self_attn.compress_k": "fastgpt_shared_by_heads",
+        "layers.*.self_attn.compress_v": "fastgpt_shared_by_heads",
         # The attention forward reads its own sharded memory slots as this rank's local heads.
         "layers.*.self_attn": "local_params",
         "layers.*.mlp.gate_proj": "colwise",

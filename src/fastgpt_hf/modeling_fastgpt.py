@@ -19,6 +19,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, SequenceParallel
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -44,6 +45,13 @@ WINDOWED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_windowed_attention,
     "flex_attention": flex_windowed_attention,
 }
+
+# Tensor parallelism of a module that every key/value head shares (the block compressors): its parameters stay whole
+# and replicated, its input comes heads-first `[K, ...]` split on dim 0, so DTensor sums the parameters' gradients
+# over the ranks in every backward (right under gradient accumulation and microbatches). Heads go first because
+# a Linear flattens its input's leading dims, and DTensor (torch 2.11) flattens only when the outermost one is split.
+if torch.distributed.is_available():
+    ALL_PARALLEL_STYLES.register("fastgpt_shared_by_heads", SequenceParallel(sequence_dim=0, use_local_output=True))
 
 
 class FastGPTRMSNorm(nn.Module):
@@ -201,9 +209,8 @@ class FastGPTAttention(nn.Module):
             sums = cache.layers[self.layer_idx].update_blocks(key_states, value_states, positions, query_is_real)
         key_sums, value_sums, counts = sums
         denominator = counts.clamp(min=1)[:, None, :, None]
-        compress_dtype = self.compress_k.weight.dtype
-        block_keys = self.compress_k((key_sums / denominator).to(compress_dtype)).to(query_states.dtype)
-        block_values = self.compress_v((value_sums / denominator).to(compress_dtype)).to(query_states.dtype)
+        block_keys = self.compress_heads_first(self.compress_k, key_sums / denominator).to(query_states.dtype)
+        block_values = self.compress_heads_first(self.compress_v, value_sums / denominator).to(query_states.dtype)
         return global_branch_attention(
             query_states,
             positions,
@@ -216,6 +223,12 @@ class FastGPTAttention(nn.Module):
             self.scaling,
             self.attention_dropout if self.training else 0.0,
         )
+
+    @staticmethod
+    def compress_heads_first(compressor: nn.Linear, block_means: torch.Tensor) -> torch.Tensor:
+        """A block compressor over `[B, K, C, D]` block means, run on `[K, B, C, D]` (`fastgpt_shared_by_heads`)."""
+        heads_first = block_means.transpose(0, 1).to(compressor.weight.dtype)
+        return compressor(heads_first).transpose(0, 1)
 
 
 class FastGPTDecoderLayer(GradientCheckpointingLayer):
