@@ -1,7 +1,7 @@
 """FastGPTConfig: defaults, presets, aliases, and the ValueErrors for every invalid value."""
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 import fastgpt_hf  # noqa: F401  (registers the Auto classes)
 from fastgpt_hf import FastGPTConfig
@@ -32,6 +32,13 @@ def test_presets_round_trip_through_auto_config(tmp_path, name):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, FastGPTConfig)
     assert loaded.to_diff_dict() == config.to_diff_dict()
+
+
+def test_base_config_class_reads_a_fastgpt_config_json(tmp_path):
+    """Trainer's resume_from_checkpoint reads config.json through the base class, which checks the layer kinds."""
+    FastGPTConfig.from_preset("tiny").save_pretrained(tmp_path)
+    read = PreTrainedConfig.from_json_file(tmp_path / "config.json")
+    assert read.layer_types == FastGPTConfig.from_preset("tiny").layer_types
 
 
 def test_preset_shapes_match_their_llama_namesakes():

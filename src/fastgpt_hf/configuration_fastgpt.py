@@ -12,6 +12,7 @@ checks it too.
 """
 
 from huggingface_hub.dataclasses import strict
+from transformers import configuration_utils
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -25,6 +26,12 @@ DYNAMIC = "dynamic_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, DYNAMIC, FULL)
 LAYER_TYPE_ALIASES = {"local": SLIDING, "dynamic": DYNAMIC, "global": FULL}
+
+# Transformers checks `layer_types` against its list of known layer kinds, also where it reads a FastGPT config.json
+# through the base config class (Trainer's resume_from_checkpoint does): FastGPT's gated layer kind joins the list.
+if DYNAMIC not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
+    configuration_utils.ALLOWED_ATTN_LAYER_TYPES += (DYNAMIC,)
+    configuration_utils.ALLOWED_LAYER_TYPES += (DYNAMIC,)
 
 
 def default_layer_types(num_hidden_layers: int) -> list[str]:

@@ -13,14 +13,12 @@
 import logging
 import math
 from pathlib import Path
-from unittest import mock
 
 import torch
 from datasets import Dataset
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -165,16 +163,6 @@ class PerplexityTrainer(Trainer):
             metrics.update(perplexity)
             self.log(perplexity)
         return metrics
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: PreTrainedModel | None = None) -> None:
-        """Trainer's own loading, with the checkpoint's config.json read by the model's config class.
-
-        Transformers 5.24 reads it through the base `PreTrainedConfig` (only to compare versions), whose
-        layer-type check rejects `dynamic_attention`, so resuming a FastGPT run would fail.
-        """
-        own_reader = type(self.model.config).from_json_file
-        with mock.patch.object(PreTrainedConfig, "from_json_file", own_reader):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 def causal_lm_trainer(
