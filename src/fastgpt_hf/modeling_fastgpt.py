@@ -327,20 +327,30 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         check_loading_report(pretrained_model_name_or_path, cls.__name__, loading_report, ignore_mismatched_sizes)
         return (model, loading_report) if output_loading_info else model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` (code and `auto_map` included), plus a README.md model card when the
-        folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code)."""
+        folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code).
+
+        With `push_to_hub=True` (and `repo_id`, `token`, `private`, `commit_message`, ... as in Transformers) the
+        folder is then uploaded as it is: Transformers' own push would replace the card with a generic one."""
+        model_card = optional_model_card_module()
+        hub_options = {}
+        if push_to_hub and model_card is not None:
+            hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
+            hub_options.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
         if self.is_remote_code():  # the code is copied: map both model classes it holds, not only this one
             self.config.auto_map = {
                 **getattr(self.config, "auto_map", {}),
                 "AutoModel": "modeling_fastgpt.FastGPTModel",
                 "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
             }
-        super().save_pretrained(save_directory, *args, **kwargs)
-        model_card = optional_model_card_module()
-        readme = os.path.join(save_directory, "README.md")
-        if model_card is not None and kwargs.get("is_main_process", True) and not os.path.exists(readme):
-            model_card.write_model_card(self, save_directory)
+        super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub and not hub_options, **kwargs)
+        if model_card is None or not kwargs.get("is_main_process", True):
+            return
+        if not os.path.exists(os.path.join(save_directory, "README.md")):
+            model_card.write_model_card(self, save_directory, model_id=hub_options.get("repo_id"))
+        if hub_options:
+            model_card.upload_checkpoint(save_directory, **hub_options)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """`PreTrainedModel.push_to_hub` with the FastGPT model card as README.md when the package is installed."""
@@ -348,6 +358,10 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         if model_card is None:
             return super().push_to_hub(repo_id, **kwargs)
         return model_card.push_model(self, repo_id, **kwargs)
+
+
+# What `save_pretrained(..., push_to_hub=True)` passes on to the upload (`model_card.upload_checkpoint`).
+HUB_OPTIONS = ("repo_id", "private", "token", "commit_message", "commit_description", "revision", "create_pr")
 
 
 def optional_model_card_module() -> ModuleType | None:
