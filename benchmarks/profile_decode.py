@@ -2,9 +2,10 @@
 
 `bench_gpu.py` gives the ms per token; this says why. Both models generate `--steps` tokens with
 `cache_implementation="static"` (compiled, CUDA graphs on a GPU) after two warm-up runs, under `torch.profiler`. It
-prints per decode step: CUDA graph launches, single kernel launches and aten ops run from Python (a step replayed
-as one CUDA graph has one graph launch and few ops), then the top operators by self device time (CPU time without a
-GPU). `TORCH_LOGS=perf_hints` beside it prints why inductor skipped CUDA graphs, if it did.
+prints the compiled graphs, graph breaks and CUDA graph skips (dynamo's and inductor's counters; the reason of a
+skip is logged), per decode step the CUDA graph launches, single kernel launches and aten ops run from Python (a
+step replayed as one CUDA graph has one graph launch and few ops), then the top operators by self device time (CPU
+time without a GPU).
 
     python benchmarks/profile_decode.py --preset 13b --layers 6 --batch 32 --context 1024
     python benchmarks/profile_decode.py --preset tiny --device cpu --batch 2 --context 64   # smoke test
@@ -13,6 +14,7 @@ GPU). `TORCH_LOGS=perf_hints` beside it prints why inductor skipped CUDA graphs,
 import argparse
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -46,9 +48,11 @@ def summary(profiler: profile, steps: int, on_gpu: bool) -> list[str]:
     counts = {event.key: event.count for event in events}
     aten_calls = sum(event.count for event in events if event.key.startswith("aten::"))
     lines = [
+        f"  compile: {counters['stats']['unique_graphs']} graphs, {sum(counters['graph_break'].values())} graph "
+        f"breaks {dict(counters['graph_break'])}, {counters['inductor']['cudagraph_skips']} CUDA graph skips",
         f"  per decode step: {counts.get('cudaGraphLaunch', 0) / steps:.1f} graph launches, "
         f"{counts.get('cudaLaunchKernel', 0) / steps:.1f} kernel launches, {aten_calls / steps:.0f} aten ops "
-        "(the prefill's included)"
+        "(the prefill's included)",
     ]
     sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     lines.append(events.table(sort_by=sort_key, row_limit=12, max_name_column_width=60))
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
+    torch._logging.set_logs(perf_hints=True)  # inductor logs why it skips CUDA graphs
     torch.manual_seed(0)
     overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
     config = FastGPTConfig.from_preset(args.preset, **overrides)
@@ -76,6 +81,7 @@ def main() -> None:
     print(f"preset {args.preset}, layers {config.layer_types}, batch {args.batch} x context {args.context}")
     for name, model in models.items():
         print(f"{name}:")
+        counters.clear()
         print("\n".join(summary(profile_generate(model, prompt, args.steps), args.steps, args.device == "cuda")))
         torch._dynamo.reset()
 
