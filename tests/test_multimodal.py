@@ -27,11 +27,15 @@ VISION_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def processor() -> FastGPTProcessor:
+def tiny_processor() -> FastGPTProcessor:
     tokenizer = train_word_tokenizer(CAPTIONS + [PROMPT])
     image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
     return FastGPTProcessor(image_processor, tokenizer, num_image_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def processor() -> FastGPTProcessor:
+    return tiny_processor()
 
 
 def build_model(processor: FastGPTProcessor, seed: int = 0) -> FastGPTForConditionalGeneration:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 import fastgpt_hf
 
 from .conftest import left_padded_batch, tiny_model
 from .hub_stand_in import HubStandIn
+from .test_multimodal import PROMPT, build_model, pictures, tiny_processor
 
 # Run by the fresh venv's interpreter: load through auto_map from a folder and from a Hub repository, report.
 LOAD_WITHOUT_PACKAGE = """
@@ -35,6 +37,30 @@ for source in (folder, repo_id):
     outputs[source] = {"model_module": type(model).__module__, "logits": logits, "generated": generated}
 model.save_pretrained("resaved")  # the copied code saves too, without the package's card generator
 torch.save(outputs, outputs_file)
+"""
+
+
+# The captioning model and its processor, through AutoProcessor and AutoModelForImageTextToText.
+LOAD_CAPTIONER_WITHOUT_PACKAGE = """
+import importlib.util, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+folder, prompt, outputs_file, *picture_files = sys.argv[1:]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+images = [Image.open(name) for name in picture_files]
+inputs = processor(images=images, text=[prompt, prompt + " a"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+torch.save({
+    "package_importable": importlib.util.find_spec("fastgpt_hf") is not None,
+    "modules": [type(model).__module__, type(processor).__module__],
+    "input_ids": inputs["input_ids"],
+    "logits": logits,
+    "generated": generated,
+}, outputs_file)
 """
 
 
@@ -104,3 +130,31 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
     assert {"config.json", "model.safetensors", "modeling_fastgpt.py", "strict_loading.py"} <= resaved
     assert "README.md" not in resaved
+
+
+@pytest.mark.timeout(300)
+def test_captioner_and_its_processor_load_in_a_fresh_venv_without_the_package(tmp_path):
+    if Path(fastgpt_hf.__file__).is_relative_to(sysconfig.get_paths()["purelib"]):
+        pytest.skip("fastgpt_hf is installed non-editable into site-packages, so no venv sharing them can lack it")
+    processor, model = tiny_processor(), build_model(tiny_processor())
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    picture_files = []
+    for index, picture in enumerate(pictures(2)):
+        picture.save(tmp_path / f"picture{index}.png")
+        picture_files.append(f"picture{index}.png")
+    (tmp_path / "load.py").write_text(LOAD_CAPTIONER_WITHOUT_PACKAGE)
+    python = venv_without_package(tmp_path / "venv")
+    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    command = [str(python), "-I", "load.py", "captioner", PROMPT, "outputs.pt", *picture_files]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
+    assert not outputs["package_importable"]
+    assert all(module.startswith("transformers_modules.") for module in outputs["modules"])
+    images = [Image.open(tmp_path / name) for name in picture_files]
+    inputs = processor(images=images, text=[PROMPT, PROMPT + " a"], padding=True, return_tensors="pt")
+    assert torch.equal(outputs["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(outputs["logits"], model(**inputs).logits)
+    assert torch.equal(outputs["generated"], model.generate(**inputs, max_new_tokens=4, do_sample=False))

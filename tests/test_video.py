@@ -9,10 +9,10 @@ from transformers import AutoProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from fastgpt_hf import FastGPTConfig, FastGPTForConditionalGeneration, FastGPTProcessor, FastGPTVLConfig
+from fastgpt_hf.modeling_fastgpt_vl import pool_frame_patches
 from fastgpt_hf.multimodal.adapters import video_lora_config
-from fastgpt_hf.multimodal.modeling_fastgpt_vl import pool_frame_patches
-from fastgpt_hf.multimodal.processing_fastgpt_vl import uniform_frame_indices
 from fastgpt_hf.multimodal.word_tokenizer import train_word_tokenizer
+from fastgpt_hf.processing_fastgpt_vl import uniform_frame_indices
 
 CAPTIONS = ["a red square moves left", "a blue circle moves right", "a green square appears", "a red circle vanishes"]
 PROMPT = "<video>caption:"

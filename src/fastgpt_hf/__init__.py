@@ -14,8 +14,10 @@ from transformers import (
 )
 
 from .configuration_fastgpt import FASTGPT_HF_VERSION, FastGPTConfig
+from .configuration_fastgpt_vl import FastGPTVLConfig
 from .modeling_fastgpt import FastGPTForCausalLM, FastGPTModel, FastGPTPreTrainedModel
-from .multimodal import FastGPTForConditionalGeneration, FastGPTProcessor, FastGPTVLConfig, FastGPTVLModel
+from .modeling_fastgpt_vl import FastGPTForConditionalGeneration, FastGPTVLModel
+from .processing_fastgpt_vl import FastGPTProcessor
 
 AutoConfig.register(FastGPTConfig.model_type, FastGPTConfig, exist_ok=True)
 AutoModel.register(FastGPTConfig, FastGPTModel, exist_ok=True)
@@ -27,6 +29,10 @@ AutoConfig.register(FastGPTVLConfig.model_type, FastGPTVLConfig, exist_ok=True)
 AutoModel.register(FastGPTVLConfig, FastGPTVLModel, exist_ok=True)
 AutoModelForImageTextToText.register(FastGPTVLConfig, FastGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(FastGPTVLConfig, FastGPTProcessor, exist_ok=True)
+FastGPTVLConfig.register_for_auto_class("AutoConfig")
+FastGPTVLModel.register_for_auto_class("AutoModel")
+FastGPTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+FastGPTProcessor.register_for_auto_class("AutoProcessor")
 
 __version__ = FASTGPT_HF_VERSION
 

@@ -1,19 +1,5 @@
-"""FastGPT with a vision encoder: configuration, model and processor for image-text-to-text."""
+"""Training recipes of FastGPT's vision-language model: PEFT adapter configurations and a word-level tokenizer.
 
-from .configuration_fastgpt_vl import FastGPTVLConfig
-from .modeling_fastgpt_vl import (
-    FastGPTForConditionalGeneration,
-    FastGPTVLModel,
-    FastGPTVLPreTrainedModel,
-    FastGPTVLProjector,
-)
-from .processing_fastgpt_vl import FastGPTProcessor
-
-__all__ = [
-    "FastGPTForConditionalGeneration",
-    "FastGPTProcessor",
-    "FastGPTVLConfig",
-    "FastGPTVLModel",
-    "FastGPTVLPreTrainedModel",
-    "FastGPTVLProjector",
-]
+The model, its configuration and its processor are `fastgpt_hf.modeling_fastgpt_vl`, `configuration_fastgpt_vl` and
+`processing_fastgpt_vl`, beside the text model's modules so that a checkpoint's copied code is one flat folder.
+"""

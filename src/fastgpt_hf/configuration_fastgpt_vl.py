@@ -14,7 +14,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
-from ..configuration_fastgpt import FastGPTConfig
+from .configuration_fastgpt import FastGPTConfig
 
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 

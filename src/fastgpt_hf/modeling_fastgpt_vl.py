@@ -29,8 +29,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..modeling_fastgpt import FastGPTGenerationMixin
 from .configuration_fastgpt_vl import FastGPTVLConfig
+from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel
 
 
 class FastGPTVLProjector(nn.Module):
@@ -82,7 +82,7 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = FastGPTVLProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = FastGPTModel(config.text_config)
         self.video_frame_embedding = None
         if config.video_token_id is not None:
             self.video_frame_embedding = nn.Embedding(config.max_video_frames, config.text_config.hidden_size)
