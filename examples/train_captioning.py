@@ -145,13 +145,22 @@ def caption_batches(processor: FastGPTProcessor, split: Dataset, with_images: bo
     return {**batch, "labels": labels}
 
 
-def train(model, batches: dict[str, torch.Tensor], minutes: float, batch_size: int, lr: float, name: str) -> None:
-    """AdamW on the trainable parameters over shuffled rows of `batches` for `minutes` of wall-clock time."""
+def train(
+    model,
+    batches: dict[str, torch.Tensor],
+    minutes: float,
+    batch_size: int,
+    lr: float,
+    name: str,
+    max_steps: int | None = None,
+) -> int:
+    """AdamW on the trainable parameters over shuffled rows of `batches` for `minutes` of wall-clock time or
+    `max_steps` steps, whichever ends first; returns the number of steps taken."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     num_rows = len(batches["input_ids"])
     model.train()
     started, step = time.monotonic(), 0
-    while time.monotonic() - started < minutes * 60:
+    while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
         rows = torch.randint(0, num_rows, (batch_size,))
         loss = model(**{key: value[rows] for key, value in batches.items()}).loss
         loss.backward()
@@ -161,6 +170,7 @@ def train(model, batches: dict[str, torch.Tensor], minutes: float, batch_size: i
         if step % 25 == 0:
             print(f"{name} step {step:5d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f} s", flush=True)
     model.eval()
+    return step
 
 
 @torch.no_grad()

@@ -6,15 +6,35 @@ picture, turns from one colour to another, appears or vanishes. Captions name wh
 features) with a held-out split. The model is `FastGPTForConditionalGeneration` over a random, frozen SigLIP-style
 encoder with one 16 x 16 patch per quadrant (4 tokens per frame, no pooling); the processor samples 4 frames per clip.
 
-A random language model first learns the captions' text (shared by both runs); then two adapter runs of equal
-budget (`video_lora_config`: LoRA on the language model, projector and frame-order embedding in full): one reading
-the 4 frames, one reading only the middle frame. A video captioner must beat its own single-frame baseline.
+A random language model first learns the captions' text (shared by both runs); then two adapter runs of equal step
+count (`video_lora_config`: LoRA on the language model, projector and frame-order embedding in full): one reading
+the 4 frames (sampled frames 0, 2, 5, 7), one reading only the middle frame. A video captioner must beat its own
+single-frame baseline.
 
-    python examples/train_video_captioning.py --minutes 4
+The adapter learning rate is 5e-4, not the image example's 3e-3. At 3e-3 both runs sit on the plateau of the caption
+frequencies (loss ~0.83, one caption for every clip) for 16,000 steps: one small shape per frame is a weak signal and
+every caption opens with "a". The image example escapes that plateau only through its first word (a / two / three,
+the amount of colour in the picture); on its single-shape pictures alone it stays there at 3e-3 too. At 5e-4 the
+runs still wait a few thousand steps on the plateau, so give the 4-frame run several minutes.
+
+    python examples/train_video_captioning.py --text-minutes 1 --minutes 10
+
+On 2 shared CPU cores (12,700 adapter steps per run), 400 held-out clips:
+
+| run | exact match | word accuracy |
+| --- | --- | --- |
+| video (4 frames) | 0.605 | 0.904 |
+| middle frame only | 0.068 | 0.672 |
+| uniform guess | 0.009 | 0.418 |
+| majority caption | 0.022 | 0.417 |
+
+4 tokens per frame here; the default config (SigLIP 224 / 16, pool 2) gives 49, so 668 frames fit in 32K positions
+beside a 16-token prompt.
 """
 
 import argparse
 import copy
+import math
 import os
 from collections import Counter
 
@@ -152,13 +172,20 @@ def caption_clips(model, processor, clips: list, num_frames: int, batch_size: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=4.0, help="adapter training budget of each of the two runs")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=4.0,
+        help="adapter training of the 4-frame run; the middle-frame run takes as many steps",
+    )
     parser.add_argument("--text-minutes", type=float, default=1.0)
     parser.add_argument("--clips", type=int, default=4000)
     parser.add_argument("--held-out", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--adapter-lr", type=float, default=3e-3)
+    # The image example's 3e-3 leaves LoRA on the caption-frequency plateau here: one small shape per frame is a
+    # weak signal, and its captions all open with "a" (the image captions' count word is an easy first cue).
+    parser.add_argument("--adapter-lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -182,10 +209,14 @@ def main() -> None:
 
     references = list(splits["test"]["caption"])
     results = {}
+    # Equal budgets are equal step counts (a 4-frame step costs about three middle-frame steps): the 4-frame run
+    # trains for `minutes` and the middle-frame run, second, for as many steps.
+    max_steps = None
     for name, middle_only in (("video (4 frames)", False), ("middle frame only", True)):
         adapted = get_peft_model(copy.deepcopy(model), video_lora_config(rank=args.rank))
         batches = video_batches(processor, splits["train"], middle_only)
-        train(adapted, batches, args.minutes, args.batch_size, args.adapter_lr, name)
+        minutes = math.inf if middle_only else args.minutes
+        max_steps = train(adapted, batches, minutes, args.batch_size, args.adapter_lr, name, max_steps=max_steps)
         clips = clip_frames(splits["test"], middle_only)
         predictions = caption_clips(adapted, processor, clips, 1 if middle_only else SAMPLED_FRAMES)
         results[name] = accuracy(predictions, references)
