@@ -79,6 +79,26 @@ def test_frames_are_sampled_evenly_from_arrays_and_pil_frames(processor):
     assert four_frames["pixel_values_videos"].shape[1] == 4
 
 
+def write_lossless_video(path, frames: np.ndarray) -> None:
+    """`[F, H, W, 3]` uint8 frames as a QuickTime file of PNG frames (lossless, with a frame count), through PyAV."""
+    av = pytest.importorskip("av", reason="PyAV (the dev extra) decodes video files")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("png", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_a_video_file_gives_the_frames_of_its_array(processor, tmp_path):
+    clip = clips(1)[0]
+    write_lossless_video(tmp_path / "clip.mov", clip)
+    from_file = processor(videos=[str(tmp_path / "clip.mov")], text=[PROMPT], return_tensors="pt")
+    from_array = processor(videos=[clip], text=[PROMPT], return_tensors="pt")
+    torch.testing.assert_close(from_file["pixel_values_videos"], from_array["pixel_values_videos"], rtol=0, atol=0)
+    assert torch.equal(from_file["input_ids"], from_array["input_ids"])
+
+
 def test_video_features_pool_each_frame_and_mark_its_order(processor):
     model = build_model(processor)
     pixel_values_videos = processor(videos=clips(2), text=[PROMPT] * 2, return_tensors="pt")["pixel_values_videos"]
