@@ -56,3 +56,22 @@ def test_cuda_gradients_match_reference(backend):
     fast = gradients(lambda: model(input_ids, attention_mask=attention_mask).logits)
     reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
     assert ((fast - reference).norm() / reference.norm()).item() < 1e-4
+
+
+def test_compiled_static_decode_replays_cuda_graphs():
+    """generate()'s own compile of the static-cache decode step (inductor, reduce-overhead): one graph, no CUDA
+    graph skipped (inductor logs the reason of a skip), the dynamic cache's tokens (float32, TF32 off)."""
+    from torch._dynamo.utils import counters
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
+    input_ids, attention_mask = left_padded_batch(300)
+    input_ids, attention_mask = input_ids.cuda(), attention_mask.cuda()
+    options = {"attention_mask": attention_mask, "max_new_tokens": 16, "do_sample": False}
+    expected = model.generate(input_ids, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(input_ids, cache_implementation="static", **options)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert torch.equal(compiled, expected)
