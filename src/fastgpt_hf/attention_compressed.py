@@ -1,9 +1,11 @@
 """The global branch of a dynamic layer: learned memory slots plus block-compressed summaries of the past.
 
 DESIGN.md section 2. Position p belongs to block p // b. Each block keeps the sum of its real tokens' pre-rotary
-keys and values and their count; a block's entry is `compress(sum / count)`. Query at position p sees every memory
-slot and each block c with `c * b + b - 1 <= p` that holds at least one real token. Queries use no rotary phase.
-Block sums are kept in float32 (float64 for float64 models) so that long blocks do not lose precision in bf16.
+keys and values and their count; a block's entry is `compress(sum / count)`, computed again each time a token joins
+the block (the caches keep the entries, so a decode step compresses one block, not all). Query at position p sees
+every memory slot and each block c with `c * b + b - 1 <= p` that holds at least one real token. Queries use no
+rotary phase. Block sums are kept in float32 (float64 for float64 models) so that long blocks do not lose
+precision in bf16.
 """
 
 import torch
@@ -32,16 +34,32 @@ def block_statistics(
     """
     batch, kv_heads, _, head_dim = key_states.shape
     sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-    weight = torch.ones_like(positions, dtype=sum_dtype) if is_real is None else is_real.to(sum_dtype)
+    key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
+    value_sums, counts = torch.zeros_like(key_sums), key_sums.new_zeros(batch, num_blocks)
+    add_block_statistics(key_sums, value_sums, counts, key_states, value_states, positions, is_real, block_size)
+    return key_sums, value_sums, counts
+
+
+def add_block_statistics(
+    key_sums: torch.Tensor,
+    value_sums: torch.Tensor,
+    counts: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    positions: torch.Tensor,
+    is_real: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """Add the real tokens of `[B, K, T, D]` keys and values to their blocks' sums and counts, in place.
+
+    Returns each token's block `[B, T]` (block 0 for padding, which adds nothing)."""
+    weight = torch.ones_like(positions, dtype=counts.dtype) if is_real is None else is_real.to(counts.dtype)
     block_ids = torch.where(weight > 0, positions // block_size, 0)
-    counts = weight.new_zeros(batch, num_blocks).scatter_add_(1, block_ids, weight)
-    index = block_ids[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
-
-    def block_sums(states: torch.Tensor) -> torch.Tensor:
-        weighted = states.to(sum_dtype) * weight[:, None, :, None]
-        return weighted.new_zeros(batch, kv_heads, num_blocks, head_dim).scatter_add_(2, index, weighted)
-
-    return block_sums(key_states), block_sums(value_states), counts
+    counts.scatter_add_(1, block_ids, weight)
+    index = block_ids[:, None, :, None].expand(-1, key_sums.shape[1], -1, key_sums.shape[3])
+    for sums, states in ((key_sums, key_states), (value_sums, value_states)):
+        sums.scatter_add_(2, index, states.to(sums.dtype) * weight[:, None, :, None])
+    return block_ids
 
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:

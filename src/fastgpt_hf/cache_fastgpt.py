@@ -6,9 +6,8 @@ Two caches, both built from `config.layer_types` (`generate()` builds them by it
 - `full_attention`: Transformers' `DynamicLayer`, every key and value.
 - `sliding_attention`: Transformers' `DynamicSlidingWindowLayer`, the last `sliding_window - 1` keys and values.
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values plus, per block of
-  `compress_block_size` positions, the sum of its real tokens' pre-rotary keys and values and their count. The
-  running sums of the incomplete block and the sums of complete blocks share one `[B, K, C, D]` tensor, so the
-  state is O(window + length / b).
+  `compress_block_size` positions, the sum of its real tokens' pre-rotary keys and values, their count and the
+  block's compressed entry (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
 
 `FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
 Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
@@ -25,6 +24,8 @@ reads no Python int in tensor code: one CUDA graph serves every step. `update_wi
 The dynamic cache counts lengths in Python ints, the static cache in a device tensor.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import (
@@ -36,10 +37,11 @@ from transformers.cache_utils import (
     StaticLayer,
 )
 
-from .attention_compressed import block_statistics
+from .attention_compressed import add_block_statistics
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 
-BlockSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
+BlockCompressor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def kept_key_mask(
@@ -60,8 +62,71 @@ def kept_key_mask(
     return F.pad(attention_mask, (key_length, 0), value=0)[:, -key_length:]
 
 
-class DynamicCompressedLayer(DynamicSlidingWindowLayer):
-    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus growing per-block sums."""
+class CompressedBlocks:
+    """Block state of a `dynamic_attention` layer, shared by both caches: float32 (float64) sums and real-token counts
+    of every block, `block_key_sums` / `block_value_sums` `[B, K, C, D]` and `block_counts` `[B, C]`, and each
+    block's compressed entry, `compressed_keys` / `compressed_values` `[B, K, C, D]` in the keys' dtype.
+
+    An entry is recomputed each time a token joins its block, so a one-token step compresses one block per row; the
+    incomplete block's entry is never seen before its last token writes it (`block_visibility`)."""
+
+    compress_block_size: int
+
+    def add_and_compress(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+        compress: BlockCompressor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`) to their blocks and recompress the
+        blocks they joined (all blocks for T > 1). Returns compressed keys, values `[B, K, C, D]` and counts `[B, C]`.
+
+        Call after `update`, so that the blocks cover every position seen."""
+        self.ensure_blocks(key_states)
+        block_ids = add_block_statistics(
+            self.block_key_sums,
+            self.block_value_sums,
+            self.block_counts,
+            key_states,
+            value_states,
+            positions,
+            is_real,
+            self.compress_block_size,
+        )
+        if key_states.shape[2] == 1:
+            _, kv_heads, _, head_dim = self.block_key_sums.shape
+            index = block_ids[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+            denominator = self.block_counts.gather(1, block_ids).clamp(min=1)[:, None, :, None]
+            key_means = self.block_key_sums.gather(2, index) / denominator
+            value_means = self.block_value_sums.gather(2, index) / denominator
+            keys, values = compress(key_means, value_means)
+            self.compressed_keys.scatter_(2, index, keys.to(self.compressed_keys.dtype))
+            self.compressed_values.scatter_(2, index, values.to(self.compressed_values.dtype))
+        else:
+            denominator = self.block_counts.clamp(min=1)[:, None, :, None]
+            keys, values = compress(self.block_key_sums / denominator, self.block_value_sums / denominator)
+            self.compressed_keys.copy_(keys)
+            self.compressed_values.copy_(values)
+        return self.compressed_keys, self.compressed_values, self.block_counts
+
+    def ensure_blocks(self, key_states: torch.Tensor) -> None:
+        """Make room for every block of the positions seen."""
+        raise NotImplementedError
+
+    def block_buffers(self) -> list[torch.Tensor]:
+        return [
+            self.block_key_sums,
+            self.block_value_sums,
+            self.block_counts,
+            self.compressed_keys,
+            self.compressed_values,
+        ]
+
+
+class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
+    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus growing block state."""
 
     # Blocks sums cannot be un-added, and the window has already dropped what a rollback would need.
     is_croppable = False
@@ -69,33 +134,27 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
     def __init__(self, sliding_window: int, compress_block_size: int):
         super().__init__(sliding_window=sliding_window)
         self.compress_block_size = compress_block_size
-        self.block_key_sums: torch.Tensor | None = None  # [B, K, C, D]
-        self.block_value_sums: torch.Tensor | None = None  # [B, K, C, D]
-        self.block_counts: torch.Tensor | None = None  # [B, C]
+        self.block_counts: torch.Tensor | None = None
 
-    def update_blocks(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        positions: torch.Tensor,
-        is_real: torch.Tensor | None,
-    ) -> BlockSums:
-        """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`) to their blocks; return all sums.
-
-        Call after `update`, so that the blocks cover every position seen. Returns key sums, value sums `[B, K, C, D]`
-        and counts `[B, C]`, C = ceil(seen / compress_block_size).
-        """
+    def ensure_blocks(self, key_states: torch.Tensor) -> None:
+        """Allocate the block state, or grow it by the blocks begun since (a copy every b positions)."""
         num_blocks = -(-self.cumulative_length // self.compress_block_size)
-        key_sums, value_sums, counts = block_statistics(
-            key_states, value_states, positions, is_real, self.compress_block_size, num_blocks
-        )
-        if self.block_counts is not None:
-            extra_blocks = num_blocks - self.block_counts.shape[1]
-            key_sums = key_sums + F.pad(self.block_key_sums, (0, 0, 0, extra_blocks))
-            value_sums = value_sums + F.pad(self.block_value_sums, (0, 0, 0, extra_blocks))
-            counts = counts + F.pad(self.block_counts, (0, extra_blocks))
-        self.block_key_sums, self.block_value_sums, self.block_counts = key_sums, value_sums, counts
-        return key_sums, value_sums, counts
+        if self.block_counts is None:
+            batch, kv_heads, _, head_dim = key_states.shape
+            sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
+            self.block_key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
+            self.block_value_sums = torch.zeros_like(self.block_key_sums)
+            self.block_counts = self.block_key_sums.new_zeros(batch, num_blocks)
+            self.compressed_keys = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim)
+            self.compressed_values = torch.zeros_like(self.compressed_keys)
+            return
+        extra_blocks = num_blocks - self.block_counts.shape[1]
+        if extra_blocks > 0:
+            self.block_key_sums, self.block_value_sums, self.compressed_keys, self.compressed_values = (
+                F.pad(buffer, (0, 0, 0, extra_blocks))
+                for buffer in (self.block_key_sums, self.block_value_sums, self.compressed_keys, self.compressed_values)
+            )
+            self.block_counts = F.pad(self.block_counts, (0, extra_blocks))
 
     def num_blocks(self) -> int:
         """Blocks held (complete or not): one entry per `compress_block_size` positions seen."""
@@ -109,29 +168,33 @@ class DynamicCompressedLayer(DynamicSlidingWindowLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.block_key_sums = self.block_value_sums = self.block_counts = None
+        self.block_counts = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.block_counts is not None:
             beam_idx = beam_idx.to(self.block_counts.device)
-            self.block_key_sums = self.block_key_sums.index_select(0, beam_idx)
-            self.block_value_sums = self.block_value_sums.index_select(0, beam_idx)
-            self.block_counts = self.block_counts.index_select(0, beam_idx)
+            self.set_block_buffers([buffer.index_select(0, beam_idx) for buffer in self.block_buffers()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.block_counts is not None:
-            self.block_key_sums = self.block_key_sums.repeat_interleave(repeats, dim=0)
-            self.block_value_sums = self.block_value_sums.repeat_interleave(repeats, dim=0)
-            self.block_counts = self.block_counts.repeat_interleave(repeats, dim=0)
+            self.set_block_buffers([buffer.repeat_interleave(repeats, dim=0) for buffer in self.block_buffers()])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.block_counts is not None:
-            self.block_key_sums = self.block_key_sums[indices, ...]
-            self.block_value_sums = self.block_value_sums[indices, ...]
-            self.block_counts = self.block_counts[indices, ...]
+            self.set_block_buffers([buffer[indices, ...] for buffer in self.block_buffers()])
+
+    def set_block_buffers(self, buffers: list[torch.Tensor]) -> None:
+        """Replace the block state, in `block_buffers()` order."""
+        (
+            self.block_key_sums,
+            self.block_value_sums,
+            self.block_counts,
+            self.compressed_keys,
+            self.compressed_values,
+        ) = buffers
 
 
 class StaticRolledLayer(StaticLayer):
@@ -241,8 +304,8 @@ class StaticRolledLayer(StaticLayer):
         return [self.keys, self.values, self.slot_is_real]
 
 
-class StaticCompressedLayer(StaticRolledLayer):
-    """Static cache of a `dynamic_attention` layer: the rolled window plus block-sum buffers for every block."""
+class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
+    """Static cache of a `dynamic_attention` layer: the rolled window plus block state for every block."""
 
     def __init__(self, max_positions: int, kept_length: int, compress_block_size: int):
         super().__init__(max_positions=max_positions, kept_length=kept_length)
@@ -257,27 +320,17 @@ class StaticCompressedLayer(StaticRolledLayer):
         self.block_key_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
         self.block_value_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
         self.block_counts = torch.zeros(batch, self.max_blocks, dtype=sum_dtype, device=self.device)
+        self.compressed_keys = torch.zeros(block_shape, dtype=key_states.dtype, device=self.device)
+        self.compressed_values = torch.zeros(block_shape, dtype=key_states.dtype, device=self.device)
         if not torch.compiler.is_compiling():
-            for buffer in (self.block_key_sums, self.block_value_sums, self.block_counts):
+            for buffer in self.block_buffers():
                 torch._dynamo.mark_static_address(buffer)
 
-    def update_blocks(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        positions: torch.Tensor,
-        is_real: torch.Tensor | None,
-    ) -> BlockSums:
-        """Same contract as `DynamicCompressedLayer.update_blocks`, with C = ceil(max_positions / b) always."""
-        new_sums = block_statistics(
-            key_states, value_states, positions, is_real, self.compress_block_size, self.max_blocks
-        )
-        for buffer, new in zip((self.block_key_sums, self.block_value_sums, self.block_counts), new_sums, strict=True):
-            buffer.add_(new)
-        return self.block_key_sums, self.block_value_sums, self.block_counts
+    def ensure_blocks(self, key_states: torch.Tensor) -> None:
+        """Every block of `max_positions` has its place from the start."""
 
     def batch_buffers(self) -> list[torch.Tensor]:
-        return [*super().batch_buffers(), self.block_key_sums, self.block_value_sums, self.block_counts]
+        return [*super().batch_buffers(), *self.block_buffers()]
 
 
 def update_with_key_mask(

@@ -205,30 +205,34 @@ class FastGPTAttention(nn.Module):
             # Real positions never exceed the token's index, so these blocks cover every position.
             num_blocks = -(-query_states.shape[2] // block_size)
             sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
+            key_sums, value_sums, counts = sums
+            denominator = counts.clamp(min=1)[:, None, :, None]
+            block_keys, block_values = self.compress_blocks(key_sums / denominator, value_sums / denominator)
         else:
-            sums = cache.layers[self.layer_idx].update_blocks(key_states, value_states, positions, query_is_real)
-        key_sums, value_sums, counts = sums
-        denominator = counts.clamp(min=1)[:, None, :, None]
-        block_keys = self.compress_heads_first(self.compress_k, key_sums / denominator).to(query_states.dtype)
-        block_values = self.compress_heads_first(self.compress_v, value_sums / denominator).to(query_states.dtype)
+            block_keys, block_values, counts = cache.layers[self.layer_idx].add_and_compress(
+                key_states, value_states, positions, query_is_real, self.compress_blocks
+            )
         return global_branch_attention(
             query_states,
             positions,
             self.memory_k,
             self.memory_v,
-            block_keys,
-            block_values,
+            block_keys.to(query_states.dtype),
+            block_values.to(query_states.dtype),
             counts,
             block_size,
             self.scaling,
             self.attention_dropout if self.training else 0.0,
         )
 
-    @staticmethod
-    def compress_heads_first(compressor: nn.Linear, block_means: torch.Tensor) -> torch.Tensor:
-        """A block compressor over `[B, K, C, D]` block means, run on `[K, B, C, D]` (`fastgpt_shared_by_heads`)."""
-        heads_first = block_means.transpose(0, 1).to(compressor.weight.dtype)
-        return compressor(heads_first).transpose(0, 1)
+    def compress_blocks(self, key_means: torch.Tensor, value_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block means `[B, K, C, D]` -> compressed keys and values, the compressors run on `[K, B, C, D]` (their
+        tensor-parallel style, `fastgpt_shared_by_heads`, splits dim 0)."""
+        compressed = []
+        for compressor, means in ((self.compress_k, key_means), (self.compress_v, value_means)):
+            heads_first = means.transpose(0, 1).to(compressor.weight.dtype)
+            compressed.append(compressor(heads_first).transpose(0, 1))
+        return compressed[0], compressed[1]
 
 
 class FastGPTDecoderLayer(GradientCheckpointingLayer):
