@@ -17,7 +17,7 @@ every caption opens with "a". The image example escapes that plateau only throug
 the amount of colour in the picture); on its single-shape pictures alone it stays there at 3e-3 too. At 5e-4 the
 runs still wait a few thousand steps on the plateau, so give the 4-frame run several minutes.
 
-    python examples/train_video_captioning.py --text-minutes 1 --minutes 10
+    python examples/train_video_captioning.py --text-minutes 1 --minutes 10     # the defaults
 
 On 2 shared CPU cores (12,700 adapter steps per run), 400 held-out clips:
 
@@ -175,8 +175,9 @@ def main() -> None:
     parser.add_argument(
         "--minutes",
         type=float,
-        default=4.0,
-        help="adapter training of the 4-frame run; the middle-frame run takes as many steps",
+        default=10.0,
+        help="adapter training of the 4-frame run (it waits thousands of steps on a plateau first); the "
+        "middle-frame run takes as many steps",
     )
     parser.add_argument("--text-minutes", type=float, default=1.0)
     parser.add_argument("--clips", type=int, default=4000)
