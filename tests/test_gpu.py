@@ -75,3 +75,15 @@ def test_compiled_static_decode_replays_cuda_graphs():
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert torch.equal(compiled, expected)
+
+
+@pytest.mark.parametrize("cache_implementation", ["offloaded", "offloaded_static"])
+def test_offloaded_caches_give_the_dynamic_cache_tokens(cache_implementation):
+    """Transformers' cache offloading (layers moved to the CPU between uses; CUDA streams, so GPU only)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
+    input_ids, attention_mask = left_padded_batch(300)
+    options = {"attention_mask": attention_mask.cuda(), "max_new_tokens": 16, "do_sample": False}
+    expected = model.generate(input_ids.cuda(), **options)
+    offloaded = model.generate(input_ids.cuda(), cache_implementation=cache_implementation, **options)
+    assert torch.equal(offloaded, expected)
