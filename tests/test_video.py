@@ -79,12 +79,13 @@ def test_frames_are_sampled_evenly_from_arrays_and_pil_frames(processor):
     assert four_frames["pixel_values_videos"].shape[1] == 4
 
 
-def write_lossless_video(path, frames: np.ndarray) -> None:
-    """`[F, H, W, 3]` uint8 frames as a QuickTime file of PNG frames (lossless, with a frame count), through PyAV."""
+def write_lossless_video(path, frames: np.ndarray, codec: str = "png") -> None:
+    """`[F, H, W, 3]` uint8 frames as a lossless video file through PyAV: PNG frames (QuickTime) or FFV1 (Matroska)."""
     av = pytest.importorskip("av", reason="PyAV (the dev extra) decodes video files")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("png", rate=8)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb24" if codec == "png" else "bgr0"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -97,6 +98,14 @@ def test_a_video_file_gives_the_frames_of_its_array(processor, tmp_path):
     from_array = processor(videos=[clip], text=[PROMPT], return_tensors="pt")
     torch.testing.assert_close(from_file["pixel_values_videos"], from_array["pixel_values_videos"], rtol=0, atol=0)
     assert torch.equal(from_file["input_ids"], from_array["input_ids"])
+
+
+def test_unreadable_video_files_are_clear_errors(processor, tmp_path):
+    with pytest.raises(ValueError, match="No video file at"):
+        processor(videos=[str(tmp_path / "missing.mp4")], text=[PROMPT])
+    write_lossless_video(tmp_path / "clip.mkv", clips(1)[0], codec="ffv1")
+    with pytest.raises(ValueError, match="records no frame count"):
+        processor(videos=[str(tmp_path / "clip.mkv")], text=[PROMPT])
 
 
 def test_video_features_pool_each_frame_and_mark_its_order(processor):

@@ -15,12 +15,13 @@ Every layer keeps its last N + 1 keys and values, the newest in the last slot an
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
 
 Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
-kept past followed by the T new tokens, so queries are the last T of the S returned keys. The past is in time
-order, except in the static cache's one-token step, where every real past key is within the query's window and
-its order does not matter. Which returned keys are real tokens: the dynamic cache reads it off the 2D attention mask (`kept_key_mask`); the static cache keeps a flag
-per slot (never-written slots and padding are False), so a compiled decode step needs only the new tokens' mask and
-reads no Python int in tensor code: one CUDA graph serves every step. `update_with_key_mask` gives both.
-The dynamic cache counts lengths in Python ints, the static cache in a device tensor.
+kept past followed by the T new tokens, so queries are the last T of the S returned keys. The past is in time order,
+except in the static cache's one-token step, where every real past key is within the query's window and its order
+does not matter. Which returned keys are real tokens: the dynamic cache reads it off the 2D attention mask
+(`kept_key_mask`); the static cache keeps a flag per slot (never-written slots and padding are False), so a compiled
+decode step needs only the new tokens' mask and reads no Python int in tensor code: one CUDA graph serves every
+step. `update_with_key_mask` gives both. The dynamic cache counts lengths in Python ints, the static cache in a
+device tensor.
 """
 
 from collections.abc import Callable

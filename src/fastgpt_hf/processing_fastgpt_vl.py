@@ -14,11 +14,14 @@ continues with the caption. Without torchvision, pass a PIL-backend image proces
 it saves and loads through `AutoProcessor` as any other.
 """
 
+import os
+from functools import partial
+
 import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.video_utils import load_video, make_batched_videos
+from transformers.video_utils import VideoMetadata, load_video, make_batched_videos
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,11 +48,25 @@ def uniform_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
 
 
 def sample_video(video, num_frames: int) -> np.ndarray:
-    """`[num_frames, H, W, C]` frames of one video: an array, a list of PIL frames or a file path."""
+    """`[num_frames, H, W, C]` frames of one video: an array, a list of PIL frames or a file path or URL (decoded
+    only up to its last sampled frame)."""
     if isinstance(video, str):
-        video, _ = load_video(video)
+        if not os.path.isfile(video) and not video.startswith(("http://", "https://")):
+            raise ValueError(f"No video file at {video!r}; pass an existing path, an array or a list of PIL frames.")
+        frames, _ = load_video(video, sample_indices_fn=partial(file_frame_indices, video=video, num_frames=num_frames))
+        return frames
     video = np.stack([np.asarray(frame) for frame in video])
     return video[uniform_frame_indices(len(video), num_frames)]
+
+
+def file_frame_indices(metadata: VideoMetadata, video: str, num_frames: int, **kwargs) -> np.ndarray:
+    """`load_video`'s choice of frames: the arrays' even sampling, over the frame count the file records."""
+    if metadata.total_num_frames == 0:
+        raise ValueError(
+            f"{video} records no frame count, which Transformers' PyAV reader needs (Matroska files, for one, do "
+            "not); convert it to MP4 or QuickTime, or pass its frames as an array."
+        )
+    return uniform_frame_indices(metadata.total_num_frames, num_frames)
 
 
 class FastGPTProcessor(ProcessorMixin):
