@@ -49,6 +49,16 @@ class HubStandIn:
         self.server.shutdown()
         self.server.server_close()
 
+    def client_environment(self, folder: Path) -> dict[str, str]:
+        """huggingface_hub's variables for a client process: this endpoint, every cache under `folder`, no Xet."""
+        return {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HOME": str(folder / "hf_home"),
+            "HF_HUB_CACHE": str(folder / "hub_cache"),
+            "HF_MODULES_CACHE": str(folder / "modules"),
+            "HF_HUB_DISABLE_XET": "1",
+        }
+
     def publish(self, repo_id: str, folder: Path) -> None:
         """Put every file of `folder` in `repo_id` as one commit, as if it had been pushed."""
         self.files[repo_id] = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}

@@ -38,8 +38,9 @@ def processor() -> FastGPTProcessor:
     return tiny_processor()
 
 
-def build_model(processor: FastGPTProcessor, seed: int = 0) -> FastGPTForConditionalGeneration:
-    """Tiny FastGPT (sliding, dynamic, full layers; windows shorter than the prompt) over a tiny SigLIP encoder."""
+def build_model(processor: FastGPTProcessor, seed: int = 0, **vl_fields) -> FastGPTForConditionalGeneration:
+    """Tiny FastGPT (sliding, dynamic, full layers; windows shorter than the prompt) over a tiny SigLIP encoder;
+    `vl_fields` add to or replace FastGPTVLConfig fields (the video tests': their encoder, video fields)."""
     torch.manual_seed(seed)
     text_config = FastGPTConfig.from_preset(
         "tiny",
@@ -51,9 +52,9 @@ def build_model(processor: FastGPTProcessor, seed: int = 0) -> FastGPTForConditi
     )
     config = FastGPTVLConfig(
         text_config=text_config,
-        vision_config=VISION_CONFIG,
         image_token_id=processor.image_token_id,
         image_seq_length=processor.num_image_tokens,
+        **{"vision_config": VISION_CONFIG, **vl_fields},
     )
     return FastGPTForConditionalGeneration(config).eval()
 

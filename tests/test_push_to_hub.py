@@ -63,11 +63,7 @@ def test_every_way_to_push_uploads_the_checkpoint_with_its_card_and_loads_back(t
     with HubStandIn() as hub:
         env = {
             **{key: value for key, value in os.environ.items() if not key.startswith("HF_")},
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "HF_HUB_CACHE": str(tmp_path / "hub_cache"),
-            "HF_MODULES_CACHE": str(tmp_path / "modules"),
-            "HF_HUB_DISABLE_XET": "1",
+            **hub.client_environment(tmp_path),
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_TOKEN": "hf_stand_in_token",
         }

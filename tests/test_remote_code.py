@@ -106,14 +106,7 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     python = venv_without_package(tmp_path / "venv")
     with HubStandIn() as hub:
         hub.publish("someone/fastgpt-tiny", tmp_path / "checkpoint")
-        env = {
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "HF_HUB_CACHE": str(tmp_path / "hub_cache"),
-            "HF_MODULES_CACHE": str(tmp_path / "modules"),
-            "HF_HUB_DISABLE_XET": "1",
-            "PATH": "/usr/bin:/bin",
-        }
+        env = {**hub.client_environment(tmp_path), "PATH": "/usr/bin:/bin"}
         command = [str(python), "-I", "load.py", "checkpoint", "someone/fastgpt-tiny", "inputs.pt", "outputs.pt"]
         run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -14,6 +14,9 @@ from fastgpt_hf.multimodal.adapters import video_lora_config
 from fastgpt_hf.multimodal.word_tokenizer import train_word_tokenizer
 from fastgpt_hf.processing_fastgpt_vl import uniform_frame_indices
 
+from .test_multimodal import VISION_CONFIG
+from .test_multimodal import build_model as image_captioner
+
 CAPTIONS = ["a red square moves left", "a blue circle moves right", "a green square appears", "a red circle vanishes"]
 PROMPT = "<video>caption:"
 NUM_FRAMES = 3
@@ -30,33 +33,14 @@ def processor() -> FastGPTProcessor:
 
 
 def build_model(processor: FastGPTProcessor, seed: int = 0) -> FastGPTForConditionalGeneration:
-    torch.manual_seed(seed)
-    text_config = FastGPTConfig.from_preset(
-        "tiny",
-        vocab_size=len(processor.tokenizer),
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        initializer_range=0.2,
-    )
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "image_size": 16,
-        "patch_size": 4,
-    }
-    config = FastGPTVLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=processor.image_token_id,
-        image_seq_length=processor.num_image_tokens,
+    """The image tests' tiny captioner with a one-layer encoder, reading videos: frames pooled by 2."""
+    return image_captioner(
+        processor,
+        seed,
+        vision_config={**VISION_CONFIG, "num_hidden_layers": 1},
         video_token_id=processor.video_token_id,
         video_pool_size=2,
     )
-    return FastGPTForConditionalGeneration(config).eval()
 
 
 def clips(count: int, num_frames: int = 6, seed: int = 0) -> list[np.ndarray]:

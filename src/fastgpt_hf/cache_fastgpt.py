@@ -115,6 +115,16 @@ class CompressedBlocks:
         """Make room for every block of the positions seen."""
         raise NotImplementedError
 
+    def allocate_blocks(self, key_states: torch.Tensor, num_blocks: int) -> None:
+        """Zero block state for `num_blocks` blocks, shaped and typed after `[B, K, T, D]` keys."""
+        batch, kv_heads, _, head_dim = key_states.shape
+        sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
+        self.block_key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
+        self.block_value_sums = torch.zeros_like(self.block_key_sums)
+        self.block_counts = self.block_key_sums.new_zeros(batch, num_blocks)
+        self.compressed_keys = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim)
+        self.compressed_values = torch.zeros_like(self.compressed_keys)
+
     def block_buffers(self) -> list[torch.Tensor]:
         return [
             self.block_key_sums,
@@ -140,13 +150,7 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
         """Allocate the block state, or grow it by the blocks begun since (a copy every b positions)."""
         num_blocks = -(-self.cumulative_length // self.compress_block_size)
         if self.block_counts is None:
-            batch, kv_heads, _, head_dim = key_states.shape
-            sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-            self.block_key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
-            self.block_value_sums = torch.zeros_like(self.block_key_sums)
-            self.block_counts = self.block_key_sums.new_zeros(batch, num_blocks)
-            self.compressed_keys = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim)
-            self.compressed_values = torch.zeros_like(self.compressed_keys)
+            self.allocate_blocks(key_states, num_blocks)
             return
         extra_blocks = num_blocks - self.block_counts.shape[1]
         if extra_blocks > 0:
@@ -314,14 +318,7 @@ class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        batch, kv_heads, _, head_dim = key_states.shape
-        sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-        block_shape = (batch, kv_heads, self.max_blocks, head_dim)
-        self.block_key_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
-        self.block_value_sums = torch.zeros(block_shape, dtype=sum_dtype, device=self.device)
-        self.block_counts = torch.zeros(batch, self.max_blocks, dtype=sum_dtype, device=self.device)
-        self.compressed_keys = torch.zeros(block_shape, dtype=key_states.dtype, device=self.device)
-        self.compressed_values = torch.zeros(block_shape, dtype=key_states.dtype, device=self.device)
+        self.allocate_blocks(key_states, self.max_blocks)
         if not torch.compiler.is_compiling():
             for buffer in self.block_buffers():
                 torch._dynamo.mark_static_address(buffer)
