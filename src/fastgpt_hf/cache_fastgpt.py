@@ -265,14 +265,16 @@ class StaticRolledLayer(StaticLayer):
         return (tokens_in_ring + torch.arange(self.ring_length, device=self.device)) % self.ring_length
 
     def push_one(self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor) -> None:
-        """Move the newest token from slot N into the ring, over its oldest slot, and write the new one in slot N."""
+        """Move the newest token from slot N into the ring, over its oldest slot, and write the new one in slot N.
+
+        One `index_copy_` per buffer, as in Transformers' `StaticLayer`: compiled code does that in place, where a
+        second write into a slice of the same buffer made inductor copy the whole buffer every step."""
         oldest = self.ring_slots(self.cumulative_length)[:1]
-        newest = self.ring_length
-        for buffer, new in ((self.keys, key_states), (self.values, value_states)):
-            buffer.index_copy_(2, oldest, buffer[:, :, newest:].clone())
-            buffer[:, :, newest:].copy_(new)
-        self.slot_is_real.index_copy_(1, oldest, self.slot_is_real[:, newest:].clone())
-        self.slot_is_real[:, newest:].copy_(is_real)
+        slots = torch.cat([oldest, oldest.new_full((1,), self.ring_length)])
+        newest = slice(self.ring_length, None)
+        self.keys.index_copy_(2, slots, torch.cat([self.keys[:, :, newest], key_states], dim=2))
+        self.values.index_copy_(2, slots, torch.cat([self.values[:, :, newest], value_states], dim=2))
+        self.slot_is_real.index_copy_(1, slots, torch.cat([self.slot_is_real[:, newest], is_real], dim=1))
         self.cumulative_length.add_(1)
 
     def get_seq_length(self) -> torch.Tensor:
