@@ -2,7 +2,8 @@
 
 Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B's shape, `13b` Llama-2-13B's).
 - Ceilings, measured first: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
-- Prefill (`--prefill`): `bench_prefill.py`'s table (each model's fastest attention backend; floor = FLOPs / rate).
+- Prefill (`--prefill`): `bench_prefill.py`'s table (each model's fastest attention backend, with `--compile-prefill`
+  also compiled; floor = FLOPs / rate; the longest length's device time split by kernel kind).
 - Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, with
   each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs) and the
   fastest reported. ms/token = (time of 65 new tokens - time of 1) / 64 on the same cache size, so prefill cancels.
@@ -20,7 +21,7 @@ import sys
 import time
 
 import torch
-from bench_prefill import best_prefill, matmul_tflops, median_ms, prefill_flops
+from bench_prefill import matmul_tflops, median_ms, prefill_table
 from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
 from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -101,24 +102,6 @@ def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def prefill_table(fastgpt, llama, config: FastGPTConfig, lengths: list[int], peak: float) -> list[str]:
-    rows = ["| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | floor ms | peak GiB Llama/FastGPT |"]
-    rows.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for length in lengths:
-        input_ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
-        llama_ms, llama_backend, llama_gib = best_prefill(llama, input_ids)
-        ours_ms, our_backend, our_gib = best_prefill(fastgpt, input_ids)
-        floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
-        rows.append(
-            f"| {length} | {llama_ms:.1f} ({llama_backend}) | {ours_ms:.1f} ({our_backend}) | "
-            f"{llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {llama_gib:.1f} / {our_gib:.1f} |"
-        )
-        print(rows[-1], flush=True)
-    for model in (fastgpt, llama):
-        model.set_attn_implementation("sdpa")
-    return rows
-
-
 def decode_table(
     models: dict, config: FastGPTConfig, shapes: list[tuple[int, int]], bandwidth: float, settings: list[str]
 ) -> list[str]:
@@ -151,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="1b")
     parser.add_argument("--prefill", type=int, nargs="*", help="prefill lengths (default 2048 8192 32768 if given)")
+    parser.add_argument("--compile-prefill", action="store_true", help="also time prefill under torch.compile")
     parser.add_argument("--decode", nargs="*", default=[], help="BATCH:CONTEXT pairs, e.g. 1:2048 32:8192")
     parser.add_argument(
         "--weights", nargs="+", default=["bf16"], choices=("bf16", "int8"), help="decode with these weights"
@@ -173,7 +157,8 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     sections = []
     if args.prefill is not None:
-        sections.append(prefill_table(fastgpt, llama, config, args.prefill or [2048, 8192, 32768], peak))
+        lengths = args.prefill or [2048, 8192, 32768]
+        sections.append(prefill_table(fastgpt, llama, lengths, peak, args.compile_prefill))
     shapes = [tuple(int(part) for part in shape.split(":")) for shape in args.decode]
     if shapes and "bf16" in args.weights:
         sections.append(

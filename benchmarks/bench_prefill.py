@@ -1,16 +1,22 @@
 """Prefill time of FastGPT against a LlamaForCausalLM of the same shape, side by side, on one CUDA device.
 
 Both models get random bf16 weights of the chosen preset's shape and run `model(input_ids, logits_to_keep=1)` (what
-generate() does for a prompt). Each model runs with every attention backend it supports, and its fastest is
-reported. The floor is FLOPs over the measured bf16 matmul rate: dense projections and MLP, plus attention over the
-score entries each layer actually computes (from `attention_sparsity`).
+generate() does for a prompt). Each model runs with every attention backend it supports, with `--compile` also
+under `torch.compile` (static shapes), and its fastest setting is reported. At the longest length, one prefill of
+each model in its fastest setting is profiled and its device time split by kernel kind (attention, matmul, other:
+norms, rotary, activations, copies), which says where the time goes. The floor is FLOPs over the measured bf16
+matmul rate: dense projections and MLP, plus attention over the score entries each layer actually computes (from
+`attention_sparsity`).
 
-    python benchmarks/bench_prefill.py --preset 1b --lengths 2048 8192 32768
+    python benchmarks/bench_prefill.py --preset 1b --lengths 2048 8192 32768 --compile
 """
 
 import argparse
+from collections import Counter
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
@@ -48,22 +54,88 @@ def prefill_flops(model: FastGPTForCausalLM, length: int) -> float:
     return 2 * dense_parameters * length + 4 * config.num_attention_heads * config.head_dim * attention_entries
 
 
-def best_prefill(model, input_ids) -> tuple[float, str, float]:
-    """(fastest median ms, its backend, peak GiB) over BACKENDS."""
+def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, str, float]:
+    """(fastest median ms, its setting, peak GiB) over BACKENDS, each eager and, with `compile_too`, compiled."""
     results = []
     for backend in BACKENDS:
         model.set_attn_implementation(backend)
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            milliseconds = median_ms(lambda: model(input_ids, logits_to_keep=1, use_cache=False))
-        results.append((milliseconds, backend, torch.cuda.max_memory_allocated() / 2**30))
+        for compiled in (False, True) if compile_too else (False,):
+            torch._dynamo.reset()
+            forward = torch.compile(model, dynamic=False) if compiled else model
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                milliseconds = median_ms(lambda forward=forward: forward(input_ids, logits_to_keep=1, use_cache=False))
+            setting = f"{backend}, compiled" if compiled else backend
+            results.append((milliseconds, setting, torch.cuda.max_memory_allocated() / 2**30))
     return min(results)
+
+
+def kernel_kind(name: str) -> str:
+    """attention, matmul or other, from a CUDA kernel's name (cuDNN / flash / efficient / flex attention kernels;
+    cuBLAS, nvjet and CUTLASS matmuls)."""
+    lowered = name.lower()
+    if any(word in lowered for word in ("attention", "fmha", "flash", "sdpa", "flex")):
+        return "attention"
+    if any(word in lowered for word in ("gemm", "nvjet", "cutlass", "xmma", "cublas")):
+        return "matmul"
+    return "other"
+
+
+def time_by_kernel_kind(model, input_ids, setting: str) -> Counter:
+    """Device ms of one prefill in `setting` (as `best_prefill` names it), summed by `kernel_kind`."""
+    backend, _, compiled = setting.partition(", ")
+    model.set_attn_implementation(backend)
+    torch._dynamo.reset()
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    with torch.no_grad():
+        for _ in range(2):
+            forward(input_ids, logits_to_keep=1, use_cache=False)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            forward(input_ids, logits_to_keep=1, use_cache=False)
+            torch.cuda.synchronize()
+    times = Counter()
+    for event in profiler.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            times[kernel_kind(event.key)] += event.self_device_time_total / 1000
+    return times
+
+
+def prefill_table(fastgpt, llama, lengths: list[int], peak: float, compile_too: bool) -> list[str]:
+    """Both models' fastest prefill per length, the FLOP floor, then where the time goes at the longest length."""
+    rows = ["| tokens | Llama ms (setting) | FastGPT ms (setting) | speed-up | floor ms | peak GiB Llama/FastGPT |"]
+    rows.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    settings = {}
+    for length in lengths:
+        input_ids = torch.randint(0, fastgpt.config.vocab_size, (1, length), device="cuda")
+        llama_ms, settings["Llama"], llama_gib = best_prefill(llama, input_ids, compile_too)
+        ours_ms, settings["FastGPT"], our_gib = best_prefill(fastgpt, input_ids, compile_too)
+        floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
+        rows.append(
+            f"| {length} | {llama_ms:.1f} ({settings['Llama']}) | {ours_ms:.1f} ({settings['FastGPT']}) | "
+            f"{llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {llama_gib:.1f} / {our_gib:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    rows += ["", f"Device time of one {length}-token prefill by kernel kind, each model in its fastest setting:", ""]
+    rows.append("| model (setting) | attention ms | matmul ms | other ms | all kernels ms |")
+    rows.append("| --- | ---: | ---: | ---: | ---: |")
+    for name, model in (("Llama", llama), ("FastGPT", fastgpt)):
+        times = time_by_kernel_kind(model, input_ids, settings[name])
+        rows.append(
+            f"| {name} ({settings[name]}) | {times['attention']:.1f} | {times['matmul']:.1f} | {times['other']:.1f} | "
+            f"{sum(times.values()):.1f} |"
+        )
+        print(rows[-1], flush=True)
+        model.set_attn_implementation("sdpa")
+    torch._dynamo.reset()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="1b")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--compile", action="store_true", help="also time each backend under torch.compile")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = FastGPTConfig.from_preset(args.preset)
@@ -71,17 +143,7 @@ def main() -> None:
     fastgpt = FastGPTForCausalLM(config).to("cuda", torch.bfloat16).eval()
     llama = LlamaForCausalLM(llama_config(config)).to("cuda", torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()}; bf16 matmul {peak:.0f} TFLOP/s; preset {args.preset}")
-    print("| tokens | Llama ms (backend) | FastGPT ms (backend) | speed-up | floor ms | peak GiB Llama/FastGPT |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for length in args.lengths:
-        input_ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
-        llama_ms, llama_backend, llama_gib = best_prefill(llama, input_ids)
-        ours_ms, our_backend, our_gib = best_prefill(fastgpt, input_ids)
-        floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
-        print(
-            f"| {length} | {llama_ms:.1f} ({llama_backend}) | {ours_ms:.1f} ({our_backend}) | "
-            f"{llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {llama_gib:.1f} / {our_gib:.1f} |"
-        )
+    prefill_table(fastgpt, llama, args.lengths, peak, args.compile)
 
 
 if __name__ == "__main__":
