@@ -89,26 +89,43 @@ def test_offloaded_caches_give_the_dynamic_cache_tokens(cache_implementation):
     assert torch.equal(offloaded, expected)
 
 
-def test_compiled_one_token_update_writes_slots_not_the_buffer():
-    """Inductor's kernels for a decode step's cache update touch a few slots: none spans the `[B, K, N + 1, D]`
-    buffer (two writes into one buffer once made inductor copy all of it every step, 3x slower decode at 13b)."""
+@pytest.mark.parametrize("layer_kind", ["sliding or full", "dynamic"])
+def test_compiled_one_token_update_writes_slots_not_the_buffers(layer_kind):
+    """Inductor's kernels for a decode step's cache update touch a few slots and blocks: none spans a `[B, K, N + 1,
+    D]` key buffer or a `[B, K, C, D]` block buffer (two writes into one buffer once made inductor copy all of it
+    every step, 3x slower decode at 13b; a scatter into block sums does the same)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
 
-    from fastgpt_hf.cache_fastgpt import StaticRolledLayer
+    from fastgpt_hf.cache_fastgpt import StaticCompressedLayer, StaticRolledLayer
 
-    layer = StaticRolledLayer(max_positions=4096, kept_length=1023)
+    dynamic = layer_kind == "dynamic"
+    layer = StaticCompressedLayer(4096, 1023, 16) if dynamic else StaticRolledLayer(4096, 1023)
     new_keys = torch.randn(2, 4, 1, 64, device="cuda")
     layer.lazy_initialization(new_keys, new_keys)
+    compressor = torch.nn.Linear(64, 64, device="cuda")
+    positions = torch.full((2, 1), 100, device="cuda")
 
     def decode_update(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         cached_keys, cached_values = layer.update(keys, values)
-        return cached_keys[:, :, -1] + cached_values[:, :, -1]
+        output = cached_keys[:, :, -1] + cached_values[:, :, -1]
+        if dynamic:
+            compressed_keys, _, _ = layer.add_and_compress(
+                keys,
+                values,
+                positions,
+                None,
+                lambda key_means, value_means: (compressor(key_means), compressor(value_means)),
+            )
+            output = output + compressed_keys[:, :, 0]
+        return output
 
     torch._dynamo.reset()
-    _, code = run_and_get_code(torch.compile(decode_update, fullgraph=True), new_keys, new_keys)
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(decode_update, fullgraph=True), new_keys, new_keys)
     kernel_sizes = [int(size) for size in re.findall(r"xnumel = (\d+)", "\n".join(code))]
+    buffers = [layer.keys, *(layer.block_buffers() if dynamic else [])]
     assert kernel_sizes, "no triton kernel generated"
-    assert max(kernel_sizes) < layer.keys.numel() // 100
+    assert max(kernel_sizes) < min(buffer.numel() for buffer in buffers if buffer.dim() == 4) // 100
     assert torch.equal(layer.keys[:, :, -1], new_keys[:, :, 0])

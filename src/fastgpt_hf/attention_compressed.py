@@ -52,14 +52,26 @@ def add_block_statistics(
 ) -> torch.Tensor:
     """Add the real tokens of `[B, K, T, D]` keys and values to their blocks' sums and counts, in place.
 
-    Returns each token's block `[B, T]` (block 0 for padding, which adds nothing)."""
+    Returns each token's block `[B, T]` (block 0 for padding, which adds nothing). Accumulating `index_put_`, not
+    `scatter_add_`: compiled code (a decode step) then updates the buffers in place, where inductor copies the
+    whole buffer around a scatter."""
     weight = torch.ones_like(positions, dtype=counts.dtype) if is_real is None else is_real.to(counts.dtype)
     block_ids = torch.where(weight > 0, positions // block_size, 0)
-    counts.scatter_add_(1, block_ids, weight)
-    index = block_ids[:, None, :, None].expand(-1, key_sums.shape[1], -1, key_sums.shape[3])
+    counts.index_put_(block_index(block_ids), weight, accumulate=True)
+    index = block_index(block_ids, key_sums.shape[1])
     for sums, states in ((key_sums, key_states), (value_sums, value_states)):
-        sums.scatter_add_(2, index, states.to(sums.dtype) * weight[:, None, :, None])
+        sums.index_put_(index, states.to(sums.dtype) * weight[:, None, :, None], accumulate=True)
     return block_ids
+
+
+def block_index(block_ids: torch.Tensor, kv_heads: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Indices of each token's block: into `[B, C]` counts, or with `kv_heads` into `[B, K, C, D]` block tensors
+    (selecting `[B, K, T, D]`)."""
+    rows = torch.arange(block_ids.shape[0], device=block_ids.device)[:, None]
+    if kv_heads is None:
+        return rows, block_ids
+    heads = torch.arange(kv_heads, device=block_ids.device)[None, :, None]
+    return rows[:, :, None], heads, block_ids[:, None, :]
 
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:

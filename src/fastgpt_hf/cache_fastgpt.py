@@ -37,7 +37,7 @@ from transformers.cache_utils import (
     StaticLayer,
 )
 
-from .attention_compressed import add_block_statistics
+from .attention_compressed import add_block_statistics, block_index
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 
 # The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
@@ -96,14 +96,13 @@ class CompressedBlocks:
             self.compress_block_size,
         )
         if key_states.shape[2] == 1:
-            _, kv_heads, _, head_dim = self.block_key_sums.shape
-            index = block_ids[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
-            denominator = self.block_counts.gather(1, block_ids).clamp(min=1)[:, None, :, None]
-            key_means = self.block_key_sums.gather(2, index) / denominator
-            value_means = self.block_value_sums.gather(2, index) / denominator
-            keys, values = compress(key_means, value_means)
-            self.compressed_keys.scatter_(2, index, keys.to(self.compressed_keys.dtype))
-            self.compressed_values.scatter_(2, index, values.to(self.compressed_values.dtype))
+            index = block_index(block_ids, self.block_key_sums.shape[1])
+            denominator = self.block_counts[block_index(block_ids)].clamp(min=1)[:, None, :, None]
+            # Only the blocks the new tokens joined: `[B, K, 1, D]` means in, entries written back in place.
+            sums = (self.block_key_sums[index], self.block_value_sums[index])
+            keys, values = compress(sums[0] / denominator, sums[1] / denominator)
+            self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
+            self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
         else:
             denominator = self.block_counts.clamp(min=1)[:, None, :, None]
             keys, values = compress(self.block_key_sums / denominator, self.block_value_sums / denominator)
