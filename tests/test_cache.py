@@ -3,12 +3,15 @@
 Tolerance: float64 models, logits within 1e-9 of `reference_logits` (measured: about 4e-14).
 """
 
+import re
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 from transformers import DynamicCache
 
 from fastgpt_hf.attention_reference import reference_logits
-from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, StaticCompressedLayer, StaticRolledLayer
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -121,6 +124,44 @@ def test_static_cache_keeps_its_buffers_in_place():
     assert [sliding.keys.shape[2], dynamic.keys.shape[2], full.keys.shape[2]] == [8, 16, LENGTH]
     assert dynamic.block_counts.shape[1] == LENGTH // model.config.compress_block_size
     assert cache.get_seq_length() == 0
+
+
+def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, StaticRolledLayer]:
+    """Inductor's code for one decode step's update of a static layer (ring of 1023 + 1 slots; dynamic: blocks of
+    16 over 4096 positions, 256 blocks) holding `[2, 4, *, 64]` keys, and the layer after that step."""
+    dynamic = layer_kind == "dynamic"
+    layer = StaticCompressedLayer(4096, 1023, 16) if dynamic else StaticRolledLayer(4096, 1023)
+    new_keys = torch.randn(2, 4, 1, 64, device=device)
+    layer.lazy_initialization(new_keys, new_keys)
+    compressor = torch.nn.Linear(64, 64, device=device)
+    positions = torch.full((2, 1), 100, device=device)
+
+    def compress(key_means: torch.Tensor, value_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return compressor(key_means), compressor(value_means)
+
+    def decode_update(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        cached_keys, cached_values = layer.update(keys, values)
+        output = cached_keys[:, :, -1] + cached_values[:, :, -1]
+        if dynamic:
+            output = output + layer.add_and_compress(keys, values, positions, None, compress)[0][:, :, 0]
+        return output
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(decode_update, fullgraph=True), new_keys, new_keys)
+    assert torch.equal(layer.keys[:, :, -1], new_keys[:, :, 0])
+    return "\n".join(code), layer
+
+
+@pytest.mark.parametrize("layer_kind", ["sliding or full", "dynamic"])
+def test_compiled_one_token_update_loops_over_no_slots_or_blocks(layer_kind):
+    """A compiled decode step writes a few slots and blocks in place: the CPU code's loops run over batch, heads and
+    head_dim only. Two writes into one key buffer (the rolled layer's first version) and a scatter into the block
+    sums each made inductor copy the whole buffer every step, in loops over its 1024 slots or 256 blocks."""
+    code, _ = compiled_one_token_update(layer_kind, "cpu")
+    loop_bounds = [int(bound) for bound in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", code)]
+    assert loop_bounds, "no loop in the generated code"
+    assert max(loop_bounds) < 256
 
 
 def test_static_cache_refuses_more_positions_than_it_holds():

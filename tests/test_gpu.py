@@ -4,12 +4,15 @@ Tolerances are relative, ||out - ref|| / ||ref|| over real tokens: bf16 operands
 float32 (TF32 off) far under 1e-3.
 """
 
+import re
+
 import pytest
 import torch
 
 from fastgpt_hf.attention_reference import reference_logits
 
 from .conftest import left_padded_batch, tiny_model
+from .test_cache import compiled_one_token_update
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,41 +94,11 @@ def test_offloaded_caches_give_the_dynamic_cache_tokens(cache_implementation):
 
 @pytest.mark.parametrize("layer_kind", ["sliding or full", "dynamic"])
 def test_compiled_one_token_update_writes_slots_not_the_buffers(layer_kind):
-    """Inductor's kernels for a decode step's cache update touch a few slots and blocks: none spans a `[B, K, N + 1,
-    D]` key buffer or a `[B, K, C, D]` block buffer (two writes into one buffer once made inductor copy all of it
-    every step, 3x slower decode at 13b; a scatter into block sums does the same)."""
-    import re
-
-    from torch._inductor.utils import run_and_get_code
-
-    from fastgpt_hf.cache_fastgpt import StaticCompressedLayer, StaticRolledLayer
-
-    dynamic = layer_kind == "dynamic"
-    layer = StaticCompressedLayer(4096, 1023, 16) if dynamic else StaticRolledLayer(4096, 1023)
-    new_keys = torch.randn(2, 4, 1, 64, device="cuda")
-    layer.lazy_initialization(new_keys, new_keys)
-    compressor = torch.nn.Linear(64, 64, device="cuda")
-    positions = torch.full((2, 1), 100, device="cuda")
-
-    def decode_update(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        cached_keys, cached_values = layer.update(keys, values)
-        output = cached_keys[:, :, -1] + cached_values[:, :, -1]
-        if dynamic:
-            compressed_keys, _, _ = layer.add_and_compress(
-                keys,
-                values,
-                positions,
-                None,
-                lambda key_means, value_means: (compressor(key_means), compressor(value_means)),
-            )
-            output = output + compressed_keys[:, :, 0]
-        return output
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        _, code = run_and_get_code(torch.compile(decode_update, fullgraph=True), new_keys, new_keys)
-    kernel_sizes = [int(size) for size in re.findall(r"xnumel = (\d+)", "\n".join(code))]
-    buffers = [layer.keys, *(layer.block_buffers() if dynamic else [])]
+    """The CUDA twin of test_cache's loop check: no triton kernel of a decode step's cache update spans 1% of a
+    `[B, K, N + 1, D]` key buffer or a `[B, K, C, D]` block buffer (the whole-buffer copy made 13b decode 2.2x
+    slower)."""
+    code, layer = compiled_one_token_update(layer_kind, "cuda")
+    kernel_sizes = [int(size) for size in re.findall(r"xnumel = (\d+)", code)]
+    buffers = [layer.keys, *(layer.block_buffers() if layer_kind == "dynamic" else [])]
     assert kernel_sizes, "no triton kernel generated"
     assert max(kernel_sizes) < min(buffer.numel() for buffer in buffers if buffer.dim() == 4) // 100
-    assert torch.equal(layer.keys[:, :, -1], new_keys[:, :, 0])
