@@ -54,19 +54,29 @@ def prefill_flops(model: FastGPTForCausalLM, length: int) -> float:
     return 2 * dense_parameters * length + 4 * config.num_attention_heads * config.head_dim * attention_entries
 
 
-def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, str, float]:
-    """(fastest median ms, its setting, peak GiB) over BACKENDS, each eager and, with `compile_too`, compiled."""
+def prefill_forward(model, backend: str, compiled: bool):
+    """`model` set to `backend`, compiled (static shapes, fresh dynamo caches) or not: a forward to call."""
+    model.set_attn_implementation(backend)
+    torch._dynamo.reset()
+    return torch.compile(model, dynamic=False) if compiled else model
+
+
+def setting_label(setting: tuple[str, bool]) -> str:
+    backend, compiled = setting
+    return f"{backend}, compiled" if compiled else backend
+
+
+def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, tuple[str, bool], float]:
+    """(fastest median ms, its (backend, compiled) setting, peak GiB) over BACKENDS, each eager and, with
+    `compile_too`, compiled."""
     results = []
-    for backend in BACKENDS:
-        model.set_attn_implementation(backend)
-        for compiled in (False, True) if compile_too else (False,):
-            torch._dynamo.reset()
-            forward = torch.compile(model, dynamic=False) if compiled else model
-            torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                milliseconds = median_ms(lambda forward=forward: forward(input_ids, logits_to_keep=1, use_cache=False))
-            setting = f"{backend}, compiled" if compiled else backend
-            results.append((milliseconds, setting, torch.cuda.max_memory_allocated() / 2**30))
+    compile_modes = (False, True) if compile_too else (False,)
+    for setting in [(backend, compiled) for backend in BACKENDS for compiled in compile_modes]:
+        forward = prefill_forward(model, *setting)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            milliseconds = median_ms(lambda forward=forward: forward(input_ids, logits_to_keep=1, use_cache=False))
+        results.append((milliseconds, setting, torch.cuda.max_memory_allocated() / 2**30))
     return min(results)
 
 
@@ -81,12 +91,9 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def time_by_kernel_kind(model, input_ids, setting: str) -> Counter:
-    """Device ms of one prefill in `setting` (as `best_prefill` names it), summed by `kernel_kind`."""
-    backend, _, compiled = setting.partition(", ")
-    model.set_attn_implementation(backend)
-    torch._dynamo.reset()
-    forward = torch.compile(model, dynamic=False) if compiled else model
+def time_by_kernel_kind(model, input_ids, setting: tuple[str, bool]) -> Counter:
+    """Device ms of one prefill in `setting` (backend, compiled), summed by `kernel_kind`."""
+    forward = prefill_forward(model, *setting)
     with torch.no_grad():
         for _ in range(2):
             forward(input_ids, logits_to_keep=1, use_cache=False)
@@ -112,7 +119,8 @@ def prefill_table(fastgpt, llama, lengths: list[int], peak: float, compile_too: 
         ours_ms, settings["FastGPT"], our_gib = best_prefill(fastgpt, input_ids, compile_too)
         floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
         rows.append(
-            f"| {length} | {llama_ms:.1f} ({settings['Llama']}) | {ours_ms:.1f} ({settings['FastGPT']}) | "
+            f"| {length} | {llama_ms:.1f} ({setting_label(settings['Llama'])}) | "
+            f"{ours_ms:.1f} ({setting_label(settings['FastGPT'])}) | "
             f"{llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {llama_gib:.1f} / {our_gib:.1f} |"
         )
         print(rows[-1], flush=True)
@@ -122,8 +130,8 @@ def prefill_table(fastgpt, llama, lengths: list[int], peak: float, compile_too: 
     for name, model in (("Llama", llama), ("FastGPT", fastgpt)):
         times = time_by_kernel_kind(model, input_ids, settings[name])
         rows.append(
-            f"| {name} ({settings[name]}) | {times['attention']:.1f} | {times['matmul']:.1f} | {times['other']:.1f} | "
-            f"{sum(times.values()):.1f} |"
+            f"| {name} ({setting_label(settings[name])}) | {times['attention']:.1f} | {times['matmul']:.1f} | "
+            f"{times['other']:.1f} | {sum(times.values()):.1f} |"
         )
         print(rows[-1], flush=True)
         model.set_attn_implementation("sdpa")
