@@ -7,7 +7,8 @@ and single kernel launches (a step replayed as one CUDA graph has one graph laun
 step: CUDA graph replays hide their kernels from the profiler, so this part compiles without CUDA graphs (same
 kernels) and profiles two generate() calls, `--steps` and twice that many tokens; the difference, over `--steps`,
 is one decode step with the prefill cancelled out. `--layer-kind` builds every layer of one kind, to tell which
-kind costs what.
+kind costs what; `--cache dynamic` profiles generate()'s default instead (dynamic cache, eager: no compile part, and
+the wall time per step beside the kernel time says how much of it the host spends launching).
 
     python benchmarks/profile_decode.py --preset 13b --layers 6 --batch 32 --context 1024
     python benchmarks/profile_decode.py --preset 13b --layers 4 --layer-kind dynamic_attention
@@ -15,6 +16,7 @@ kind costs what.
 """
 
 import argparse
+import time
 from collections import Counter
 
 import torch
@@ -28,26 +30,33 @@ from fastgpt_hf.configuration_fastgpt import LAYER_TYPES
 from fastgpt_hf.training import llama_config
 
 
-def profile_generate(model, prompt: torch.Tensor, new_tokens: int, compile_mode: str) -> profile:
-    """Profile of one greedy generate() of `new_tokens` tokens after two unprofiled warm-up calls."""
+def generate_once(model, prompt: torch.Tensor, new_tokens: int, compile_mode: str, cache: str) -> float:
+    """One greedy generate() of `new_tokens` tokens; its wall seconds."""
     config = GenerationConfig(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=None,
         pad_token_id=0,
-        cache_implementation="static",
+        cache_implementation=cache,
         compile_config=CompileConfig(mode=compile_mode),
     )
-    attention_mask = torch.ones_like(prompt)
+    synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
     with torch.no_grad():
-        for _ in range(2):
-            model.generate(prompt, attention_mask=attention_mask, generation_config=config)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
-        with profile(activities=activities) as profiler:
-            model.generate(prompt, attention_mask=attention_mask, generation_config=config)
-            if prompt.is_cuda:
-                torch.cuda.synchronize()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def profile_generate(model, prompt: torch.Tensor, new_tokens: int, compile_mode: str, cache: str = "static") -> profile:
+    """Profile of one generate_once() after two unprofiled warm-up calls."""
+    for _ in range(2):
+        generate_once(model, prompt, new_tokens, compile_mode, cache)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
+    with profile(activities=activities) as profiler:
+        generate_once(model, prompt, new_tokens, compile_mode, cache)
     return profiler
 
 
@@ -63,23 +72,29 @@ def compile_summary(model, prompt: torch.Tensor, steps: int) -> list[str]:
     ]
 
 
-def step_times(model, prompt: torch.Tensor, steps: int) -> Counter:
-    """Milliseconds per decode step of each kernel (each operator on a CPU), without CUDA graphs."""
+def step_times(model, prompt: torch.Tensor, steps: int, cache: str) -> tuple[Counter, float]:
+    """Milliseconds per decode step of each kernel (each operator on a CPU), without CUDA graphs, and the wall
+    milliseconds per step unprofiled; `cache` "static" (compiled by generate()) or "dynamic" (eager)."""
     on_gpu = prompt.is_cuda
-    totals = []
+    totals, walls = [], []
     for new_tokens in (steps + 1, 2 * steps + 1):
         times = Counter()
-        for event in profile_generate(model, prompt, new_tokens, "default").key_averages():
+        for event in profile_generate(model, prompt, new_tokens, "default", cache).key_averages():
             if on_gpu and event.device_type == DeviceType.CUDA:
                 times[event.key] += event.self_device_time_total / 1000
             elif not on_gpu and event.key.startswith("aten::"):
                 times[event.key] += event.self_cpu_time_total / 1000
         totals.append(times)
-    return Counter({key: (totals[1][key] - totals[0][key]) / steps for key in totals[1]})
+        walls.append(min(generate_once(model, prompt, new_tokens, "default", cache) for _ in range(3)))
+    per_step = Counter({key: (totals[1][key] - totals[0][key]) / steps for key in totals[1]})
+    return per_step, (walls[1] - walls[0]) / steps * 1000
 
 
-def kernel_table(times: Counter, rows: int) -> list[str]:
-    lines = [f"  one decode step: {sum(times.values()):.3f} ms in {len(times)} kernels; the most costly:"]
+def kernel_table(times: Counter, wall_ms: float, rows: int) -> list[str]:
+    lines = [
+        f"  one decode step: {sum(times.values()):.3f} ms in {len(times)} distinct kernels, {wall_ms:.3f} ms of wall "
+        "time; the most costly kernels:"
+    ]
     for name, milliseconds in times.most_common(rows):
         lines.append(f"    {milliseconds:8.3f} ms  {name[:100]}")
     return lines
@@ -94,6 +109,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument(
+        "--cache", choices=("static", "dynamic"), default="static", help="dynamic: generate()'s default, eager"
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
     torch._logging.set_logs(perf_hints=True)  # inductor logs why it skips CUDA graphs
@@ -113,9 +131,10 @@ def main() -> None:
     print(f"preset {args.preset}, layers {config.layer_types}, batch {args.batch} x context {args.context}")
     for name, model in models.items():
         print(f"{name}:")
-        print("\n".join(compile_summary(model, prompt, args.steps)))
-        torch._dynamo.reset()
-        print("\n".join(kernel_table(step_times(model, prompt, args.steps), args.rows)))
+        if args.cache == "static":
+            print("\n".join(compile_summary(model, prompt, args.steps)))
+            torch._dynamo.reset()
+        print("\n".join(kernel_table(*step_times(model, prompt, args.steps, args.cache), args.rows)))
         torch._dynamo.reset()
 
 
