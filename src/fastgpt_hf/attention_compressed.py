@@ -49,29 +49,27 @@ def add_block_statistics(
     positions: torch.Tensor,
     is_real: torch.Tensor | None,
     block_size: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the real tokens of `[B, K, T, D]` keys and values to their blocks' sums and counts, in place.
 
-    Returns each token's block `[B, T]` (block 0 for padding, which adds nothing). Accumulating `index_put_`, not
-    `scatter_add_`: compiled code (a decode step) then updates the buffers in place, where inductor copies the
-    whole buffer around a scatter."""
-    weight = torch.ones_like(positions, dtype=counts.dtype) if is_real is None else is_real.to(counts.dtype)
-    block_ids = torch.where(weight > 0, positions // block_size, 0)
-    counts.index_put_(block_index(block_ids), weight, accumulate=True)
-    index = block_index(block_ids, key_sums.shape[1])
-    for sums, states in ((key_sums, key_states), (value_sums, value_states)):
-        sums.index_put_(index, states.to(sums.dtype) * weight[:, None, :, None], accumulate=True)
-    return block_ids
-
-
-def block_index(block_ids: torch.Tensor, kv_heads: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Indices of each token's block: into `[B, C]` counts, or with `kv_heads` into `[B, K, C, D]` block tensors
-    (selecting `[B, K, T, D]`)."""
+    Returns each token's block `[B, T]` (block 0 for padding, which adds nothing) and the index that selects the
+    tokens' blocks from `[B, K, C, D]` tensors as `[B, K, T, D]`. Accumulating `index_put_`, not `scatter_add_`:
+    compiled code (a decode step) then updates the buffers in place, where inductor copies the whole buffer around
+    a scatter."""
+    if is_real is None:
+        block_ids = positions // block_size
+        weight = torch.ones_like(block_ids, dtype=counts.dtype)
+    else:
+        weight = is_real.to(counts.dtype)
+        block_ids = torch.where(weight > 0, positions // block_size, 0)
     rows = torch.arange(block_ids.shape[0], device=block_ids.device)[:, None]
-    if kv_heads is None:
-        return rows, block_ids
-    heads = torch.arange(kv_heads, device=block_ids.device)[None, :, None]
-    return rows[:, :, None], heads, block_ids[:, None, :]
+    counts.index_put_((rows, block_ids), weight, accumulate=True)
+    heads = torch.arange(key_sums.shape[1], device=block_ids.device)[None, :, None]
+    index = (rows[:, :, None], heads, block_ids[:, None, :])
+    for sums, states in ((key_sums, key_states), (value_sums, value_states)):
+        additions = states.to(sums.dtype) if is_real is None else states.to(sums.dtype) * weight[:, None, :, None]
+        sums.index_put_(index, additions, accumulate=True)
+    return block_ids, index
 
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -110,8 +108,7 @@ def global_branch_attention(
     for start in range(0, query_states.shape[2], QUERY_CHUNK):
         positions = query_positions[:, start : start + QUERY_CHUNK]
         block_visible = block_visibility(positions, block_counts, block_size)
-        memory_visible = block_visible.new_ones(batch, positions.shape[1], memory_keys.shape[0])
-        visible = torch.cat([memory_visible, block_visible], dim=2)[:, None]  # [B, 1, chunk, M + C]
+        visible = F.pad(block_visible, (memory_keys.shape[0], 0), value=True)[:, None]  # [B, 1, chunk, M + C]
         outputs.append(
             F.scaled_dot_product_attention(
                 query_states[:, :, start : start + QUERY_CHUNK],
@@ -123,4 +120,5 @@ def global_branch_attention(
                 enable_gqa=True,
             )
         )
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return output.transpose(1, 2)

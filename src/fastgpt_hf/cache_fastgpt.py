@@ -37,7 +37,7 @@ from transformers.cache_utils import (
     StaticLayer,
 )
 
-from .attention_compressed import add_block_statistics, block_index
+from .attention_compressed import add_block_statistics
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 
 # The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
@@ -85,7 +85,7 @@ class CompressedBlocks:
 
         Call after `update`, so that the blocks cover every position seen."""
         self.ensure_blocks(key_states)
-        block_ids = add_block_statistics(
+        block_ids, index = add_block_statistics(
             self.block_key_sums,
             self.block_value_sums,
             self.block_counts,
@@ -96,11 +96,9 @@ class CompressedBlocks:
             self.compress_block_size,
         )
         if key_states.shape[2] == 1:
-            index = block_index(block_ids, self.block_key_sums.shape[1])
-            denominator = self.block_counts[block_index(block_ids)].clamp(min=1)[:, None, :, None]
             # Only the blocks the new tokens joined: `[B, K, 1, D]` means in, entries written back in place.
-            sums = (self.block_key_sums[index], self.block_value_sums[index])
-            keys, values = compress(sums[0] / denominator, sums[1] / denominator)
+            counts = self.block_counts.gather(1, block_ids).clamp(min=1)[:, None, :, None]
+            keys, values = compress(self.block_key_sums[index] / counts, self.block_value_sums[index] / counts)
             self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
             self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
         else:

@@ -183,7 +183,7 @@ class FastGPTAttention(nn.Module):
             )
             gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
             gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
-            attn_output = gate * attn_output + (1 - gate) * global_output
+            attn_output = torch.lerp(global_output, attn_output, gate)  # gate * local + (1 - gate) * global
         # Contiguous as in Llama: the gate mix keeps sdpa's transposed strides, which a row-sharded o_proj
         # (a DTensor declared with contiguous strides) cannot view.
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
