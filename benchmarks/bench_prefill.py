@@ -74,8 +74,13 @@ def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, tu
     for setting in [(backend, compiled) for backend in BACKENDS for compiled in compile_modes]:
         forward = prefill_forward(model, *setting)
         torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            milliseconds = median_ms(lambda forward=forward: forward(input_ids, logits_to_keep=1, use_cache=False))
+        try:
+            with torch.no_grad():
+                milliseconds = median_ms(lambda forward=forward: forward(input_ids, logits_to_keep=1, use_cache=False))
+        except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
+            failure = f"{type(error).__name__}: {str(error)[:200]}"
+            print(f"  {type(model).__name__} {setting_label(setting)}: failed: {failure}", flush=True)
+            continue
         results.append((milliseconds, setting, torch.cuda.max_memory_allocated() / 2**30))
     return min(results)
 

@@ -61,6 +61,21 @@ def test_cuda_gradients_match_reference(backend):
     assert ((fast - reference).norm() / reference.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
+def test_compiled_model_matches_reference(backend):
+    """`torch.compile(model)` (what the prefill benchmark's compiled setting and a compiled Trainer run): flex_attention
+    is traced inside the outer compile, not called as its own compiled function."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", backend, dtype=torch.float32, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids, attention_mask = left_padded_batch(300)
+    input_ids, attention_mask = input_ids.cuda(), attention_mask.cuda()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model)(input_ids, attention_mask=attention_mask).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.float32]
+
+
 def test_compiled_static_decode_replays_cuda_graphs():
     """generate()'s own compile of the static-cache decode step (inductor, reduce-overhead): one graph, no CUDA
     graph skipped (inductor logs the reason of a skip), the dynamic cache's tokens (float32, TF32 off)."""

@@ -1,8 +1,9 @@
 """Windowed attention through PyTorch's flex_attention with a block mask.
 
 The block mask skips every 128 x 128 tile outside the window, so a sliding layer's work grows as T x window.
-On CUDA the kernel is compiled once per process (flex_attention's fused kernel exists only compiled); on the
-CPU flex_attention runs its unfused reference, which is what the CPU tests use to check this mask.
+On CUDA the kernel is compiled once per process (flex_attention's fused kernel exists only compiled), or by the
+caller's torch.compile when the model runs compiled; on the CPU flex_attention runs its unfused reference, which is
+what the CPU tests use to check this mask.
 """
 
 import functools
@@ -46,6 +47,8 @@ def flex_windowed_attention(
     block_mask = create_block_mask(
         visible, mask_batch, None, query_length, key_length, device=query.device, _compile=query.is_cuda
     )
-    attend = compiled_flex_attention() if query.is_cuda else flex_attention
+    # Inside an outer torch.compile (a compiled model or decode step) flex_attention is traced as it is; calling the
+    # separately compiled one there fails, as Transformers' own flex integration notes.
+    attend = compiled_flex_attention() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
     output = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2), None
