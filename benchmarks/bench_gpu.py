@@ -43,17 +43,23 @@ def copy_bandwidth_gbs() -> float:
     return 2 * source.numel() * 4 / median_ms(lambda: target.copy_(source)) / 1e6
 
 
-def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 3) -> float:
-    """Median wall ms of `generate()` for `new_tokens` greedy tokens, cache sized for NEW_TOKENS either way."""
-    config = GenerationConfig(
+def greedy_config(new_tokens: int, cache_implementation: str, **options) -> GenerationConfig:
+    """Greedy decoding of exactly `new_tokens` tokens (no end-of-sequence stop) with that cache; `options` add to it."""
+    return GenerationConfig(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=None,
         pad_token_id=0,
-        cache_implementation=setting,
-        max_cache_len=prompt.shape[1] + NEW_TOKENS if setting == "static" else None,
+        cache_implementation=cache_implementation,
+        **options,
     )
+
+
+def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 3) -> float:
+    """Median wall ms of `generate()` for `new_tokens` greedy tokens, cache sized for NEW_TOKENS either way."""
+    max_cache_len = prompt.shape[1] + NEW_TOKENS if setting == "static" else None
+    config = greedy_config(new_tokens, setting, max_cache_len=max_cache_len)
     attention_mask = torch.ones_like(prompt)
     times = []
     for _ in range(repeats):

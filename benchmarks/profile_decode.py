@@ -20,10 +20,11 @@ import time
 from collections import Counter
 
 import torch
+from bench_gpu import greedy_config
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.configuration_fastgpt import LAYER_TYPES
@@ -32,15 +33,7 @@ from fastgpt_hf.training import llama_config
 
 def generate_once(model, prompt: torch.Tensor, new_tokens: int, compile_mode: str, cache: str) -> float:
     """One greedy generate() of `new_tokens` tokens; its wall seconds."""
-    config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        cache_implementation=cache,
-        compile_config=CompileConfig(mode=compile_mode),
-    )
+    config = greedy_config(new_tokens, cache, compile_config=CompileConfig(mode=compile_mode))
     synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     synchronize()
     start = time.perf_counter()
