@@ -11,7 +11,13 @@ from torch._inductor.utils import run_and_get_code
 from transformers import DynamicCache
 
 from fastgpt_hf.attention_reference import reference_logits
-from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, StaticCompressedLayer, StaticRolledLayer
+from fastgpt_hf.cache_fastgpt import (
+    FastGPTDynamicCache,
+    FastGPTStaticCache,
+    StaticCompressedLayer,
+    StaticRolledLayer,
+    update_with_key_mask,
+)
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -124,6 +130,43 @@ def test_static_cache_keeps_its_buffers_in_place():
     assert [sliding.keys.shape[2], dynamic.keys.shape[2], full.keys.shape[2]] == [8, 16, LENGTH]
     assert dynamic.block_counts.shape[1] == LENGTH // model.config.compress_block_size
     assert cache.get_seq_length() == 0
+
+
+def test_first_static_prefill_attends_to_its_own_tokens_only():
+    """A prefill into an empty static cache gets back its own keys, not the empty slots beside them: without padding
+    no mask at all (the causal kernels), with padding the new tokens' mask."""
+    model = tiny_model("mixed")
+    key_states = torch.randn(3, 2, 12, 8, dtype=torch.float64)
+    _, attention_mask = left_padded_batch(12)
+    for mask, expected_mask in ((None, None), (attention_mask, attention_mask.bool())):
+        cache = FastGPTStaticCache(model.config, max_cache_len=LENGTH)
+        for layer_idx in range(len(cache.layers)):
+            keys, _, key_is_real = update_with_key_mask(cache, layer_idx, key_states, key_states, mask)
+            assert torch.equal(keys, key_states)
+            assert key_is_real is None if expected_mask is None else torch.equal(key_is_real, expected_mask)
+
+
+@pytest.mark.parametrize("past_tokens", [0, 5, 20])
+def test_compiled_prefill_update_stores_what_eager_stores(past_tokens):
+    """Compiled code reads no token count, so its multi-token update also returns the slots never written (flagged
+    not real); both store the same slots and return the same real keys in the same order."""
+    layers = [StaticRolledLayer(64, 15) for _ in range(2)]
+    past, new = torch.randn(2, 2, past_tokens, 4), torch.randn(2, 2, 6, 4)
+    returned = []
+    for layer, update in zip(layers, (layers[0].update, torch.compile(layers[1].update, fullgraph=True)), strict=True):
+        layer.lazy_initialization(new, new)
+        if past_tokens:
+            layer.update(past, past)
+        torch._dynamo.reset()
+        keys, _ = update(new, new)
+        returned.append((keys.shape[2], keys[:, :, layer.returned_key_is_real[0]]))
+    (eager_length, eager_keys), (compiled_length, compiled_keys) = returned
+    assert (eager_length, compiled_length) == (min(past_tokens, 16) + 6, 16 + 6)
+    assert torch.equal(eager_keys, compiled_keys)
+    assert torch.equal(eager_keys[:, :, -6:], new)
+    eager, compiled = layers
+    for name in ("keys", "values", "slot_is_real", "cumulative_length"):
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
 
 
 def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, StaticRolledLayer]:

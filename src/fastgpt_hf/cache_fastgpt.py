@@ -202,10 +202,11 @@ class StaticRolledLayer(StaticLayer):
     """Fixed `[B, K, N + 1, D]` buffers holding the last N + 1 keys and values, for `torch.compile`.
 
     Slot N holds the newest token; slots [0, N) are a ring of the N before it, the j-th token to leave slot N going
-    to slot j % N. A one-token step (decode) therefore writes three slots and returns the buffers themselves: the
+    to slot j % N. A one-token step (decode) therefore writes two slots and returns the buffers themselves: the
     query is the last returned key and every other real slot is within its window, so their order does not matter,
     and no step copies the cache. A longer step (prefill) returns the past in time order followed by the new tokens
-    (`[B, K, N + 1 + T, D]`, queries last) and stores the last N + 1 of them. Slots not yet written are zeros, flagged
+    (`[B, K, P + T, D]`, queries last; P = the slots written so far, or all N + 1 in compiled code, which reads no
+    count) and stores the last N + 1 of them. Slots not yet written are zeros, flagged
     not real in `slot_is_real` `[B, N + 1]`, which moves with the keys. The tokens seen (at most `max_positions`) are
     counted in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes
     every step would make every compiled decode step a new CUDA graph.
@@ -243,17 +244,22 @@ class StaticRolledLayer(StaticLayer):
             self.push_one(key_states, value_states, is_real.bool())
             self.returned_key_is_real = self.slot_is_real
             return self.keys, self.values
-        ring_in_time_order = self.ring_slots(self.cumulative_length)
+        newest_slot = torch.full((1,), self.ring_length, dtype=torch.long, device=self.device)
+        past_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])
+        if not torch.compiler.is_compiling():
+            # Outside compiled code the slots never written are left out: a first prefill attends to its own tokens
+            # only (causal kernels, no mask), not to max_cache_len empty slots besides.
+            past_order = past_order[self.max_cache_len - min(int(self.cumulative_length), self.max_cache_len) :]
         self.cumulative_length.add_(key_states.shape[2])
-        past_order = torch.cat([ring_in_time_order, ring_in_time_order.new_full((1,), self.ring_length)])
         all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
         all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
         self.returned_key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real.bool()], dim=1)
-        stored_order = torch.cat([self.ring_slots(self.cumulative_length), past_order[-1:]])
-        kept = slice(all_keys.shape[2] - self.max_cache_len, None)
-        self.keys.index_copy_(2, stored_order, all_keys[:, :, kept])
-        self.values.index_copy_(2, stored_order, all_values[:, :, kept])
-        self.slot_is_real.index_copy_(1, stored_order, self.returned_key_is_real[:, kept])
+        # The last min(S, N + 1) returned tokens go to the ring, oldest first, and the newest to slot N.
+        stored = min(all_keys.shape[2], self.max_cache_len)
+        stored_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])[-stored:]
+        self.keys.index_copy_(2, stored_order, all_keys[:, :, -stored:])
+        self.values.index_copy_(2, stored_order, all_values[:, :, -stored:])
+        self.slot_is_real.index_copy_(1, stored_order, self.returned_key_is_real[:, -stored:])
         return all_keys, all_values
 
     def ring_slots(self, tokens_seen: torch.Tensor) -> torch.Tensor:
@@ -282,9 +288,11 @@ class StaticRolledLayer(StaticLayer):
         return self.max_positions
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Keys returned by the next `update` and the position of the oldest (negative while slots are empty)."""
-        returned = self.max_cache_len if query_length == 1 else self.max_cache_len + query_length
-        return returned, int(self.cumulative_length) + query_length - returned
+        """Keys returned by the next `update` outside compiled code and the position of the oldest (negative while
+        slots are empty)."""
+        seen = int(self.cumulative_length)
+        returned = self.max_cache_len if query_length == 1 else min(seen, self.max_cache_len) + query_length
+        return returned, seen + query_length - returned
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("FastGPT's static cache cannot be cropped; use generation modes without cache rollback.")
@@ -345,7 +353,9 @@ def update_with_key_mask(
     new_is_real = None if attention_mask is None else attention_mask[:, -key_states.shape[2] :]
     if isinstance(layer, StaticRolledLayer):
         all_keys, all_values = cache.update(key_states, value_states, layer_idx, is_real=new_is_real)
-        return all_keys, all_values, layer.returned_key_is_real
+        # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
+        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
+        return all_keys, all_values, None if only_new_real_tokens else layer.returned_key_is_real
     seen_length = layer.get_seq_length() + key_states.shape[2]
     all_keys, all_values = cache.update(key_states, value_states, layer_idx)
     return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
