@@ -7,6 +7,7 @@ they are not multiples of, left-padded batches (padding positions are not compar
 import pytest
 import torch
 
+from fastgpt_hf.attention_compressed import global_branch_attention
 from fastgpt_hf.attention_reference import reference_logits
 
 from .conftest import STACKS, left_padded_batch, tiny_model
@@ -75,3 +76,32 @@ def test_backend_gradients_match_reference(backend, length):
     reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
     for name, gradient in reference.items():
         torch.testing.assert_close(fast[name], gradient, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("queries_per_call", [1, 7])
+def test_global_branch_is_the_same_in_any_number_of_sdpa_calls(queries_per_call):
+    """A long prefill's global branch goes to sdpa in chunks of queries; chunked or not, the same output."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, head_dim, memory, block_size = 2, 4, 2, 50, 8, 3, 4
+    blocks = -(-length // block_size)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    positions = torch.arange(length).expand(batch, -1)
+    counts = torch.full((batch, blocks), float(block_size), dtype=torch.float64)
+    arguments = (
+        random(batch, heads, length, head_dim),
+        positions,
+        random(memory, kv_heads, head_dim),
+        random(memory, kv_heads, head_dim),
+        random(batch, kv_heads, blocks, head_dim),
+        random(batch, kv_heads, blocks, head_dim),
+        counts,
+        block_size,
+        head_dim**-0.5,
+    )
+    one_call = global_branch_attention(*arguments)
+    keys_per_row = memory + blocks
+    chunked = global_branch_attention(*arguments, mask_entries_per_call=batch * keys_per_row * queries_per_call)
+    torch.testing.assert_close(chunked, one_call, rtol=1e-12, atol=1e-12)

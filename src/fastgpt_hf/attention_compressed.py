@@ -11,8 +11,10 @@ precision in bf16.
 import torch
 import torch.nn.functional as F
 
-# Queries per sdpa call in the global branch: bounds its scores to QUERY_CHUNK x (M + S / b) per head.
-QUERY_CHUNK = 1024
+# Mask entries (batch x queries x keys) per sdpa call of the global branch: bounds each call's mask, and its scores
+# (times the heads) where a backend materializes them, while a long prefill makes a few large calls, not many small
+# launch-bound ones (32K tokens of the `1b` preset at batch 1: 5 calls per layer; 1,024 queries a call made 32).
+MASK_ENTRIES_PER_CALL = 2**22
 
 
 def block_statistics(
@@ -74,9 +76,8 @@ def add_block_statistics(
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
     """`[B, T, C]` bool: block c is complete at each query position `[B, T]` and holds a real token."""
-    block_index = torch.arange(counts.shape[1], device=positions.device)
-    complete = (block_index + 1) * block_size - 1 <= positions[:, :, None]
-    return complete & (counts[:, None, :] > 0)
+    last_positions = torch.arange(block_size - 1, block_size * counts.shape[1], block_size, device=positions.device)
+    return (last_positions <= positions[:, :, None]) & (counts[:, None, :] > 0)
 
 
 def global_branch_attention(
@@ -90,6 +91,7 @@ def global_branch_attention(
     block_size: int,
     scaling: float,
     dropout: float = 0.0,
+    mask_entries_per_call: int = MASK_ENTRIES_PER_CALL,
 ) -> torch.Tensor:
     """Softmax attention of pre-rotary queries over memory slots and visible compressed blocks.
 
@@ -97,21 +99,24 @@ def global_branch_attention(
         query_states: `[B, H, T, D]`, before rotary; query_positions: `[B, T]`.
         memory_keys, memory_values: `[M, K, D]`.
         block_keys, block_values: `[B, K, C, D]`, already compressed; block_counts: `[B, C]`.
+        mask_entries_per_call: queries go to sdpa in chunks whose `[B, 1, chunk, M + C]` mask has at most this many
+            entries (at least one query a call), so no tensor grows as T x C.
     Returns:
-        `[B, T, H, D]`. Queries go in chunks of QUERY_CHUNK, so no tensor grows as T x C.
+        `[B, T, H, D]`.
     """
-    batch = query_states.shape[0]
+    batch, _, query_length, _ = query_states.shape
     memory_shape = (batch, -1, -1, -1)
     keys = torch.cat([memory_keys.transpose(0, 1).expand(memory_shape).to(block_keys.dtype), block_keys], dim=2)
     values = torch.cat([memory_values.transpose(0, 1).expand(memory_shape).to(block_values.dtype), block_values], 2)
+    queries_per_call = max(1, mask_entries_per_call // (batch * keys.shape[2]))
     outputs = []
-    for start in range(0, query_states.shape[2], QUERY_CHUNK):
-        positions = query_positions[:, start : start + QUERY_CHUNK]
+    for start in range(0, query_length, queries_per_call):
+        positions = query_positions[:, start : start + queries_per_call]
         block_visible = block_visibility(positions, block_counts, block_size)
         visible = F.pad(block_visible, (memory_keys.shape[0], 0), value=True)[:, None]  # [B, 1, chunk, M + C]
         outputs.append(
             F.scaled_dot_product_attention(
-                query_states[:, :, start : start + QUERY_CHUNK],
+                query_states[:, :, start : start + queries_per_call],
                 keys,
                 values,
                 attn_mask=visible,
