@@ -5,10 +5,11 @@ Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B'
 - Prefill (`--prefill`): `bench_prefill.py`'s table (each model's fastest attention backend, with `--compile-prefill`
   also compiled; floor = FLOPs / rate; the longest length's device time split by kernel kind).
 - Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, with
-  each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs) and the
-  fastest reported. ms/token = (time of 65 new tokens - time of 2) / 63 on the same cache size: the prefill and the
-  first decode step cancel (generate() builds a new static cache per call, at new addresses, so its first compiled
-  step records the CUDA graphs again). The time of those first 2 tokens is printed beside each setting.
+  each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs; with
+  `--settings static-autotune`, the static cache compiled in max-autotune mode) and the fastest reported.
+  ms/token = (time of 65 new tokens - time of 2) / 63 on the same cache size: the prefill and the first decode step
+  cancel (generate() builds a new static cache per call, at new addresses, so its first compiled step records the
+  CUDA graphs again). The time of those first 2 tokens is printed beside each setting.
   Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight and the whole cache.
 - `--weights bf16 int8`: decode with bf16 weights, and/or with torchao int8 weight-only Linear layers (FastGPT's
   precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares).
@@ -25,13 +26,17 @@ import time
 import torch
 from bench_prefill import matmul_tflops, median_ms, prefill_table
 from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
-from transformers import GenerationConfig, LlamaForCausalLM
+from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
 from fastgpt_hf.training import llama_config
 
-SETTINGS = ("dynamic", "static")
+# generate() settings: the cache, and for "static-autotune" the static cache compiled in inductor's max-autotune mode
+# (CUDA graphs too): only there does inductor use its triton matmul templates, into which it can fuse the int8 ->
+# bf16 conversion of torchao's weight-only Linear layers; otherwise it converts the whole weight before cuBLAS.
+SETTINGS = ("dynamic", "static", "static-autotune")
+DEFAULT_SETTINGS = ("dynamic", "static")
 NEW_TOKENS = 65
 BASELINE_TOKENS = 2  # the prefill and one decode step, the one that may record CUDA graphs
 
@@ -58,8 +63,12 @@ def greedy_config(new_tokens: int, cache_implementation: str, **options) -> Gene
 
 def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 3) -> float:
     """Median wall ms of `generate()` for `new_tokens` greedy tokens, cache sized for NEW_TOKENS either way."""
-    max_cache_len = prompt.shape[1] + NEW_TOKENS if setting == "static" else None
-    config = greedy_config(new_tokens, setting, max_cache_len=max_cache_len)
+    if setting == "dynamic":
+        config = greedy_config(new_tokens, "dynamic")
+    else:
+        compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
+        max_cache_len = prompt.shape[1] + NEW_TOKENS
+        config = greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config)
     attention_mask = torch.ones_like(prompt)
     times = []
     for _ in range(repeats):
@@ -162,7 +171,9 @@ def main() -> None:
     parser.add_argument(
         "--weights", nargs="+", default=["bf16"], choices=("bf16", "int8"), help="decode with these weights"
     )
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, help="generate settings")
+    parser.add_argument(
+        "--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=SETTINGS, help="generate() settings"
+    )
     parser.add_argument("--results", help="markdown file to append the tables to")
     args = parser.parse_args()
     torch.manual_seed(0)
