@@ -104,6 +104,16 @@ def test_overlapping_strides_score_every_token_once(model):
     input_ids = torch.randint(0, 128, (45,), generator=torch.Generator().manual_seed(2))
     nll, scored = strided_nll(model, input_ids, window=16, stride=5)
     assert scored == 44
+    # Windows start at 0, 5, ..., 30; each after the first scores the tokens past the previous window's end. A causal
+    # model's loss on a window's first tokens does not depend on the tokens after them, so what a window adds is its
+    # loss minus the loss of its first tokens.
+    expected = full_window_nll(model, input_ids[0:16])
+    for begin in range(5, 30, 5):
+        expected += full_window_nll(model, input_ids[begin : begin + 16]) - full_window_nll(
+            model, input_ids[begin : begin + 11]
+        )
+    expected += full_window_nll(model, input_ids[30:45]) - full_window_nll(model, input_ids[30:41])
+    assert nll == pytest.approx(expected, rel=LOSS_TOLERANCE)
     # A window as long as the text scores it all with full context: same as one forward pass.
     whole_nll, whole_scored = strided_nll(model, input_ids, window=64, stride=7)
     assert whole_scored == 44 and whole_nll == pytest.approx(full_window_nll(model, input_ids), rel=LOSS_TOLERANCE)
@@ -120,3 +130,7 @@ def test_per_word_perplexity_is_total_nll_over_words():
     assert result.words == count_words(text)
     assert result.per_word == pytest.approx(math.exp(result.nll / result.words), rel=1e-12)
     assert result.per_token == pytest.approx(math.exp(result.nll / result.tokens), rel=1e-12)
+    # One window over the whole text: the model's own loss on BOS + text, every token scored.
+    input_ids = torch.tensor([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]])
+    whole = evaluate_perplexity(model, tokenizer, text, window=len(input_ids), stride=len(input_ids))
+    assert whole.nll == pytest.approx(full_window_nll(model, input_ids), rel=LOSS_TOLERANCE)

@@ -80,7 +80,9 @@ def test_compiled_static_decode_replays_cuda_graphs():
     """generate()'s own compile of the static-cache decode step (inductor, reduce-overhead): one graph, no CUDA
     graph skipped (inductor logs the reason of a skip), the dynamic cache's tokens (float32, TF32 off)."""
     from torch._dynamo.utils import counters
+    from transformers import CompileConfig
 
+    assert CompileConfig().mode == "reduce-overhead"  # generate()'s default: CUDA graphs, which the skips count
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
     input_ids, attention_mask = left_padded_batch(300)
