@@ -70,6 +70,11 @@ def test_unknown_preset():
         ({"compress_block_size": 0}, r"compress_block_size must be a positive integer, got 0"),
         ({"hidden_size": 0}, r"hidden_size must be a positive integer, got 0"),
         ({"head_dim": 15}, r"head_dim must be even"),
+        ({"num_attention_heads": 0}, r"num_attention_heads must be a positive integer, got 0"),
+        ({"hidden_act": "gleu"}, r"hidden_act 'gleu' is not one of Transformers' activations"),
+        ({"attention_dropout": 2.0}, r"attention_dropout must be in \[0, 1\), got 2.0"),
+        ({"pad_token_id": 500}, r"pad_token_id \(500\) must be a token id below vocab_size \(128\)"),
+        ({"rope_parameters": {"rope_type": "lnear", "rope_theta": 1e4}}, r"rope_type'\] 'lnear' is unknown"),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(value),
 )

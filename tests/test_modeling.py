@@ -109,10 +109,32 @@ def test_loss_logits_to_keep_and_outputs():
     torch.testing.assert_close(last[:, 0], output.logits[:, -1])
 
 
-def test_input_longer_than_max_position_embeddings_is_refused():
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_input_longer_than_max_position_embeddings_is_refused(use_cache):
     model = tiny_model("mixed", dtype=torch.float32, max_position_embeddings=64)
     with pytest.raises(ValueError, match=r"reaches 65 positions .* more than max_position_embeddings=64"):
-        model(torch.zeros(1, 65, dtype=torch.long))
+        model(torch.zeros(1, 65, dtype=torch.long), use_cache=use_cache)
+
+
+@pytest.mark.parametrize(
+    ("position_ids", "message"),
+    [
+        (torch.arange(3)[None], r"position_ids must have shape \(batch, new tokens\) = \(2, 5\); got \(1, 3\)"),
+        (torch.arange(10, 15)[None], r"position_ids must be in \[0, 5\).* got values from 10 to 14"),
+        (torch.arange(-1, 4)[None], r"position_ids must be in \[0, 5\).* got values from -1 to 3"),
+    ],
+    ids=["shape", "beyond-the-tokens", "negative"],
+)
+def test_position_ids_that_do_not_count_the_tokens_are_refused(position_ids, message):
+    model = tiny_model("mixed", dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(2, 5, dtype=torch.long), position_ids=position_ids)
+
+
+def test_generate_with_a_mask_shorter_than_the_prompt_is_refused():
+    model = tiny_model("mixed", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"position_ids must have shape .* derives them from attention_mask"):
+        model.generate(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 3), max_new_tokens=2)
 
 
 def test_attention_mask_of_wrong_shape_is_refused():

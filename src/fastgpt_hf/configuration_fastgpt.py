@@ -13,8 +13,9 @@ checks it too.
 
 from huggingface_hub.dataclasses import strict
 from transformers import configuration_utils
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .presets import PRESETS
 
@@ -132,7 +133,8 @@ class FastGPTConfig(PreTrainedConfig):
     fastgpt_hf_version: str | None = None
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None:
+        heads_are_positive = isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0
+        if self.head_dim is None and heads_are_positive:  # otherwise validate_architecture names the bad field
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -200,6 +202,22 @@ class FastGPTConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not one of Transformers' activations: {sorted(ACT2FN)}."
+            )
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}.")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})."
+            )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters['rope_type'] {rope_type!r} is unknown; use 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
 
     def validate_version(self):
         """A recorded `fastgpt_hf_version` must share this code's major.minor (None: a config built here)."""

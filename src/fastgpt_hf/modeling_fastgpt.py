@@ -444,6 +444,8 @@ class FastGPTModel(FastGPTPreTrainedModel):
                     "the real tokens); or pass the mask of every token so far, (batch, cached + new tokens)."
                 )
             position_ids = self.positions(padding_mask, past_length, query_length, inputs_embeds.device)
+        elif not is_torchdynamo_compiling():
+            check_position_ids(position_ids, inputs_embeds.shape[0], past_length, query_length)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -460,9 +462,7 @@ class FastGPTModel(FastGPTPreTrainedModel):
     def past_length(self, cache: Cache | None, query_length: int) -> int | torch.Tensor:
         """Tokens already cached, with the position limits checked. In compiled code the static cache's 0-d device
         counter comes back unchecked: reading it would synchronize, and generate() checks the limits beforehand."""
-        if cache is None:
-            return 0
-        past_length = cache.get_seq_length()
+        past_length = 0 if cache is None else cache.get_seq_length()
         if is_torchdynamo_compiling():
             return past_length
         past_length = int(past_length)
@@ -505,6 +505,24 @@ class FastGPTModel(FastGPTPreTrainedModel):
         if padding_mask is None:
             return (torch.arange(query_length, device=device) + past_length)[None]
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+
+
+def check_position_ids(position_ids: torch.Tensor, batch_size: int, past_length: int, query_length: int) -> None:
+    """Raise a ValueError unless `position_ids` is `[B or 1, T]` and counts tokens from 0: a token's position is at
+    most its index among the cached and new tokens (left padding makes it smaller). The dynamic layers' blocks are
+    sized by the tokens seen, so a larger position has no block."""
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != query_length:
+        raise ValueError(
+            f"position_ids must have shape (batch, new tokens) = ({batch_size}, {query_length}); got "
+            f"{tuple(position_ids.shape)} (generate() derives them from attention_mask, which must then cover every "
+            "token so far)."
+        )
+    lowest, highest = (int(value) for value in torch.aminmax(position_ids))
+    if lowest < 0 or highest >= past_length + query_length:
+        raise ValueError(
+            f"position_ids must be in [0, {past_length + query_length}): positions count the tokens so far from 0 "
+            f"({past_length} cached + {query_length} new); got values from {lowest} to {highest}."
+        )
 
 
 class FastGPTGenerationMixin(GenerationMixin):
