@@ -1,11 +1,16 @@
 """`fastgpt` console script: every subcommand's help, a tiny train / eval / generate / bench, clear errors."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from fastgpt_hf.cli import COMMANDS, main
-from fastgpt_hf.data import CORPUS_FILES
+from fastgpt_hf.data import CORPUS_FILES, evaluate_perplexity, load_tokenizer
+
+from .conftest import tiny_model
 
 HAS_MODEL_CARD = importlib.util.find_spec("fastgpt_hf.model_card") is not None
 
@@ -97,3 +102,34 @@ def test_bad_override_is_a_clear_error(capsys):
     status, _, err = run_cli(["train", "--preset", "tiny", "--set", "sliding_window=-1", "--max-steps", "1"], capsys)
     assert status == 2
     assert "sliding_window must be a positive integer" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--grad-accum", "0"], "argument --grad-accum: must be a positive integer, got 0"),
+        (["train", "--eval-blocks", "-1"], "argument --eval-blocks: must be a positive integer, got -1"),
+        (["eval", "somewhere", "--max-chars", "0"], "argument --max-chars: must be a positive integer, got 0"),
+        (["bench", "--lengths", "x"], "argument --lengths: must be a positive integer, got 'x'"),
+    ],
+    ids=["grad-accum", "eval-blocks", "max-chars", "lengths"],
+)
+def test_counts_that_are_not_positive_are_clear_errors(argv, message, capsys):
+    status, _, err = run_cli(argv, capsys)
+    assert status == 2 and message in err
+
+
+def test_text_too_short_for_one_block_and_empty_text_are_clear_errors(text_files, tmp_path, capsys):
+    train = ["train", "--preset", "tiny", "--output", str(tmp_path / "run"), "--max-steps", "1", "--block-size"]
+    train += ["100000", "--train-file", str(text_files["train"]), "--valid-file", str(text_files["validation"])]
+    status, _, err = run_cli(train, capsys)
+    assert status == 2 and "The train text has fewer tokens than one block of 100000" in err
+    tokenizer = load_tokenizer()
+    model = tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="The text to evaluate has no words"):
+        evaluate_perplexity(model, tokenizer, "", window=32, stride=16)
+
+
+def test_module_runs_as_a_script():
+    finished = subprocess.run([sys.executable, "-m", "fastgpt_hf.cli", "--help"], capture_output=True, text=True)
+    assert finished.returncode == 0 and "train" in finished.stdout

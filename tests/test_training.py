@@ -54,6 +54,14 @@ def test_short_run_on_real_text_lowers_the_loss(tokenizer, blocks, tmp_path):
     assert after["eval_perplexity"] == pytest.approx(torch.tensor(after["eval_loss"]).exp().item(), rel=1e-5)
 
 
+def test_bf16_training_runs_on_this_machine(tokenizer, blocks, tmp_path):
+    """`--precision bf16` is what the package suggests on the CPU: Trainer must accept it there too."""
+    model = model_for_tokenizer("tiny", tokenizer, seed=0)
+    args = training_arguments(tmp_path, max_steps=1, batch_size=4, precision="bf16", show_progress=False)
+    trainer = causal_lm_trainer(model, args, blocks["train"], blocks["validation"].select(range(4)))
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     """float64, so recomputation differences would show: loss and every gradient agree to 1e-12."""
     input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))

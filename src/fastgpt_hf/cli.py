@@ -37,6 +37,17 @@ def parse_override(text: str) -> tuple[str, object]:
         return key, value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (counts, sizes and steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def existing_checkpoint(parser: argparse.ArgumentParser, path: str) -> Path:
     """`path` as a folder holding `config.json`, or a parser error saying what is missing."""
     if not Path(path, "config.json").is_file():
@@ -73,15 +84,15 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-file", help="training text (default: the shipped WikiText-2 train excerpt)")
     parser.add_argument("--valid-file", help="validation text (default: the shipped WikiText-2 valid excerpt)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the shipped byte-level BPE)")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per training block")
-    parser.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per device batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="batches accumulated per optimizer step")
+    parser.add_argument("--block-size", type=positive_int, default=256, help="tokens per training block")
+    parser.add_argument("--max-steps", type=positive_int, default=200, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="blocks per device batch")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="batches accumulated per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
     parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: only at the end)")
-    parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per evaluation")
-    parser.add_argument("--save-steps", type=int, help="write a checkpoint-N folder every N steps")
+    parser.add_argument("--eval-steps", type=positive_int, help="evaluate every N steps (default: only at the end)")
+    parser.add_argument("--eval-blocks", type=positive_int, default=64, help="validation blocks per evaluation")
+    parser.add_argument("--save-steps", type=positive_int, help="write a checkpoint-N folder every N steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument(
         "--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16/fp16 on CUDA"
@@ -146,9 +157,13 @@ def eval_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output; its tokenizer if it has one)")
     parser.add_argument("--file", help="text to evaluate (default: the shipped WikiText-2 valid excerpt)")
-    parser.add_argument("--window", type=int, default=256, help="tokens per window (at most the trained context)")
-    parser.add_argument("--stride", type=int, help="tokens between window starts, at most --window (default: half)")
-    parser.add_argument("--max-chars", type=int, help="evaluate only the first N characters of the file")
+    parser.add_argument(
+        "--window", type=positive_int, default=256, help="tokens per window (at most the trained context)"
+    )
+    parser.add_argument(
+        "--stride", type=positive_int, help="tokens between window starts, at most --window (default: half)"
+    )
+    parser.add_argument("--max-chars", type=positive_int, help="evaluate only the first N characters of the file")
     args = parser.parse_args(argv)
     checkpoint = existing_checkpoint(parser, args.checkpoint)
     existing_file(parser, args.file)
@@ -172,10 +187,10 @@ def generate_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output)")
     parser.add_argument("--prompt", default=" = Robert Boulter = \n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.8, help="with --sample")
-    parser.add_argument("--top-k", type=int, default=50, help="with --sample")
+    parser.add_argument("--top-k", type=positive_int, default=50, help="with --sample")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     checkpoint = existing_checkpoint(parser, args.checkpoint)
@@ -204,8 +219,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="FastGPT checkpoint folder to benchmark")
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random-weight preset (default)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="prompt lengths")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measurement")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[256, 1024, 4096], help="prompt lengths")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per measurement")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama peer")
     args = parser.parse_args(argv)
     import torch
@@ -288,3 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"fastgpt {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -110,7 +110,14 @@ def packed_datasets(
     tokenizer: PreTrainedTokenizerBase, block_size: int, files: dict[str, str | Path] | None = None
 ) -> DatasetDict:
     """`load_text_dataset`, `tokenize_dataset` and `pack_blocks` in one call: ready for `Trainer`."""
-    return pack_blocks(tokenize_dataset(load_text_dataset(files), tokenizer), block_size)
+    packed = pack_blocks(tokenize_dataset(load_text_dataset(files), tokenizer), block_size)
+    for split, blocks in packed.items():
+        if len(blocks) == 0:
+            raise ValueError(
+                f"The {split} text has fewer tokens than one block of {block_size}; use a smaller block size or "
+                "more text."
+            )
+    return packed
 
 
 def count_words(text: str) -> int:
@@ -168,6 +175,8 @@ def evaluate_perplexity(
 ) -> Perplexity:
     """Strided perplexity of `text`, read after a BOS token so that its first token is scored too."""
     input_ids = torch.tensor([tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]])
+    if input_ids.shape[0] < 2 or count_words(text) == 0:
+        raise ValueError("The text to evaluate has no words; give a non-empty text.")
     was_training = model.training
     model.eval()
     nll, tokens = strided_nll(model, input_ids, window, stride, show_progress)

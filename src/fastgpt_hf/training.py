@@ -143,6 +143,8 @@ def training_arguments(
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         bf16=chosen == "bf16",
         fp16=chosen == "fp16",
+        # Trainer takes bf16 without a GPU only when told to stay on the CPU.
+        use_cpu=chosen == "bf16" and not torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,
         report_to="none",
