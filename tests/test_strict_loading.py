@@ -96,3 +96,10 @@ def test_checkpoint_of_another_patch_version_loads(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, "fastgpt_hf_version": f"{major}.{minor}.99"}))
     assert AutoConfig.from_pretrained(checkpoint).fastgpt_hf_version == FASTGPT_HF_VERSION
+
+
+def test_truncated_weights_file_is_a_clear_error(checkpoint):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"could not be read .* truncated or corrupt; save or download it again"):
+        AutoModelForCausalLM.from_pretrained(checkpoint)

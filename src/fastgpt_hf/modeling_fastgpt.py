@@ -10,11 +10,13 @@ does), so that a left-padded row gets the positions, windows and compression blo
 """
 
 import importlib
+import json
 import os
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -325,9 +327,19 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # Transformers would raise its own RuntimeError on mis-shaped tensors; let the report reach the check.
-        model, loading_report = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        try:
+            model, loading_report = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except (SafetensorError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"The checkpoint {pretrained_model_name_or_path} could not be read ({type(error).__name__}: {error}): "
+                "a weights file or its index is truncated or corrupt; save or download it again."
+            ) from error
         check_loading_report(pretrained_model_name_or_path, cls.__name__, loading_report, ignore_mismatched_sizes)
         return (model, loading_report) if output_loading_info else model
 
