@@ -189,8 +189,24 @@ def test_wrong_number_of_images_or_placeholders_is_a_clear_error(processor):
         model(input_ids=inputs["input_ids"])
 
 
+@pytest.mark.parametrize(
+    "pixel_values",
+    [torch.zeros(2, 3, 32, 32), torch.zeros(2, 1, 16, 16), torch.zeros(3, 16, 16), [[0.0]]],
+    ids=["larger-images", "one-channel", "no-batch-dim", "list"],
+)
+def test_pixel_values_the_encoder_cannot_read_are_a_clear_error(processor, pixel_values):
+    model = build_model(processor)
+    inputs = processor(images=pictures(2), text=[PROMPT, PROMPT], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"pixel_values must be a tensor \[images, 3, 16, 16\]"):
+        model(input_ids=inputs["input_ids"], pixel_values=pixel_values)
+
+
 def test_configuration_and_processor_errors(processor):
     text_config = FastGPTConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match=r"vision_feature_layer \(99\) must index the vision encoder's 3 hidden"):
+        FastGPTVLConfig(text_config=text_config, vision_config=VISION_CONFIG, vision_feature_layer=99)
+    with pytest.raises(ValueError, match=r"projector_hidden_act 'nope' is not one of Transformers' activations"):
+        FastGPTVLConfig(text_config=text_config, vision_config=VISION_CONFIG, projector_hidden_act="nope")
     with pytest.raises(ValueError, match="image_token_id \\(500\\)"):
         FastGPTVLConfig(text_config=text_config, vision_config=VISION_CONFIG, image_token_id=500)
     with pytest.raises(ValueError, match="features per image but config.image_seq_length is 9"):

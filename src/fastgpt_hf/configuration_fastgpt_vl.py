@@ -11,6 +11,7 @@ marked with a learned frame-order embedding: `num_frames * tokens_per_frame` pla
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
@@ -89,6 +90,17 @@ class FastGPTVLConfig(PreTrainedConfig):
         for field in ("image_seq_length", "video_pool_size", "max_video_frames"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}.")
+        encoder_outputs = self.vision_config.num_hidden_layers + 1  # the embeddings, then each layer
+        if not -encoder_outputs <= self.vision_feature_layer < encoder_outputs:
+            raise ValueError(
+                f"vision_feature_layer ({self.vision_feature_layer}) must index the vision encoder's "
+                f"{encoder_outputs} hidden states: from {-encoder_outputs} to {encoder_outputs - 1}."
+            )
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"projector_hidden_act {self.projector_hidden_act!r} is not one of Transformers' activations: "
+                f"{sorted(ACT2FN)}."
+            )
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
 
     @property

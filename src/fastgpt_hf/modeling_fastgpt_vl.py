@@ -98,6 +98,14 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
         """pixel_values `[N, C, H, W]` -> the encoder's output and its patch features `[N, P, vision hidden]`."""
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != expected:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(
+                f"pixel_values must be a tensor [images, {', '.join(map(str, expected))}] (the vision encoder's "
+                f"channels and image_size); got {got}. Prepare images with the model's processor (FastGPTProcessor)."
+            )
         kwargs.pop("output_hidden_states", None)
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
