@@ -133,3 +133,9 @@ def test_text_too_short_for_one_block_and_empty_text_are_clear_errors(text_files
 def test_module_runs_as_a_script():
     finished = subprocess.run([sys.executable, "-m", "fastgpt_hf.cli", "--help"], capture_output=True, text=True)
     assert finished.returncode == 0 and "train" in finished.stdout
+
+
+def test_checkpoint_without_its_tokenizer_and_a_smaller_vocabulary_is_a_clear_error(tmp_path, capsys):
+    tiny_model("mixed", dtype=torch.float32).save_pretrained(tmp_path)  # 128 tokens, no tokenizer.json
+    status, _, err = run_cli(["generate", str(tmp_path)], capsys)
+    assert status == 2 and "has a vocabulary of 128 tokens but the shipped tokenizer" in err

@@ -254,9 +254,16 @@ def load_checkpoint(checkpoint: Path):
     from .data import load_tokenizer
 
     has_tokenizer = (checkpoint / "tokenizer.json").is_file()
-    return AutoModelForCausalLM.from_pretrained(checkpoint).eval(), load_tokenizer(
-        checkpoint if has_tokenizer else None
-    )
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = load_tokenizer(checkpoint if has_tokenizer else None)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab_size:
+        source = "its tokenizer" if has_tokenizer else "the shipped tokenizer (the folder has no tokenizer.json)"
+        raise ValueError(
+            f"{checkpoint} has a vocabulary of {vocab_size} tokens but {source} has {len(tokenizer)}; save the "
+            "tokenizer the model was trained with beside it (tokenizer.save_pretrained)."
+        )
+    return model, tokenizer
 
 
 def delegated(module: str, function: str) -> Callable[[list[str]], None]:
