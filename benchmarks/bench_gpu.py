@@ -10,12 +10,13 @@ Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B'
   ms/token = (time of 65 new tokens - time of 2) / 63 on the same cache size: the prefill and the first decode step
   cancel (generate() builds a new static cache per call, at new addresses, so its first compiled step records the
   CUDA graphs again). The time of those first 2 tokens is printed beside each setting.
-  Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight and the whole cache.
+  Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight (an untied input embedding
+  only by the row) and the whole cache of the context.
 - `--weights bf16 int8`: decode with bf16 weights, and/or with torchao int8 weight-only Linear layers (FastGPT's
   precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares).
 `--results FILE` appends the tables, the command and the device to a markdown file.
 
-    python benchmarks/bench_gpu.py --preset 1b --prefill --decode 1:2048 1:32768 32:8192
+    python benchmarks/bench_gpu.py --preset 1b --prefill --decode 1:2048 1:32640 32:8192
     python benchmarks/bench_gpu.py --preset 13b --decode 32:1024 --weights int8
 """
 
@@ -72,6 +73,9 @@ def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repe
     attention_mask = torch.ones_like(prompt)
     times = []
     for _ in range(repeats):
+        # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
+        # shape after a longer one would time the longer cache; each shape gets its own size.
+        model.__dict__.pop("_previous_max_cache_length", None)
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(prompt, attention_mask=attention_mask, generation_config=config)
@@ -102,7 +106,7 @@ def decode_ms_per_token(model, prompt: torch.Tensor, setting: str) -> tuple[floa
 
 def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float, str, float, dict]:
     """(fastest ms/token, its setting, its peak GiB, every setting's (ms/token, ms of the first 2 tokens)); a failing
-    setting is reported, not fatal."""
+    setting is reported, not fatal; None when every setting failed."""
     timings = {}
     for setting in settings:
         try:
@@ -110,9 +114,18 @@ def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
             print(f"  {type(model).__name__} {setting}: failed: {type(error).__name__}: {str(error)[:200]}")
         torch._dynamo.reset()
+    if not timings:
+        return None
     setting = min(timings, key=lambda name: timings[name][0])
     every = {name: (ms, first_ms) for name, (ms, _, first_ms) in timings.items()}
     return timings[setting][0], setting, timings[setting][1], every
+
+
+def decode_weight_bytes(model) -> int:
+    """Weight bytes a decode step reads: all of them but an untied input embedding, of which it reads one row."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
 
 
 def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,8 +159,12 @@ def decode_table(
         speeds = {}
         for name, model in models.items():
             cache_bytes = (llama_cache_bytes if "Llama" in name else fastgpt_cache_bytes)(config, context)
-            floor_ms = (weight_bytes(model) + batch * cache_bytes) / (bandwidth * 1e6)
-            ms, setting, gib, every = best_decode(model, prompt, settings)
+            floor_ms = (decode_weight_bytes(model) + batch * cache_bytes) / (bandwidth * 1e6)
+            best = best_decode(model, prompt, settings)
+            if best is None:
+                rows.append(f"| {name} | {batch} x {context} | every setting failed (above) | | | | | |")
+                continue
+            ms, setting, gib, every = best
             speeds[name] = ms
             per_setting = ", ".join(f"{key} {ms:.2f} / {first_ms:.0f}" for key, (ms, first_ms) in every.items())
             rows.append(
@@ -194,6 +211,13 @@ def main() -> None:
         lengths = args.prefill or [2048, 8192, 32768]
         sections.append(prefill_table(fastgpt, llama, lengths, peak, args.compile_prefill))
     shapes = [tuple(int(part) for part in shape.split(":")) for shape in args.decode]
+    for batch, context in shapes:
+        if context + NEW_TOKENS > config.max_position_embeddings:
+            parser.error(
+                f"--decode {batch}:{context}: the prompt and {NEW_TOKENS} new tokens exceed the preset's "
+                f"max_position_embeddings ({config.max_position_embeddings}); use a context of at most "
+                f"{config.max_position_embeddings - NEW_TOKENS}."
+            )
     if shapes and "bf16" in args.weights:
         sections.append(
             decode_table({"Llama bf16": llama, "FastGPT bf16": fastgpt}, config, shapes, bandwidth, args.settings)

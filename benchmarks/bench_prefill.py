@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.quantization import weight_bytes
 from fastgpt_hf.training import llama_config
 
 BACKENDS = ("sdpa", "flex_attention")
@@ -66,13 +67,14 @@ def setting_label(setting: tuple[str, bool]) -> str:
     return f"{backend}, compiled" if compiled else backend
 
 
-def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, tuple[str, bool], float]:
-    """(fastest median ms, its (backend, compiled) setting, peak GiB) over BACKENDS, each eager and, with
-    `compile_too`, compiled."""
+def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, tuple[str, bool], float] | None:
+    """(fastest median ms, its (backend, compiled) setting, peak GiB of this model's weights plus what its prefill
+    allocates) over BACKENDS, each eager and, with `compile_too`, compiled; None when every setting failed."""
     results = []
     compile_modes = (False, True) if compile_too else (False,)
     for setting in [(backend, compiled) for backend in BACKENDS for compiled in compile_modes]:
         forward = prefill_forward(model, *setting)
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         try:
             with torch.no_grad():
@@ -81,8 +83,9 @@ def best_prefill(model, input_ids, compile_too: bool = False) -> tuple[float, tu
             failure = f"{type(error).__name__}: {str(error)[:200]}"
             print(f"  {type(model).__name__} {setting_label(setting)}: failed: {failure}", flush=True)
             continue
-        results.append((milliseconds, setting, torch.cuda.max_memory_allocated() / 2**30))
-    return min(results)
+        peak = weight_bytes(model) + torch.cuda.max_memory_allocated() - resident
+        results.append((milliseconds, setting, peak / 2**30))
+    return min(results) if results else None
 
 
 def kernel_kind(name: str) -> str:
@@ -120,8 +123,15 @@ def prefill_table(fastgpt, llama, lengths: list[int], peak: float, compile_too: 
     settings = {}
     for length in lengths:
         input_ids = torch.randint(0, fastgpt.config.vocab_size, (1, length), device="cuda")
-        llama_ms, settings["Llama"], llama_gib = best_prefill(llama, input_ids, compile_too)
-        ours_ms, settings["FastGPT"], our_gib = best_prefill(fastgpt, input_ids, compile_too)
+        llama_best, ours_best = (
+            best_prefill(llama, input_ids, compile_too),
+            best_prefill(fastgpt, input_ids, compile_too),
+        )
+        if llama_best is None or ours_best is None:
+            rows.append(f"| {length} | every setting of a model failed (above) | | | | |")
+            print(rows[-1], flush=True)
+            continue
+        (llama_ms, settings["Llama"], llama_gib), (ours_ms, settings["FastGPT"], our_gib) = llama_best, ours_best
         floor_ms = prefill_flops(fastgpt, length) / (peak * 1e12) * 1e3
         rows.append(
             f"| {length} | {llama_ms:.1f} ({setting_label(settings['Llama'])}) | "
@@ -133,6 +143,8 @@ def prefill_table(fastgpt, llama, lengths: list[int], peak: float, compile_too: 
     rows.append("| model (setting) | attention ms | matmul ms | other ms | all kernels ms |")
     rows.append("| --- | ---: | ---: | ---: | ---: |")
     for name, model in (("Llama", llama), ("FastGPT", fastgpt)):
+        if name not in settings:
+            continue
         times = time_by_kernel_kind(model, input_ids, settings[name])
         rows.append(
             f"| {name} ({setting_label(settings[name])}) | {times['attention']:.1f} | {times['matmul']:.1f} | "
@@ -153,8 +165,11 @@ def main() -> None:
     torch.manual_seed(0)
     config = FastGPTConfig.from_preset(args.preset)
     peak = matmul_tflops()
-    fastgpt = FastGPTForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    llama = LlamaForCausalLM(llama_config(config)).to("cuda", torch.bfloat16).eval()
+    torch.set_default_dtype(torch.bfloat16)  # random init straight on the GPU in bf16: seconds, even at 13b
+    with torch.device("cuda"):
+        fastgpt = FastGPTForCausalLM(config).eval()
+        llama = LlamaForCausalLM(llama_config(config)).eval()
+    torch.set_default_dtype(torch.float32)
     print(f"device: {torch.cuda.get_device_name()}; bf16 matmul {peak:.0f} TFLOP/s; preset {args.preset}")
     prefill_table(fastgpt, llama, args.lengths, peak, args.compile)
 
