@@ -71,11 +71,11 @@ def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repe
         max_cache_len = prompt.shape[1] + NEW_TOKENS
         config = greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config)
     attention_mask = torch.ones_like(prompt)
+    # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
+    # shape after a longer one would time the longer cache; each shape gets its own size.
+    model.__dict__.pop("_previous_max_cache_length", None)
     times = []
     for _ in range(repeats):
-        # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
-        # shape after a longer one would time the longer cache; each shape gets its own size.
-        model.__dict__.pop("_previous_max_cache_length", None)
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(prompt, attention_mask=attention_mask, generation_config=config)
@@ -104,7 +104,7 @@ def decode_ms_per_token(model, prompt: torch.Tensor, setting: str) -> tuple[floa
     return (full - baseline) / (NEW_TOKENS - BASELINE_TOKENS), peak / 2**30, baseline
 
 
-def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float, str, float, dict]:
+def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float, str, float, dict] | None:
     """(fastest ms/token, its setting, its peak GiB, every setting's (ms/token, ms of the first 2 tokens)); a failing
     setting is reported, not fatal; None when every setting failed."""
     timings = {}
