@@ -12,6 +12,7 @@ the wall time per step beside the kernel time says how much of it the host spend
 
     python benchmarks/profile_decode.py --preset 13b --layers 6 --batch 32 --context 1024
     python benchmarks/profile_decode.py --preset 13b --layers 4 --layer-kind dynamic_attention
+    python benchmarks/profile_decode.py --preset 13b --layers 4 --batch 16 --weights int8
     python benchmarks/profile_decode.py --preset tiny --device cpu --batch 2 --context 64   # smoke test
 """
 
@@ -20,7 +21,7 @@ import time
 from collections import Counter
 
 import torch
-from bench_gpu import greedy_config
+from bench_gpu import greedy_config, int8_weight_only, keep_inductor_from_int8pack_mm
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -112,7 +113,12 @@ def main() -> None:
         "--cache", choices=("static", "dynamic"), default="static", help="dynamic: generate()'s default, eager"
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument(
+        "--weights", choices=("bf16", "int8"), default="bf16", help="int8: bench_gpu.py's torchao weight-only layers"
+    )
     args = parser.parse_args()
+    if args.device == "cuda":
+        keep_inductor_from_int8pack_mm()
     torch._logging.set_logs(perf_hints=True)  # inductor logs why it skips CUDA graphs
     torch.manual_seed(0)
     overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
@@ -126,8 +132,13 @@ def main() -> None:
     with torch.device(args.device):
         models = {"Llama": LlamaForCausalLM(llama_config(config)).eval(), "FastGPT": FastGPTForCausalLM(config).eval()}
     torch.set_default_dtype(torch.float32)
+    if args.weights == "int8":
+        models = {name: int8_weight_only(model) for name, model in models.items()}
     prompt = torch.randint(0, config.vocab_size, (args.batch, args.context), device=args.device)
-    print(f"preset {args.preset}, layers {config.layer_types}, batch {args.batch} x context {args.context}")
+    print(
+        f"preset {args.preset}, layers {config.layer_types}, {args.weights} weights, "
+        f"batch {args.batch} x context {args.context}"
+    )
     for name, model in models.items():
         print(f"{name}:")
         if args.cache == "static":

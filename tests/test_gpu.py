@@ -99,11 +99,18 @@ def test_compiled_static_decode_replays_cuda_graphs():
 
 @pytest.mark.parametrize("cache_implementation", ["offloaded", "offloaded_static"])
 def test_offloaded_caches_give_the_dynamic_cache_tokens(cache_implementation):
-    """Transformers' cache offloading (layers moved to the CPU between uses; CUDA streams, so GPU only)."""
+    """Transformers' cache offloading (layers moved to the CPU between uses; CUDA streams, so GPU only). Eager:
+    generate() would compile the offloaded static cache's steps, and dynamo (torch 2.11) crashed with a segmentation
+    fault tracing Transformers' stream synchronization in `Cache.update` (H200, 2026-11-30)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
     input_ids, attention_mask = left_padded_batch(300)
-    options = {"attention_mask": attention_mask.cuda(), "max_new_tokens": 16, "do_sample": False}
+    options = {
+        "attention_mask": attention_mask.cuda(),
+        "max_new_tokens": 16,
+        "do_sample": False,
+        "disable_compile": True,
+    }
     expected = model.generate(input_ids.cuda(), **options)
     offloaded = model.generate(input_ids.cuda(), cache_implementation=cache_implementation, **options)
     assert torch.equal(offloaded, expected)
