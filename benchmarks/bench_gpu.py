@@ -139,7 +139,9 @@ def keep_inductor_from_int8pack_mm() -> None:
     into `aten._weight_int8pack_mm`: on CUDA (torch 2.11) that kernel computes in float32 without tensor cores, and a
     compiled 16 x 5120 -> 13824 layer took 2.71 ms against 0.24 ms eager (H200). Inductor registers the rewrite with
     its oneDNN CPU fusions, once per process at the first compile, and only while oneDNN is enabled: call this before
-    anything compiles. oneDNN serves CPU operators only, which these GPU benchmarks do not time."""
+    anything compiles. oneDNN serves CPU operators only, which these GPU benchmarks do not time. Inductor's FX graph
+    cache does not key on the switch: a graph compiled earlier with the rewrite is loaded again
+    (`TORCHINDUCTOR_FX_GRAPH_CACHE=0` on a machine where one may be cached)."""
     torch.backends.mkldnn.enabled = False
 
 
