@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fastgpt_hf import quantization
 from fastgpt_hf.cli import COMMANDS, main
 from fastgpt_hf.data import CORPUS_FILES, evaluate_perplexity, load_tokenizer
 
@@ -139,3 +140,31 @@ def test_checkpoint_without_its_tokenizer_and_a_smaller_vocabulary_is_a_clear_er
     tiny_model("mixed", dtype=torch.float32).save_pretrained(tmp_path)  # 128 tokens, no tokenizer.json
     status, _, err = run_cli(["generate", str(tmp_path)], capsys)
     assert status == 2 and "has a vocabulary of 128 tokens but the shipped tokenizer" in err
+
+
+def test_dynamic_range_folder_opens_with_generate_eval_bench_and_card(text_files, tmp_path, capsys):
+    tokenizer = load_tokenizer()
+    model = quantization.dynamic_range_quantize(tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer)))
+    quantization.save_dynamic_range(model, tmp_path)
+    prompt = tokenizer(" The game", return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    status, out, err = run_cli(["generate", str(tmp_path), "--prompt", " The game", "--max-new-tokens", "3"], capsys)
+    assert status == 0, err
+    assert out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+    evaluate = ["eval", str(tmp_path), "--file", str(text_files["validation"]), "--window", "16", "--max-chars", "300"]
+    status, out, err = run_cli(evaluate, capsys)
+    assert status == 0 and "perplexity per token" in out, err
+    bench = ["bench", "--checkpoint", str(tmp_path), "--lengths", "8", "--new-tokens", "2", "--no-llama"]
+    status, out, err = run_cli(bench, capsys)
+    assert status == 0 and "FastGPT" in out, err
+    if HAS_MODEL_CARD:
+        status, out, err = run_cli(["card", str(tmp_path)], capsys)
+        assert status == 0 and (tmp_path / "README.md").is_file(), err
+
+
+def test_dynamic_range_pickle_of_older_versions_is_refused(tmp_path, capsys):
+    tiny_model("mixed", dtype=torch.float32).config.save_pretrained(tmp_path)
+    (tmp_path / quantization.PICKLED_DYNAMIC_RANGE_WEIGHTS).write_bytes(b"not opened")
+    status, _, err = run_cli(["generate", str(tmp_path)], capsys)
+    assert status == 2 and "dynamic_range_int8.pt is a pickle" in err and "re-quantize" in err

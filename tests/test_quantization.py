@@ -1,10 +1,14 @@
 """INT8 schemes: logits near float32, precise modules untouched, save and reload, QAT through Trainer, errors."""
 
 import importlib.util
+import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -85,6 +89,86 @@ def test_quantized_checkpoint_saves_and_reloads(float_checkpoint, tmp_path, sche
         again = quantization.load_quantized(folder, scheme)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids).logits, again(input_ids).logits)
+
+
+def test_dynamic_range_round_trip_is_exact_through_safetensors_and_json(float_checkpoint, tmp_path):
+    folder, input_ids, _ = float_checkpoint
+    model = quantization.load_quantized(folder, "dynamic-range")
+    quantization.save_dynamic_range(model, tmp_path)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+    description = json.loads((tmp_path / quantization.DYNAMIC_RANGE_CONFIG).read_text())
+    quantized = {
+        name for name, module in model.named_modules() if isinstance(module, quantization.DynamicQuantizedLinear)
+    }
+    assert description["scheme"] == "dynamic-range" and description["quantized_modules"].keys() == quantized
+    tensors = load_file(tmp_path / quantization.DYNAMIC_RANGE_WEIGHTS)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight()
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"], q_proj.int_repr())
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.weight_scales"], q_proj.q_per_channel_scales())
+    reloaded = quantization.load_checkpoint_model(tmp_path)
+    assert_precise_modules_untouched(reloaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, model(input_ids).logits)
+
+
+class RunsCodeWhenUnpickled:
+    """What a tampered pickle can hold: unpickling it writes the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "unpickled")
+
+
+def test_dynamic_range_pickle_of_older_versions_is_refused_unopened(float_checkpoint, tmp_path):
+    folder, _, _ = float_checkpoint
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    marker = tmp_path / "code_ran"
+    (tmp_path / quantization.PICKLED_DYNAMIC_RANGE_WEIGHTS).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(ValueError, match=r"dynamic_range_int8.pt is a pickle .* re-quantize the float checkpoint"):
+        quantization.load_checkpoint_model(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def dynamic_range_folder(float_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dynamic_range")
+    quantization.save_dynamic_range(quantization.load_quantized(float_checkpoint[0], "dynamic-range"), folder)
+    return folder
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda folder: (folder / "dynamic_range_int8.safetensors").unlink(),
+            r"dynamic_range_int8.safetensors is missing",
+        ),
+        (
+            lambda folder: truncate(folder / "dynamic_range_int8.safetensors"),
+            r"dynamic_range_int8.safetensors is missing or",
+        ),
+        (lambda folder: truncate(folder / "dynamic_range_int8.json"), r"dynamic_range_int8.json is missing or corrupt"),
+        (
+            lambda folder: (folder / "config.json").write_text(
+                (folder / "config.json").read_text().replace('"intermediate_size": 512', '"intermediate_size": 256')
+            ),
+            r"dynamic_range_int8.safetensors does not fit config.json's model: .*mlp.up_proj.weight: \(512, 256\)",
+        ),
+    ],
+    ids=["missing-weights", "truncated-weights", "truncated-json", "other-config"],
+)
+def test_damaged_dynamic_range_folder_is_a_clear_error(dynamic_range_folder, tmp_path, damage, message):
+    for path in dynamic_range_folder.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        quantization.load_checkpoint_model(tmp_path)
 
 
 def test_quantization_aware_training_through_trainer_then_int8(float_checkpoint, tmp_path):

@@ -228,10 +228,11 @@ def bench_main(argv: list[str] | None = None) -> None:
 
     from .benchmarking import generation_speed
     from .configuration_fastgpt import FastGPTConfig
+    from .quantization import load_checkpoint_model
     from .training import llama_peer
 
     if args.checkpoint:
-        model = AutoModelForCausalLM.from_pretrained(existing_checkpoint(parser, args.checkpoint))
+        model = load_checkpoint_model(existing_checkpoint(parser, args.checkpoint))
     else:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(FastGPTConfig.from_preset(args.preset))
@@ -248,13 +249,13 @@ def bench_main(argv: list[str] | None = None) -> None:
 
 
 def load_checkpoint(checkpoint: Path):
-    """Model (eval mode) and tokenizer of a checkpoint folder; the shipped tokenizer when it has none."""
-    from transformers import AutoModelForCausalLM
-
+    """Model (eval mode; float or dynamic-range int8) and tokenizer of a checkpoint folder; the shipped tokenizer
+    when it has none."""
     from .data import load_tokenizer
+    from .quantization import load_checkpoint_model
 
     has_tokenizer = (checkpoint / "tokenizer.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    model = load_checkpoint_model(checkpoint).eval()
     tokenizer = load_tokenizer(checkpoint if has_tokenizer else None)
     vocab_size = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab_size:

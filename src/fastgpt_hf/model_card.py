@@ -21,10 +21,10 @@ from pathlib import Path
 
 import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION, SLIDING
-from .quantization import SCHEMES, precise_module_names
+from .quantization import SCHEMES, load_checkpoint_model, precise_module_names
 
 CARD_TAGS = ["fastgpt", "custom_code", "efficient-attention", "sliding-window-attention", "long-context"]
 SPARSITY_LENGTH = 4096  # DESIGN.md section 3 quotes the stages' sparsity at this length
@@ -172,10 +172,11 @@ def push_model(
 
 
 def load_checkpoint(parser: argparse.ArgumentParser, checkpoint: str) -> PreTrainedModel:
-    """The model of a checkpoint folder, or a parser error saying that the folder is not one."""
+    """The model of a checkpoint folder (float or dynamic-range int8), or a parser error saying that the folder is
+    not one."""
     if not Path(checkpoint, "config.json").exists():
         parser.error(f"{checkpoint} is not a checkpoint folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(checkpoint)
+    return load_checkpoint_model(checkpoint)
 
 
 def card_main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,21 @@ parts that must stay precise alone: `lm_head`, and the modules the model declare
 Quantization-aware training: `prepare_qat` inserts torchao fake quantizers (int8 per-channel weights, int8
 per-token activations) that train through `Trainer` like any module; `convert_qat` then makes real int8 weights,
 the same as `torchao-int8-dynamic`.
+
+The load-time schemes save with `save_pretrained`. A `dynamic-range` model saves with `save_dynamic_range` as
+`dynamic_range_int8.safetensors` (int8 weights with their per-channel scales and zero points, every other tensor
+as it is) beside `dynamic_range_int8.json` (the scheme and the quantized modules); nothing in this package
+unpickles a file. `load_checkpoint_model` opens any checkpoint folder, float, load-time quantized or dynamic-range.
 """
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
 
@@ -28,7 +36,10 @@ from .modeling_fastgpt import FastGPTPreTrainedModel
 
 LOAD_TIME_SCHEMES = ("bnb-int8", "torchao-int8-weight", "torchao-int8-dynamic")
 SCHEMES = (*LOAD_TIME_SCHEMES, "dynamic-range")
-DYNAMIC_RANGE_WEIGHTS = "dynamic_range_int8.pt"
+DYNAMIC_RANGE_WEIGHTS = "dynamic_range_int8.safetensors"
+DYNAMIC_RANGE_CONFIG = "dynamic_range_int8.json"
+PICKLED_DYNAMIC_RANGE_WEIGHTS = "dynamic_range_int8.pt"  # what older versions wrote; refused, never unpickled
+DynamicQuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
 SCHEME_PACKAGES = {"bnb-int8": "bitsandbytes", "torchao-int8-weight": "torchao", "torchao-int8-dynamic": "torchao"}
 
 
@@ -83,23 +94,133 @@ def dynamic_range_quantize(model: PreTrainedModel) -> PreTrainedModel:
     return torch.ao.quantization.quantize_dynamic(model, qconfig_by_name, dtype=torch.qint8)
 
 
+def dynamic_range_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """What the safetensors file of a dynamic-range model holds, and the channel axis of each quantized Linear.
+
+    A quantized Linear `name` (per-channel qint8, weight [out, in]) gives `name.weight` (int8 [out, in], the
+    packed weight's `int_repr()`), `name.weight_scales` (float64 [out]), `name.weight_zero_points` (int64 [out])
+    and `name.bias` (float32 [out]) when it has one. Every other tensor of the state dict is kept as it is, a tied
+    tensor under its first name only.
+    """
+    tensors, axes = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, DynamicQuantizedLinear):
+            continue
+        weight, bias = module.weight(), module.bias()
+        if weight.qscheme() != torch.per_channel_affine:
+            raise ValueError(f"{name} is quantized {weight.qscheme()}; save_dynamic_range stores per-channel weights.")
+        tensors[f"{name}.weight"] = weight.int_repr()
+        tensors[f"{name}.weight_scales"] = weight.q_per_channel_scales()
+        tensors[f"{name}.weight_zero_points"] = weight.q_per_channel_zero_points()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach()
+        axes[name] = weight.q_per_channel_axis()
+    quantized_prefixes = tuple(f"{name}." for name in axes)
+    seen = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not key.startswith(quantized_prefixes) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[key] = tensor.detach()
+    return tensors, axes
+
+
 def save_dynamic_range(model: PreTrainedModel, folder: str | Path) -> None:
-    """Save a dynamic-range model: its config and the quantized state dict (packed int8 weights)."""
+    """Save a dynamic-range model: config.json, its tensors as safetensors (see `dynamic_range_tensors`) and
+    `dynamic_range_int8.json` naming the scheme and the quantized modules with their channel axis."""
     folder = Path(folder)
+    tensors, axes = dynamic_range_tensors(model)
     model.config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / DYNAMIC_RANGE_WEIGHTS)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / DYNAMIC_RANGE_WEIGHTS)
+    description = {"scheme": "dynamic-range", "weight_dtype": "qint8", "qscheme": "per_channel_affine"}
+    description["quantized_modules"] = {name: {"axis": axis} for name, axis in axes.items()}
+    (folder / DYNAMIC_RANGE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
 
 def load_dynamic_range(folder: str | Path) -> PreTrainedModel:
-    """Rebuild a model saved by `save_dynamic_range`."""
+    """Rebuild a model saved by `save_dynamic_range` (eval mode): the model of its config, quantized by
+    `dynamic_range_quantize`, then each int8 weight and every other tensor from the safetensors file. Nothing is
+    unpickled; a missing, corrupt or mismatched file is a ValueError naming it."""
     folder = Path(folder)
-    if not (folder / DYNAMIC_RANGE_WEIGHTS).exists():
-        raise ValueError(f"{folder} has no {DYNAMIC_RANGE_WEIGHTS}; save it with save_dynamic_range first.")
+    axes = read_dynamic_range_description(folder)
     model = dynamic_range_quantize(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).eval())
-    # Packed quantized weights are not plain tensors, so the state dict needs the full unpickler: load only
-    # checkpoints you made.
-    model.load_state_dict(torch.load(folder / DYNAMIC_RANGE_WEIGHTS, weights_only=False))
+    expected, expected_axes = dynamic_range_tensors(model)
+    if axes.keys() != expected_axes.keys():
+        raise ValueError(
+            f"{folder / DYNAMIC_RANGE_CONFIG} names quantized modules that config.json's model does not quantize "
+            f"the same way ({sorted(axes.keys() ^ expected_axes.keys())}); re-quantize the float checkpoint."
+        )
+    tensors = read_dynamic_range_tensors(folder / DYNAMIC_RANGE_WEIGHTS, expected)
+    for name, axis in axes.items():
+        weight = torch._make_per_channel_quantized_tensor(
+            tensors.pop(f"{name}.weight"),
+            tensors.pop(f"{name}.weight_scales"),
+            tensors.pop(f"{name}.weight_zero_points"),
+            axis,
+        )
+        model.get_submodule(name).set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
+    # load_state_dict cannot skip the quantized modules (they read their own keys even when not strict): copy the
+    # plain tensors in place, a tied one through its first name.
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
     return model
+
+
+def read_dynamic_range_description(folder: Path) -> dict[str, int]:
+    """The quantized modules of `folder`'s dynamic_range_int8.json with their channel axis, or a ValueError naming
+    the file (a folder holding only the pickle of older versions is refused: re-quantize it)."""
+    path = folder / DYNAMIC_RANGE_CONFIG
+    if not path.is_file() and (folder / PICKLED_DYNAMIC_RANGE_WEIGHTS).is_file():
+        raise ValueError(
+            f"{folder / PICKLED_DYNAMIC_RANGE_WEIGHTS} is a pickle written by an older fastgpt_hf and is not loaded "
+            "(unpickling a file runs any code it holds); re-quantize the float checkpoint: "
+            f"fastgpt quantize FLOAT_CHECKPOINT {folder} --scheme dynamic-range."
+        )
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+        axes = {name: int(entry["axis"]) for name, entry in description["quantized_modules"].items()}
+        scheme = description["scheme"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is missing or corrupt ({type(error).__name__}: {error}); save the model with "
+            "save_dynamic_range or re-quantize the float checkpoint (fastgpt quantize ... --scheme dynamic-range)."
+        ) from error
+    if scheme != "dynamic-range":
+        raise ValueError(f"{path} describes scheme {scheme!r}; this loader reads 'dynamic-range' only.")
+    return axes
+
+
+def read_dynamic_range_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a dynamic-range safetensors file, checked against `expected` (names, shapes and dtypes of
+    the freshly quantized model), or a ValueError naming the file and what differs."""
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(
+            f"{path} is missing or corrupt ({type(error).__name__}: {error}); save or download it again."
+        ) from error
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    mismatched = [
+        f"{name}: {tuple(tensors[name].shape)} {tensors[name].dtype}, expected {tuple(tensor.shape)} {tensor.dtype}"
+        for name, tensor in expected.items()
+        if name in tensors and (tensors[name].shape != tensor.shape or tensors[name].dtype != tensor.dtype)
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit config.json's model: missing {missing}, unexpected {unexpected}, mismatched "
+            f"{mismatched}; re-quantize the float checkpoint (fastgpt quantize ... --scheme dynamic-range)."
+        )
+    return tensors
+
+
+def load_checkpoint_model(folder: str | Path) -> PreTrainedModel:
+    """The model of a checkpoint folder: a dynamic-range one (`load_dynamic_range`) when the folder holds
+    dynamic_range_int8.json or the refused pickle of older versions, else what `from_pretrained` loads."""
+    folder = Path(folder)
+    if (folder / DYNAMIC_RANGE_CONFIG).is_file() or (folder / PICKLED_DYNAMIC_RANGE_WEIGHTS).is_file():
+        return load_dynamic_range(folder)
+    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 def qat_filter():
