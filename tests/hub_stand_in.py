@@ -4,7 +4,8 @@ It answers what huggingface_hub (2.x) sends for `create_repo`, `upload_folder` /
 of README.md's metadata block) and `hf_hub_download`. The preupload call answers "regular" for every file (no
 LFS, no Xet), so the commit carries each file base64-encoded in its ndjson body; downloads answer HEAD and GET on
 `<repo>/resolve/<revision>/<file>` with the headers hf_hub_download reads (X-Repo-Commit, ETag, Content-Length)
-and `X-Error-Code` on a 404. Every repository lives in memory; any revision name reads the latest commit.
+and `X-Error-Code` on a 404. Every repository lives in memory; any revision name reads the latest commit. Given an
+`accepted_token`, it answers 401 to any request that does not carry it, as the Hub does to a bad token.
 """
 
 import base64
@@ -32,7 +33,8 @@ ROUTES = [
 class HubStandIn:
     """`with HubStandIn() as hub:` serves on `hub.endpoint`; `hub.files[repo_id]` maps paths to uploaded bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, accepted_token: str | None = None) -> None:
+        self.accepted_token = accepted_token
         self.files: dict[str, dict[str, bytes]] = {}
         self.commit_ids: dict[str, str] = {}
         self.unanswered: list[str] = []  # requests no route matched: what a newer client may need
@@ -85,21 +87,27 @@ class HubStandIn:
     def dispatch(self, request: BaseHTTPRequestHandler, method: str) -> None:
         path = request.path.split("?")[0]
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
-        for route_method, pattern, name in ROUTES:
-            match = pattern.match(path)
-            if route_method == method and match:
-                with self.lock:
-                    status, headers, payload = getattr(self, name)(body=body, **match.groupdict())
-                break
+        if self.accepted_token is not None and request.headers.get("Authorization") != f"Bearer {self.accepted_token}":
+            message = "Invalid credentials in Authorization header"
+            status, headers, payload = 401, {"X-Error-Message": message}, json.dumps({"error": message}).encode()
         else:
-            self.unanswered.append(f"{method} {path}")
-            status, headers, payload = 404, {"X-Error-Code": "RepoNotFound"}, b'{"error": "not served"}'
+            status, headers, payload = self.route(method, path, body)
         request.send_response(status)
         for key, value in {"Content-Length": str(len(payload)), **headers}.items():
             request.send_header(key, value)
         request.end_headers()
         if method != "HEAD":
             request.wfile.write(payload)
+
+    def route(self, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+        """The answer of the route that serves `method` on `path`; a 404 for a request none serves."""
+        for route_method, pattern, name in ROUTES:
+            match = pattern.match(path)
+            if route_method == method and match:
+                with self.lock:
+                    return getattr(self, name)(body=body, **match.groupdict())
+        self.unanswered.append(f"{method} {path}")
+        return 404, {"X-Error-Code": "RepoNotFound"}, b'{"error": "not served"}'
 
     @staticmethod
     def json_reply(content: dict, status: int = 200) -> tuple[int, dict, bytes]:

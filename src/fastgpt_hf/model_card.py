@@ -9,22 +9,35 @@ Results files (`--results results.json`) hold a list of `huggingface_hub.EvalRes
 `[{"dataset_type": "wikitext", "dataset_name": "WikiText-2", "dataset_split": "test", "metric_type": "perplexity",
 "metric_value": 31.4}]`; `task_type` defaults to `text-generation`.
 
+Uploads send only what a model repository needs (`MODEL_REPO_FILES`, `MODEL_REPO_FOLDERS`): a `.env`, notes,
+`training_args.bin` or `checkpoint-N/` folders beside the weights stay home unless `fastgpt push --include` names
+them, and the files left out are reported.
+
 This module is not part of the code copied beside the weights: `FastGPTPreTrainedModel.save_pretrained` and
 `push_to_hub` import it lazily and do without it when the package is absent.
 """
 
 import argparse
+import glob
 import json
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION, SLIDING
-from .quantization import SCHEMES, load_checkpoint_model, precise_module_names
+from .quantization import DYNAMIC_RANGE_CONFIG, SCHEMES, load_checkpoint_model, precise_module_names
+
+logger = logging.get_logger(__name__)
 
 CARD_TAGS = ["fastgpt", "custom_code", "efficient-attention", "sliding-window-attention", "long-context"]
 SPARSITY_LENGTH = 4096  # DESIGN.md section 3 quotes the stages' sparsity at this length
@@ -38,6 +51,34 @@ CARD_CONFIG_FIELDS = (
     "max_position_embeddings",
     "compress_block_size",
 )
+# What a model repository needs: fnmatch patterns for the names of the files at the top of a checkpoint folder
+# (weights, configs, tokenizer and processor files, the modeling code save_pretrained copied, the card and its
+# results), then patterns for the folders Transformers writes (relative paths).
+MODEL_REPO_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "adapter_config.json",
+    "*.py",
+    "README.md",
+    "*results.json",
+    DYNAMIC_RANGE_CONFIG,
+)
+MODEL_REPO_FOLDERS = ("additional_chat_templates/*.jinja",)
 
 
 def read_results(path: str | Path) -> list[EvalResult]:
@@ -124,6 +165,72 @@ def write_model_card(
     return readme
 
 
+@dataclass(frozen=True)
+class UploadSelection:
+    """The files of a checkpoint folder that an upload sends and those it leaves out (POSIX paths relative to the
+    folder, sorted); `uploaded` maps each path to its size in bytes."""
+
+    folder: Path
+    uploaded: dict[str, int]
+    left_out: list[str]
+
+
+def select_upload(folder: str | Path, include: Sequence[str] = ()) -> UploadSelection:
+    """Split the files of `folder` into what a model repository needs plus what `include` adds, and the rest.
+
+    Needed: the top-level files matching `MODEL_REPO_FILES` and the files matching `MODEL_REPO_FOLDERS`.
+    `include` holds fnmatch patterns matched against paths relative to `folder`; as in `hf upload --include`,
+    `*` crosses folders (`*.txt` takes every text file, `checkpoint-2/*` a whole folder). huggingface_hub's
+    default ignores (`.git/`, `.cache/huggingface/`) always apply.
+    """
+    folder = Path(folder)
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    paths = list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    top_level = [path for path in paths if "/" not in path]
+    chosen = {
+        *filter_repo_objects(top_level, allow_patterns=list(MODEL_REPO_FILES)),
+        *filter_repo_objects(paths, allow_patterns=[*MODEL_REPO_FOLDERS, *include]),
+    }
+    uploaded = {path: (folder / path).stat().st_size for path in paths if path in chosen}
+    return UploadSelection(folder, uploaded, [path for path in paths if path not in chosen])
+
+
+def left_out_summary(left_out: list[str]) -> str:
+    """One line naming the files an upload leaves out, a folder's files counted under the folder's name."""
+    entries = Counter(f"{path.split('/')[0]}/" if "/" in path else path for path in left_out)
+    names = ", ".join(f"{entry} ({count} files)" if entry.endswith("/") else entry for entry, count in entries.items())
+    return f"left out {len(left_out)} files that a model repository does not need: {names}"
+
+
+def upload_selection(
+    selection: UploadSelection,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Create `repo_id` if needed and upload the selected files in one commit; returns the commit URL.
+
+    `token` None uses `HF_TOKEN` or the token `hf auth login` stored."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=selection.folder,
+        # Exact paths, not the patterns: fnmatch's `*` crosses folders, so `*.safetensors` would also send
+        # checkpoint-N/model.safetensors.
+        allow_patterns=[glob.escape(path) for path in selection.uploaded],
+        commit_message=commit_message or "Upload FastGPT checkpoint",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+    return commit.commit_url
+
+
 def upload_checkpoint(
     folder: str | Path,
     repo_id: str,
@@ -133,19 +240,16 @@ def upload_checkpoint(
     commit_description: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    include: Sequence[str] = (),
 ) -> str:
-    """Create `repo_id` if needed and upload every file of `folder` in one commit; returns the commit URL."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message or "Upload FastGPT checkpoint",
-        commit_description=commit_description,
-        revision=revision,
-        create_pr=create_pr,
-    )
-    return commit.commit_url
+    """Upload the files of `folder` that a model repository needs, plus those matching `include` (see
+    `select_upload`), to `repo_id` in one commit, warning about the files left out; returns the commit URL.
+
+    `model.push_to_hub` and `save_pretrained(push_to_hub=True)` upload through here."""
+    selection = select_upload(folder, include)
+    if selection.left_out:
+        logger.warning(left_out_summary(selection.left_out))
+    return upload_selection(selection, repo_id, private, token, commit_message, commit_description, revision, create_pr)
 
 
 def push_model(
@@ -161,7 +265,8 @@ def push_model(
     max_shard_size: int | str | None = "50GB",
     tags: list[str] | None = None,
 ) -> str:
-    """`model.push_to_hub`: save the model with its card (replacing the repo's README.md) and upload the folder."""
+    """`model.push_to_hub`: save the model with its card (replacing the repo's README.md) in a temporary folder and
+    upload it through `upload_checkpoint`."""
     tags = [*(model.model_tags or []), *(tags or [])]
     with tempfile.TemporaryDirectory() as folder:
         write_model_card(model, folder, model_id=repo_id, tags=tags)
@@ -193,15 +298,51 @@ def card_main(argv: list[str] | None = None) -> None:
 
 
 def push_main(argv: list[str] | None = None) -> None:
-    """`fastgpt push CHECKPOINT REPO_ID [--private] [--token TOKEN]`: upload a checkpoint folder with its card."""
-    parser = argparse.ArgumentParser(prog="fastgpt push", description="Upload a FastGPT checkpoint to the Hub.")
+    """`fastgpt push CHECKPOINT REPO_ID [--include PATTERN] [--dry-run] [--private]`: upload what a model repository
+    needs from a checkpoint folder, with its card; prints the files and their sizes first, and the files left out."""
+    parser = argparse.ArgumentParser(
+        prog="fastgpt push",
+        description="Upload a FastGPT checkpoint to the Hub: config, weights, tokenizer and processor files, "
+        "generation config, the modeling code, the card and results; nothing else (.env, notes, training_args.bin, "
+        "checkpoint-N/ ...) unless --include names it. The token comes from HF_TOKEN or `hf auth login`.",
+    )
     parser.add_argument("checkpoint", help="folder of a FastGPT checkpoint (save_pretrained output)")
     parser.add_argument("repo_id", help="Hub repository, e.g. user/fastgpt-small")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload the files matching this fnmatch pattern, relative to the folder (repeatable; `*` crosses "
+        "folders as in `hf upload --include`)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would be uploaded; upload nothing")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--token", help="Hub token (default: the one `hf auth login` stored)")
+    parser.add_argument(
+        "--token",
+        help="Hub token (default: HF_TOKEN, else the one `hf auth login` stored); a command line is visible to other "
+        "users of this machine, so prefer HF_TOKEN",
+    )
     args = parser.parse_args(argv)
     model = load_checkpoint(parser, args.checkpoint)  # also checks that the weights fit the config
-    if not Path(args.checkpoint, "README.md").exists():
+    card_missing = not Path(args.checkpoint, "README.md").exists()
+    if card_missing and not args.dry_run:
         write_model_card(model, args.checkpoint, model_id=args.repo_id)
-    url = upload_checkpoint(args.checkpoint, args.repo_id, private=args.private or None, token=args.token)
+    selection = select_upload(args.checkpoint, args.include)
+    print(f"{'would upload' if args.dry_run else 'uploading'} {len(selection.uploaded)} files to {args.repo_id}:")
+    for path, size in selection.uploaded.items():
+        print(f"{size:>15,}  {path}")
+    if card_missing and args.dry_run:
+        print(f"{'':>15}  README.md (the model card, written before uploading)")
+    if selection.left_out:
+        print(f"{left_out_summary(selection.left_out)} (upload one with --include PATTERN)")
+    if args.dry_run:
+        return
+    try:
+        url = upload_selection(selection, args.repo_id, private=args.private or None, token=args.token)
+    except HfHubHTTPError as error:
+        raise ValueError(
+            f"the Hub refused the upload to {args.repo_id} ({str(error).strip().splitlines()[0]}); check the "
+            "repository name and that the token (HF_TOKEN, `hf auth login` or --token) may write to it"
+        ) from None
     print(f"pushed {args.checkpoint} to {url}")

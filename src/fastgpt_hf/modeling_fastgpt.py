@@ -348,7 +348,8 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code).
 
         With `push_to_hub=True` (and `repo_id`, `token`, `private`, `commit_message`, ... as in Transformers) the
-        folder is then uploaded as it is: Transformers' own push would replace the card with a generic one."""
+        files of the folder that a model repository needs are then uploaded (`model_card.upload_checkpoint`, which
+        warns about the rest): Transformers' own push would replace the card with a generic one."""
         model_card = optional_model_card_module()
         hub_options = {}
         if push_to_hub and model_card is not None:
