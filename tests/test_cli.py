@@ -230,6 +230,7 @@ def test_train_refuses_a_folder_holding_a_model_and_overwrite_replaces_it_whole(
 ):
     (float_checkpoint / "README.md").write_text("stale card of another model")
     (float_checkpoint / "notes.txt").write_text("not part of the new run")
+    (float_checkpoint / "checkpoint-7").mkdir()  # of another run: the final save alone would keep it
     with monkeypatch.context() as patched:
         patched.setattr(data, "packed_datasets", fail_if_called)
         status, _, err = run_cli(tiny_train(float_checkpoint, text_files), capsys)
@@ -238,7 +239,7 @@ def test_train_refuses_a_folder_holding_a_model_and_overwrite_replaces_it_whole(
     assert "pass --overwrite to replace them, --resume last to continue that run, or another --output." in err
     status, _, err = run_cli(tiny_train(float_checkpoint, text_files, "--overwrite"), capsys)
     assert status == 0, err
-    assert not (float_checkpoint / "notes.txt").exists()
+    assert not (float_checkpoint / "notes.txt").exists() and not (float_checkpoint / "checkpoint-7").exists()
     assert "stale card" not in (float_checkpoint / "README.md").read_text()
     assert json.loads((float_checkpoint / "config.json").read_text())["num_hidden_layers"] == 3
 

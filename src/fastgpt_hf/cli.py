@@ -133,11 +133,9 @@ def train_main(argv: list[str] | None = None) -> None:
     if args.overwrite and args.resume == "last":
         parser.error("--overwrite replaces OUTPUT's run and --resume last continues it; pass one of them")
     from .output_folders import refuse_unwritable, writer_lock
-    from .training import check_config_keys
 
     output = Path(args.output)
     refuse_unwritable(output, train_sources(args))
-    check_config_keys(dict(args.overrides))
     with writer_lock(output):
         run_training(args, output, resume_checkpoint(args, output))
 
