@@ -1,15 +1,23 @@
-"""Training through Trainer on real text: the loss falls, gradient checkpointing changes nothing, resume continues."""
+"""Training through Trainer on real text: the loss falls, gradient checkpointing changes nothing, resume continues,
+checkpoints and the final model are whole or absent, Ctrl-C stops with a checkpoint."""
+
+import os
+import signal
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer, packed_datasets
 from fastgpt_hf.training import (
     causal_lm_trainer,
     choose_precision,
+    last_complete_checkpoint,
     llama_peer,
     logged_losses,
     model_for_tokenizer,
+    save_final_model,
+    train_interruptibly,
     training_arguments,
 )
 
@@ -126,3 +134,81 @@ def test_precision_choice_on_this_machine(caplog):
         choose_precision("fp16")
     with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
         choose_precision("fp8")
+
+
+def test_checkpoint_save_cut_off_leaves_no_checkpoint_folder(tokenizer, blocks, tmp_path, monkeypatch, caplog):
+    trainer = tiny_trainer(tokenizer, blocks, tmp_path, max_steps=2, save_steps=1, show_progress=False)
+    save_optimizer = trainer._save_optimizer_and_scheduler
+
+    def crash_at_step_2(output_dir):
+        if trainer.state.global_step == 2:
+            raise RuntimeError("killed mid-save")
+        save_optimizer(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", crash_at_step_2)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint-2.tmp", "checkpoint-1"]
+    with caplog.at_level("WARNING", logger="fastgpt_hf.training"):
+        assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert f"Skipping {tmp_path / '.checkpoint-2.tmp'}: a checkpoint save cut off by a crash" in caplog.text
+
+
+def test_last_complete_checkpoint_skips_incomplete_ones(tmp_path, caplog):
+    for step, files in {3: {"trainer_state.json": "{}", "model.safetensors": ""}, 9: {"model.safetensors": ""}}.items():
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name, text in files.items():
+            (tmp_path / f"checkpoint-{step}" / name).write_text(text)
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"log_hist')
+    (tmp_path / "checkpoint-11").mkdir()
+    (tmp_path / "checkpoint-11" / "trainer_state.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="fastgpt_hf.training"):
+        assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    problems = {11: "no weights", 10: "an unreadable trainer_state.json", 9: "no trainer_state.json"}
+    for step, problem in problems.items():
+        assert f"Skipping incomplete {tmp_path / f'checkpoint-{step}'} ({problem}" in caplog.text
+    (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path) is None
+
+
+class CtrlCAtStep(TrainerCallback):
+    """Sends this process SIGINT at the end of optimizer step `step`, as Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+        return control
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint(tokenizer, blocks, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = tiny_trainer(tokenizer, blocks, tmp_path, max_steps=4, show_progress=False)
+    trainer.add_callback(CtrlCAtStep(2))
+    assert train_interruptibly(trainer) == 2
+    assert trainer.state.global_step == 2
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_final_model_replaces_the_previous_one_whole_and_keeps_checkpoints(tokenizer, blocks, tmp_path, monkeypatch):
+    trainer = tiny_trainer(tokenizer, blocks, tmp_path, max_steps=1, save_steps=1, show_progress=False)
+    trainer.train()
+    (tmp_path / "README.md").write_text("stale card of an earlier model")
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"a shard of an earlier model")
+    save_final_model(trainer, tokenizer, tmp_path)
+    assert "stale card" not in (tmp_path / "README.md").read_text()
+    assert not (tmp_path / "model-00002-of-00002.safetensors").exists()
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+    saved = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-save")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        save_final_model(trainer, tokenizer, tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == saved

@@ -2,7 +2,8 @@
 
 `train`, `eval`, `generate` and `bench` live here; `quantize` dispatches to `fastgpt_hf.quantization`, `card` and
 `push` to `fastgpt_hf.model_card`. Every subcommand explains itself with `--help`; a missing file, an unknown
-preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2, not a traceback.
+preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2, not a traceback; Ctrl-C
+ends with exit status 130 (`train` first saves a checkpoint to resume from).
 """
 
 import argparse
@@ -10,6 +11,10 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
+    from transformers import Trainer, TrainingArguments
 
 COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
@@ -80,7 +85,14 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, JSON values allowed: --set hidden_size=256 --set 'layer_types=[\"local\"]'",
     )
-    parser.add_argument("--output", default="runs/train", help="folder for checkpoints and the final model")
+    parser.add_argument(
+        "--output",
+        default="runs/train",
+        help="folder for checkpoints and the final model; one that holds files needs --overwrite or --resume",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace what OUTPUT holds (once the data is read) with this run"
+    )
     parser.add_argument("--train-file", help="training text (default: the shipped WikiText-2 train excerpt)")
     parser.add_argument("--valid-file", help="validation text (default: the shipped WikiText-2 valid excerpt)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the shipped byte-level BPE)")
@@ -100,29 +112,94 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"], help="backend"
     )
-    parser.add_argument("--resume", help="checkpoint-N folder to resume from, or 'last' for the newest in OUTPUT")
+    parser.add_argument(
+        "--resume",
+        help="checkpoint-N folder to resume from, or 'last' for the newest complete one in OUTPUT (after Ctrl-C)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def train_main(argv: list[str] | None = None) -> None:
-    """`fastgpt train`: Trainer run from a preset; prints the final validation loss and perplexity."""
+    """`fastgpt train`: Trainer run from a preset; prints the final validation loss and perplexity.
+
+    Refuses, before reading data, an OUTPUT that holds files (without `--overwrite` or `--resume`), an OUTPUT that
+    holds an input, one being written by another process and a bad `--set`; Ctrl-C saves a checkpoint, exit 130.
+    """
     parser = train_parser()
     args = parser.parse_args(argv)
     for path in (args.train_file, args.valid_file):
         existing_file(parser, path)
+    if args.overwrite and args.resume == "last":
+        parser.error("--overwrite replaces OUTPUT's run and --resume last continues it; pass one of them")
+    from .output_folders import refuse_unwritable, writer_lock
+
+    output = Path(args.output)
+    refuse_unwritable(output, train_sources(args))
+    with writer_lock(output):
+        run_training(args, output, resume_checkpoint(args, output))
+
+
+def train_sources(args: argparse.Namespace) -> list[Path]:
+    """The paths `fastgpt train` reads that writing OUTPUT must not destroy; with --overwrite, the checkpoint too."""
+    sources = [Path(path) for path in (args.tokenizer, args.train_file, args.valid_file) if path is not None]
+    if args.overwrite and args.resume is not None:
+        sources.append(Path(args.resume))
+    return sources
+
+
+def resume_checkpoint(args: argparse.Namespace, output: Path) -> Path | None:
+    """The checkpoint `--resume` names (None without it); refuses an occupied OUTPUT without --resume or --overwrite."""
+    from .output_folders import refuse_occupied
+    from .training import checkpoint_problem, last_complete_checkpoint
+
+    if args.resume is None:
+        if not args.overwrite:
+            remedy = "pass --overwrite to replace them, --resume last to continue that run, or another --output"
+            refuse_occupied(output, remedy)
+        return None
+    if args.resume == "last":
+        checkpoint = last_complete_checkpoint(output) if output.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"{output} holds no complete checkpoint-N folder to resume from; train without --resume.")
+        return checkpoint
+    checkpoint = Path(args.resume)
+    problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "not a folder"
+    if problem is not None:
+        raise ValueError(f"cannot resume from {checkpoint} ({problem}); pass a complete checkpoint-N folder or 'last'.")
+    return checkpoint
+
+
+def run_training(args: argparse.Namespace, output: Path, resume: Path | None) -> None:
+    """Check the config, read the data, train into `output` (emptied first with --overwrite), evaluate and save."""
     from .data import CORPUS_FILES, load_tokenizer, packed_datasets
-    from .training import causal_lm_trainer, model_for_tokenizer, training_arguments
+    from .output_folders import replace_with_empty_folder
+    from .training import causal_lm_trainer, config_for_tokenizer, initialised_model, save_final_model
 
     tokenizer = load_tokenizer(args.tokenizer)
+    overrides = {"attn_implementation": args.attn_implementation, **dict(args.overrides)}
+    config = config_for_tokenizer(args.preset, tokenizer, **overrides)
     files = {
         "train": args.train_file or CORPUS_FILES["train"],
         "validation": args.valid_file or CORPUS_FILES["validation"],
     }
     datasets = packed_datasets(tokenizer, args.block_size, files)
-    overrides = {"attn_implementation": args.attn_implementation, **dict(args.overrides)}
-    model = model_for_tokenizer(args.preset, tokenizer, seed=args.seed, **overrides)
-    training_args = training_arguments(
+    if args.overwrite:
+        replace_with_empty_folder(output)
+    validation = datasets["validation"].select(range(min(args.eval_blocks, len(datasets["validation"]))))
+    model = initialised_model(config, seed=args.seed)
+    trainer = causal_lm_trainer(model, cli_training_arguments(args), datasets["train"], validation)
+    train_or_exit_on_ctrl_c(trainer, resume, output)
+    metrics = trainer.evaluate()
+    save_final_model(trainer, tokenizer, output)
+    print(f"eval_loss {metrics['eval_loss']:.4f}  eval_perplexity {metrics['eval_perplexity']:.2f}  -> {args.output}")
+
+
+def cli_training_arguments(args: argparse.Namespace) -> "TrainingArguments":
+    """`training.training_arguments` from `fastgpt train`'s options."""
+    from .training import training_arguments
+
+    return training_arguments(
         args.output,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -136,14 +213,21 @@ def train_main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         seed=args.seed,
     )
-    validation = datasets["validation"].select(range(min(args.eval_blocks, len(datasets["validation"]))))
-    trainer = causal_lm_trainer(model, training_args, datasets["train"], validation)
-    resume = True if args.resume == "last" else args.resume
-    trainer.train(resume_from_checkpoint=resume)
-    metrics = trainer.evaluate()
-    trainer.save_model(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"eval_loss {metrics['eval_loss']:.4f}  eval_perplexity {metrics['eval_perplexity']:.2f}  -> {args.output}")
+
+
+def train_or_exit_on_ctrl_c(trainer: "Trainer", resume: Path | None, output: Path) -> None:
+    """Train; after a Ctrl-C, say where its checkpoint is and exit with status 130 (128 + SIGINT)."""
+    from .training import checkpoint_folder, train_interruptibly
+
+    stopped_at = train_interruptibly(trainer, resume)
+    if stopped_at is not None:
+        checkpoint = checkpoint_folder(output, stopped_at)
+        print(
+            f"fastgpt train: interrupted at step {stopped_at}; checkpoint saved to {checkpoint}; continue with "
+            "--resume last",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
 
 
 def eval_main(argv: list[str] | None = None) -> None:
@@ -311,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"fastgpt {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"fastgpt {command}: aborted by Ctrl-C", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
 
 from .modeling_fastgpt import FastGPTPreTrainedModel
+from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
 
 LOAD_TIME_SCHEMES = ("bnb-int8", "torchao-int8-weight", "torchao-int8-dynamic")
 SCHEMES = (*LOAD_TIME_SCHEMES, "dynamic-range")
@@ -275,19 +276,31 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def quantize_main(argv: list[str] | None = None) -> None:
-    """`fastgpt quantize CHECKPOINT OUTPUT --scheme SCHEME`: write an int8 copy of a float checkpoint."""
+    """`fastgpt quantize CHECKPOINT OUTPUT --scheme SCHEME`: write an int8 copy of a float checkpoint.
+
+    OUTPUT must be new or empty, or replaced whole with `--overwrite`; it is written beside its final name and
+    renamed into place, under a lock that refuses a second writer. The checkpoint itself, or a folder holding it,
+    is refused as OUTPUT even with `--overwrite`. All refusals come before the model is loaded.
+    """
     parser = argparse.ArgumentParser(
         prog="fastgpt quantize", description="Quantize a FastGPT checkpoint to int8 and save it."
     )
     parser.add_argument("checkpoint", help="folder of a float FastGPT checkpoint (save_pretrained output)")
-    parser.add_argument("output", help="folder to write the quantized checkpoint to")
+    parser.add_argument("output", help="folder to write the quantized checkpoint to (new or empty)")
     parser.add_argument("--scheme", choices=SCHEMES, default="torchao-int8-weight", help="see fastgpt_hf.quantization")
+    parser.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds with the new checkpoint")
     args = parser.parse_args(argv)
     if not Path(args.checkpoint, "config.json").exists():
         parser.error(f"{args.checkpoint} is not a checkpoint folder (no config.json)")
-    model = load_quantized(args.checkpoint, args.scheme)
-    if args.scheme == "dynamic-range":
-        save_dynamic_range(model, args.output)
-    else:
-        model.save_pretrained(args.output)
+    output = Path(args.output)
+    refuse_unwritable(output, [Path(args.checkpoint)])
+    with writer_lock(output):
+        if not args.overwrite:
+            refuse_occupied(output, "pass --overwrite to replace them, or another output folder")
+        model = load_quantized(args.checkpoint, args.scheme)
+        with staged_folder(output) as staging:
+            if args.scheme == "dynamic-range":
+                save_dynamic_range(model, staging)
+            else:
+                model.save_pretrained(staging)
     print(f"{args.scheme}: {weight_bytes(model) / 2**20:.1f} MiB of weights written to {args.output}")
