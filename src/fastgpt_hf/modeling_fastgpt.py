@@ -577,11 +577,21 @@ class FastGPTGenerationMixin(GenerationMixin):
         self, inputs: torch.Tensor | None, bos_token_id: torch.Tensor | None, model_kwargs: dict
     ) -> tuple[torch.Tensor, str, dict]:
         """Transformers' choice of the prompt tensor, checked before `generate()` reads its shape: `check_inputs`
-        (the attention_mask covers the prompt)."""
+        (the attention_mask covers the prompt), and a cache passed in must hold fewer tokens than the prompt, whose
+        first tokens it holds (prefix caching: the prompt extends what the cache has seen)."""
         inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
         prompt = {"input_ids": None, "inputs_embeds": None, input_name: inputs_tensor}
         text_config = self.config.get_text_config(decoder=True)
         check_inputs(**prompt, attention_mask=model_kwargs.get("attention_mask"), cache=None, config=text_config)
+        cache, prompt_length = model_kwargs.get("cache"), inputs_tensor.shape[1]
+        cached_length = int(cache.get_seq_length()) if isinstance(cache, Cache) else 0
+        if cached_length >= prompt_length:
+            raise ValueError(
+                f"The cache already holds {cached_length} tokens and the prompt has only {prompt_length}: "
+                "generate() continues a cache with a prompt that starts with the tokens it holds and adds at least "
+                "one. Pass a fresh cache (or none), or a deep copy (copy.deepcopy) of the cache of a prefix of this "
+                "prompt."
+            )
         return inputs_tensor, input_name, model_kwargs
 
     def _prepare_cache_for_generation(
@@ -591,7 +601,8 @@ class FastGPTGenerationMixin(GenerationMixin):
 
         `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
         "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
-        positions. A cache passed by the user is checked by the forward pass.
+        positions. A cache passed by the user is checked against the prompt by `_prepare_model_inputs` and against
+        the model by the forward pass.
         """
         text_config = self.config.get_text_config(decoder=True)
         if generation_config.max_length > text_config.max_position_embeddings:
