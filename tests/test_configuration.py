@@ -75,9 +75,27 @@ def test_unknown_preset():
         ({"attention_dropout": 2.0}, r"attention_dropout must be in \[0, 1\), got 2.0"),
         ({"pad_token_id": 500}, r"pad_token_id \(500\) must be a token id below vocab_size \(128\)"),
         ({"rope_parameters": {"rope_type": "lnear", "rope_theta": 1e4}}, r"rope_type'\] 'lnear' is unknown"),
+        (
+            {"hidden_size": 65},
+            r"hidden_size \(65\) must be a multiple of num_attention_heads \(4\) to derive head_dim; .* set head_dim",
+        ),
+        ({"initializer_range": -0.02}, r"initializer_range must be a number >= 0 .* got -0.02"),
+        ({"rms_norm_eps": 0.0}, r"rms_norm_eps must be a positive number, got 0.0"),
+        ({"rms_norm_eps": -1e-6}, r"rms_norm_eps must be a positive number, got -1e-06"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
+            r"rope_parameters\['rope_theta'\] must be a positive number, got 0.0",
+        ),
+        ({"rope_theta": -1e4}, r"rope_parameters\['rope_theta'\] must be a positive number, got -10000.0"),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(value),
 )
 def test_invalid_values_raise_value_error_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         FastGPTConfig.from_preset("tiny", **overrides)
+
+
+def test_an_explicit_head_dim_needs_no_divisible_width():
+    """Only a derived head_dim must divide the width (it would be floored silently); an explicit one sizes q_proj."""
+    config = FastGPTConfig.from_preset("tiny", hidden_size=65, head_dim=16)
+    assert (config.hidden_size, config.num_attention_heads, config.head_dim) == (65, 4, 16)

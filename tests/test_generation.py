@@ -4,6 +4,8 @@ Float64 tiny models (windows 8 / 16, blocks of 4), so 30 new tokens after a 10-t
 and block boundary; greedy decoding is compared token for token with an argmax loop over `reference_logits`.
 """
 
+import copy
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -13,7 +15,7 @@ from transformers import CompileConfig, DynamicCache, PreTrainedTokenizerFast, p
 from fastgpt_hf.attention_reference import reference_logits
 from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
 
-from .conftest import left_padded_batch, tiny_model
+from .conftest import STACKS, left_padded_batch, tiny_model
 
 NEW_TOKENS = 30
 
@@ -185,3 +187,49 @@ def test_static_cache_from_another_model_is_refused_by_generate(model):
     other = FastGPTStaticCache(tiny_model("sliding").config, max_cache_len=16)
     with pytest.raises(ValueError, match="build the cache from this model's config"):
         model.generate(torch.ones(1, 4, dtype=torch.long), cache=other, max_new_tokens=2)
+
+
+def prefilled_cache(model, input_ids, attention_mask, cache_kind: str):
+    """A cache of either kind (static: 64 positions) holding the given prompt, filled by one forward pass."""
+    if cache_kind == "dynamic":
+        cache = FastGPTDynamicCache(model.config)
+    else:
+        cache = FastGPTStaticCache(model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("prompt_length", [10, 20], ids=["shorter", "as-long"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_cache_holding_as_many_tokens_as_the_prompt_is_refused(model, cache_kind, prompt_length):
+    """A cache from an earlier, longer generation would otherwise meet an empty or wrong slice of the prompt."""
+    input_ids, attention_mask = left_padded_batch(20)
+    cache = prefilled_cache(model, input_ids, attention_mask, cache_kind)
+    message = rf"The cache already holds 20 tokens and the prompt has only {prompt_length}: .*\(copy\.deepcopy\)"
+    with pytest.raises(ValueError, match=message):
+        model.generate(
+            input_ids[:, :prompt_length],
+            attention_mask=attention_mask[:, :prompt_length],
+            past_key_values=cache,
+            max_new_tokens=2,
+            do_sample=False,
+        )
+
+
+@pytest.mark.parametrize("prefix_length", [13, 21])  # neither a multiple of the windows (8, 16) nor of the blocks (4)
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_deep_copies_of_a_prefix_cache_give_the_tokens_of_a_fresh_run(stack, cache_kind, prefix_length):
+    """Transformers' prefix caching: a cache of a shared prefix, deep-copied for each prompt that extends it (here two,
+    so the first run must leave the prefix's cache as it was), generates what the prompts give without it."""
+    model = tiny_model(stack)
+    model.generation_config.pad_token_id = 0
+    input_ids, attention_mask = left_padded_batch(24)
+    prefix_cache = prefilled_cache(model, input_ids[:, :prefix_length], attention_mask[:, :prefix_length], cache_kind)
+    for prompt_length in (prefix_length + 1, 24):
+        prompt = {"input_ids": input_ids[:, :prompt_length], "attention_mask": attention_mask[:, :prompt_length]}
+        options = {"max_new_tokens": 12, "do_sample": False}
+        reused = model.generate(**prompt, cache=copy.deepcopy(prefix_cache), **options)
+        fresh = model.generate(**prompt, cache_implementation=cache_kind, **options)
+        assert torch.equal(reused, fresh)

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, FastGPTModel
+from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
 
 from .conftest import left_padded_batch, tiny_model
 
@@ -131,16 +132,52 @@ def test_position_ids_that_do_not_count_the_tokens_are_refused(position_ids, mes
         model(torch.zeros(2, 5, dtype=torch.long), position_ids=position_ids)
 
 
-def test_generate_with_a_mask_shorter_than_the_prompt_is_refused():
-    model = tiny_model("mixed", dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"position_ids must have shape .* derives them from attention_mask"):
-        model.generate(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 3), max_new_tokens=2)
+IDS_ARE = r"input_ids must be token ids of shape \(batch, tokens\) and dtype torch.long or torch.int .*; got "
+MASK_IS = r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(2, 5\), .* got shape "
+EMBEDS_ARE = r"inputs_embeds must have shape \(batch, tokens, hidden_size\) = \(batch, tokens, 64\); got "
+# Each malformed input (beside `input_ids` of shape (2, 5) where it replaces another argument) and its error.
+MALFORMED_INPUTS = {
+    "ids-1d": ({"input_ids": torch.zeros(5, dtype=torch.long)}, IDS_ARE + r"shape \(5,\) and dtype torch.int64"),
+    "ids-3d": ({"input_ids": torch.zeros(2, 5, 1, dtype=torch.long)}, IDS_ARE + r"shape \(2, 5, 1\)"),
+    "ids-float": ({"input_ids": torch.zeros(2, 5)}, IDS_ARE + r"shape \(2, 5\) and dtype torch.float32"),
+    "embeds-narrow": ({"inputs_embeds": torch.zeros(2, 5, 32)}, EMBEDS_ARE + r"\(2, 5, 32\)"),
+    "embeds-2d": ({"inputs_embeds": torch.zeros(5, 64)}, EMBEDS_ARE + r"\(5, 64\)"),
+    "mask-shorter": ({"attention_mask": torch.ones(2, 4)}, MASK_IS + r"\(2, 4\)"),
+    "mask-more-rows": ({"attention_mask": torch.ones(3, 5)}, MASK_IS + r"\(3, 5\)"),
+    "mask-1d": ({"attention_mask": torch.ones(5)}, MASK_IS + r"\(5,\)"),
+    "mask-4d": ({"attention_mask": torch.ones(2, 1, 5, 5)}, MASK_IS + r"\(2, 1, 5, 5\)"),
+    "zero-rows": ({"input_ids": torch.zeros(0, 5, dtype=torch.long)}, r"input_ids has shape \(0, 5\), an empty input"),
+}
 
 
-def test_attention_mask_of_wrong_shape_is_refused():
+@pytest.mark.parametrize("entry_point", ["forward", "generate"])
+@pytest.mark.parametrize("malformed", list(MALFORMED_INPUTS))
+def test_malformed_inputs_are_refused_naming_argument_and_shapes(malformed, entry_point):
+    """A ValueError with the argument, the shape given and the shape expected, before any layer runs (Llama and
+    generate() would fail deep inside with a RuntimeError or IndexError, or accept the input)."""
     model = tiny_model("mixed", dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"2D attention_mask of shape \(batch, cached \+ new tokens\) = \(1, 5\)"):
-        model(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 1, 5, 5))
+    arguments, message = MALFORMED_INPUTS[malformed]
+    if "inputs_embeds" not in arguments:
+        arguments = {"input_ids": torch.zeros(2, 5, dtype=torch.long), **arguments}
+    with pytest.raises(ValueError, match=message):
+        if entry_point == "forward":
+            model(**arguments)
+        else:
+            model.generate(**arguments, max_new_tokens=2, do_sample=False)
+
+
+def test_int32_ids_and_a_static_cache_mask_of_the_new_tokens_are_accepted():
+    """What the checks let through: torch.int ids, and with a static cache the mask of the new tokens alone (beside
+    position_ids), which is what generate()'s compiled decode passes."""
+    model = tiny_model("mixed")
+    input_ids, attention_mask = left_padded_batch(12)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask).logits[:, -1]
+        cache = FastGPTStaticCache(model.config, max_cache_len=12)
+        model(input_ids[:, :11].int(), attention_mask=attention_mask[:, :11], cache=cache)
+        position_ids = attention_mask.cumsum(-1)[:, -1:] - 1
+        last = model(input_ids[:, 11:], attention_mask=attention_mask[:, 11:], position_ids=position_ids, cache=cache)
+    torch.testing.assert_close(last.logits[:, 0], expected, rtol=0, atol=1e-9)
 
 
 def test_unsupported_attention_implementation_is_refused():

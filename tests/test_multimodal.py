@@ -201,6 +201,37 @@ def test_pixel_values_the_encoder_cannot_read_are_a_clear_error(processor, pixel
         model(input_ids=inputs["input_ids"], pixel_values=pixel_values)
 
 
+# A malformed text input of the two-image prompt (ids and mask (2, 19)) and its error.
+MALFORMED_TEXT_INPUTS = {
+    "ids-1d": r"input_ids must be token ids of shape \(batch, tokens\) .* got shape \(19,\)",
+    "ids-float": r"input_ids must be token ids .* got shape \(2, 19\) and dtype torch.float32",
+    "mask-shorter": r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(2, 19\), .* \(2, 18\)",
+    "zero-rows": r"input_ids has shape \(0, 19\), an empty input",
+}
+
+
+@pytest.mark.parametrize("malformed", list(MALFORMED_TEXT_INPUTS))
+@pytest.mark.parametrize("entry_point", ["forward", "generate"])
+def test_malformed_text_inputs_of_the_captioning_model_are_refused(processor, entry_point, malformed):
+    """The captioning model checks the ids and mask it forwards to the language model as FastGPTModel does."""
+    model = build_model(processor)
+    inputs = processor(images=pictures(2), text=[PROMPT, PROMPT], return_tensors="pt")
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    inputs.update(
+        {
+            "ids-1d": {"input_ids": input_ids[0]},
+            "ids-float": {"input_ids": input_ids.float()},
+            "mask-shorter": {"attention_mask": attention_mask[:, 1:]},
+            "zero-rows": {"input_ids": input_ids[:0], "attention_mask": attention_mask[:0]},
+        }[malformed]
+    )
+    with pytest.raises(ValueError, match=MALFORMED_TEXT_INPUTS[malformed]):
+        if entry_point == "forward":
+            model(**inputs)
+        else:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
 def test_configuration_and_processor_errors(processor):
     text_config = FastGPTConfig.from_preset("tiny")
     with pytest.raises(ValueError, match=r"vision_feature_layer \(99\) must index the vision encoder's 3 hidden"):

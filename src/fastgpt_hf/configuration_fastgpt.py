@@ -35,6 +35,11 @@ if DYNAMIC not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
     configuration_utils.ALLOWED_LAYER_TYPES += (DYNAMIC,)
 
 
+def is_real_number(value: object) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def default_layer_types(num_hidden_layers: int) -> list[str]:
     """Three stages of nearly equal size, shallow to deep: sliding, dynamic, full.
 
@@ -134,7 +139,8 @@ class FastGPTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         heads_are_positive = isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0
-        if self.head_dim is None and heads_are_positive:  # otherwise validate_architecture names the bad field
+        # Derived only where the heads divide the width; otherwise validate_architecture names the bad field.
+        if self.head_dim is None and heads_are_positive and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -142,12 +148,13 @@ class FastGPTConfig(PreTrainedConfig):
             self.layer_types = default_layer_types(self.num_hidden_layers)
         else:
             self.layer_types = [LAYER_TYPE_ALIASES.get(kind, kind) for kind in self.layer_types]
-        # Checked here as well as by `@strict` afterwards, so that a bad value surfaces as a plain `ValueError`.
+        # Checked here as well as by `@strict` afterwards, so that a bad value surfaces as a plain `ValueError`; the
+        # architecture after the base class has moved a legacy top-level `rope_theta` into `rope_parameters`.
         self.validate_layer_type()
-        self.validate_architecture()
         self.validate_version()
         self.fastgpt_hf_version = FASTGPT_HF_VERSION
         super().__post_init__(**kwargs)
+        self.validate_architecture()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "FastGPTConfig":
@@ -171,7 +178,9 @@ class FastGPTConfig(PreTrainedConfig):
             )
 
     def validate_architecture(self):
-        """Positive sizes, grouped-query heads that divide, blocks that fit in the dynamic window."""
+        """Positive sizes, heads that divide the width (without an explicit `head_dim`, as `LlamaConfig` requires),
+        grouped-query heads that divide, blocks that fit in the dynamic window, and the numbers that would turn the
+        forward pass into NaN: `rms_norm_eps` and rope theta must be positive, `initializer_range` non-negative."""
         positive_fields = (
             "vocab_size",
             "hidden_size",
@@ -188,6 +197,11 @@ class FastGPTConfig(PreTrainedConfig):
         )
         for field in positive_fields:
             value = getattr(self, field)
+            if field == "head_dim" and value is None:  # left underived by __post_init__
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}) to derive head_dim; change one of them or set head_dim."
+                )
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -211,6 +225,22 @@ class FastGPTConfig(PreTrainedConfig):
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})."
+            )
+        if not is_real_number(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ValueError(
+                f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r} (the norm divides by "
+                "sqrt(mean square + rms_norm_eps): inf or NaN otherwise)."
+            )
+        rope_theta = (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+        if not is_real_number(rope_theta) or rope_theta <= 0:
+            raise ValueError(
+                f"rope_parameters['rope_theta'] must be a positive number, got {rope_theta!r} (the rotary "
+                "frequencies are its powers)."
+            )
+        if not is_real_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(
+                f"initializer_range must be a number >= 0 (the standard deviation of the initial weights), got "
+                f"{self.initializer_range!r}."
             )
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:

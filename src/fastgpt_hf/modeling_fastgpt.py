@@ -424,34 +424,24 @@ class FastGPTModel(FastGPTPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if self.config._attn_implementation not in WINDOWED_ATTENTION_FUNCTIONS:
             raise ValueError(
                 f"FastGPT has no {self.config._attn_implementation!r} attention; "
                 f"use one of {sorted(WINDOWED_ATTENTION_FUNCTIONS)}."
             )
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("FastGPT got an empty input (0 tokens); give at least one token, e.g. a BOS token.")
         if use_cache and cache is None:
             cache = FastGPTDynamicCache(self.config)
-        if cache is not None:
-            check_cache(cache, self.config, inputs_embeds.shape[0])
+        check_inputs(input_ids, inputs_embeds, attention_mask, cache, self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         query_length = inputs_embeds.shape[1]
         past_length = self.past_length(cache, query_length)
-        # The static cache flags which of its slots are real, so the new tokens' mask alone will do there (generate()'s
-        # compiled decode passes that: one fixed shape for every step).
-        if not isinstance(cache, FastGPTStaticCache):
-            mask_lengths = (past_length + query_length,)
-        elif is_torchdynamo_compiling():
-            mask_lengths = (query_length,)
-        else:
-            mask_lengths = (past_length + query_length, query_length)
-        padding_mask = self.padding_mask(attention_mask, inputs_embeds.shape[0], mask_lengths)
+        padding_mask = self.padding_mask(attention_mask)
         if position_ids is None:
-            if padding_mask is not None and padding_mask.shape[1] != mask_lengths[0]:
+            # A padded mask of the new tokens alone (static cache, `check_inputs`) cannot count positions from the
+            # start; compiled code, which does not read the cache's counter, gets position_ids from generate().
+            padded_new_tokens_only = padding_mask is not None and not is_torchdynamo_compiling()
+            if padded_new_tokens_only and padding_mask.shape[1] != past_length + query_length:
                 raise ValueError(
                     "With an attention_mask of the new tokens only, pass position_ids too (their positions among "
                     "the real tokens); or pass the mask of every token so far, (batch, cached + new tokens)."
@@ -494,17 +484,10 @@ class FastGPTModel(FastGPTPreTrainedModel):
         return past_length
 
     @staticmethod
-    def padding_mask(
-        attention_mask: torch.Tensor | None, batch_size: int, lengths: tuple[int, ...]
-    ) -> torch.Tensor | None:
-        """The 2D mask as bool `[B, L]` (L one of `lengths`), or None when nothing is padded (mask-free kernels)."""
+    def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The 2D mask `[B, L]` as bool, or None when nothing is padded (mask-free kernels)."""
         if attention_mask is None:
             return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
-            raise ValueError(
-                f"FastGPT takes a 2D attention_mask of shape (batch, cached + new tokens) = ({batch_size}, "
-                f"{lengths[0]}), 1 for tokens and 0 for padding; got shape {tuple(attention_mask.shape)}."
-            )
         padding_mask = attention_mask.bool()
         if not is_torchdynamo_compiling() and bool(padding_mask.all()):
             return None
@@ -518,6 +501,56 @@ class FastGPTModel(FastGPTPreTrainedModel):
         if padding_mask is None:
             return (torch.arange(query_length, device=device) + past_length)[None]
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+
+
+def check_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    config: FastGPTConfig,
+) -> None:
+    """Raise a ValueError naming the argument, the shape given and the shape expected, unless the inputs fit: exactly
+    one of input_ids `[B, T]` (torch.long or torch.int) and inputs_embeds `[B, T, hidden_size]`, B and T at least 1;
+    a cache built for this model holding B rows (`check_cache`); attention_mask `[B, cached + T]`, or with the static
+    cache, which flags its real slots itself, `[B, T]` for the new tokens (generate()'s compiled decode passes that).
+
+    Shapes and dtypes only, no tensor value is read: in compiled code this costs nothing, and there the static cache's
+    0-d counter is not read either (reading it would synchronize), so its mask must be the new tokens'."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int)):
+        raise ValueError(
+            "input_ids must be token ids of shape (batch, tokens) and dtype torch.long or torch.int (one sequence: "
+            f"input_ids[None]); got shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}."
+        )
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must have shape (batch, tokens, hidden_size) = (batch, tokens, {config.hidden_size}); "
+            f"got {tuple(inputs_embeds.shape)}."
+        )
+    name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    batch_size, query_length = tokens.shape[:2]
+    if batch_size == 0 or query_length == 0:
+        raise ValueError(
+            f"{name} has shape {tuple(tokens.shape)}, an empty input: give at least one row of at least one token "
+            "(e.g. a BOS token)."
+        )
+    if cache is not None:
+        check_cache(cache, config, batch_size)
+    if attention_mask is None:
+        return
+    static_cache = isinstance(cache, FastGPTStaticCache)
+    if static_cache and is_torchdynamo_compiling():  # the cache's counter stays unread
+        lengths = (query_length,)
+    else:
+        every_token = query_length + (0 if cache is None else int(cache.get_seq_length()))
+        lengths = (every_token, query_length) if static_cache else (every_token,)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
+        raise ValueError(
+            f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, {lengths[0]}), 1 for "
+            f"tokens and 0 for padding; got shape {tuple(attention_mask.shape)}."
+        )
 
 
 def check_position_ids(position_ids: torch.Tensor, batch_size: int, past_length: int, query_length: int) -> None:
@@ -541,6 +574,27 @@ def check_position_ids(position_ids: torch.Tensor, batch_size: int, past_length:
 class FastGPTGenerationMixin(GenerationMixin):
     """`generate()` with FastGPT's cache; for any model whose (text) config is a `FastGPTConfig`."""
 
+    def _prepare_model_inputs(
+        self, inputs: torch.Tensor | None, bos_token_id: torch.Tensor | None, model_kwargs: dict
+    ) -> tuple[torch.Tensor, str, dict]:
+        """Transformers' choice of the prompt tensor, checked before `generate()` reads its shape: `check_inputs`
+        (the attention_mask covers the prompt), and a cache passed in must hold fewer tokens than the prompt, whose
+        first tokens it holds (prefix caching: the prompt extends what the cache has seen)."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        prompt = {"input_ids": None, "inputs_embeds": None, input_name: inputs_tensor}
+        text_config = self.config.get_text_config(decoder=True)
+        check_inputs(**prompt, attention_mask=model_kwargs.get("attention_mask"), cache=None, config=text_config)
+        cache, prompt_length = model_kwargs.get("cache"), inputs_tensor.shape[1]
+        cached_length = int(cache.get_seq_length()) if isinstance(cache, Cache) else 0
+        if cached_length >= prompt_length:
+            raise ValueError(
+                f"The cache already holds {cached_length} tokens and the prompt has only {prompt_length}: "
+                "generate() continues a cache with a prompt that starts with the tokens it holds and adds at least "
+                "one. Pass a fresh cache (or none), or a deep copy (copy.deepcopy) of the cache of a prefix of this "
+                "prompt."
+            )
+        return inputs_tensor, input_name, model_kwargs
+
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
@@ -548,7 +602,8 @@ class FastGPTGenerationMixin(GenerationMixin):
 
         `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
         "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
-        positions. A cache passed by the user is checked by the forward pass.
+        positions. A cache passed by the user is checked against the prompt by `_prepare_model_inputs` and against
+        the model by the forward pass.
         """
         text_config = self.config.get_text_config(decoder=True)
         if generation_config.max_length > text_config.max_position_embeddings:

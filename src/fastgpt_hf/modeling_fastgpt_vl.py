@@ -30,7 +30,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_fastgpt_vl import FastGPTVLConfig
-from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel
+from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel, check_inputs
 
 
 class FastGPTVLProjector(nn.Module):
@@ -208,9 +208,9 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
     ) -> MultimodalBaseModelOutputWithPast:
         """input_ids `[B, T]` with `image_seq_length` placeholders per image and `F * tokens_per_frame` per video;
         pixel_values `[N images, C, H, W]` and pixel_values_videos `[N videos, F, C, H, W]` in the order of their
-        placeholders (or `mm_encoder_outputs["image"]` / `["video"]` already encoded, as `generate()` does)."""
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        placeholders (or `mm_encoder_outputs["image"]` / `["video"]` already encoded, as `generate()` does).
+        The ids and mask are checked (`check_inputs`) before any pixel is encoded or any id embedded."""
+        check_inputs(input_ids, inputs_embeds, attention_mask, cache, self.config.text_config)
         encoded = dict(mm_encoder_outputs or {})
         for modality, pixels, encode in (
             ("image", pixel_values, self.get_image_features),
