@@ -295,7 +295,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `fastgpt COMMAND [options]`."""
+    """`fastgpt COMMAND [options]`; the installed script enters through `fastgpt_console.main`, which first hides
+    the dependencies' known import-time log lines."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="fastgpt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
