@@ -8,7 +8,7 @@ layers, heads and vocabulary. Each model trains and is evaluated in a process of
 measured afterwards in one process, the two saved models taking turns at each prompt length, `--repeats` times
 each, so that both see the same machine load; the table and the plot give the median, the plot a min-max band.
 
-The default run lasts about a minute on two idle cores and its model writes word salad. `--long` trains 10 times
+The default run lasts about a minute on two idle cores and its model writes word salad. `--long` trains 20 times
 as many tokens (600 steps of 8 blocks instead of 60 of 4, about 1.8 passes over the excerpt; meant to take about
 15 minutes in all) for a model that writes more recognisable English; any flag given beside it still wins.
 
@@ -80,12 +80,12 @@ DEMO_OVERRIDES = {
     "attn_implementation": "sdpa",
 }
 MODELS = {"fastgpt": "FastGPT", "llama": "Llama"}
-# `--long`: 10x the tokens of the default run on the same model and blocks (so its perplexities compare with the
+# `--long`: 20x the tokens of the default run on the same model and blocks (so its perplexities compare with the
 # default run's): batches of 8 blocks, 600 steps, 1.23M tokens, about 1.8 passes over the 670K-token excerpt.
 LONG_RUN = {"steps": 600, "batch_size": 8}
 SAMPLE_NOTES = {
     False: "a 1-minute model: expect word salad; --long trains ~15 minutes for recognisable English",
-    True: "a --long run: 10x the default's training tokens; still a small model, so expect loose English",
+    True: "a --long run: 20x the default's training tokens; still a small model, so expect loose English",
 }
 CHILD_TIMEOUT_SECONDS = 3600
 
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's settings; with `--long`, `LONG_RUN`'s values unless given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="run folder")
-    parser.add_argument("--long", action="store_true", help="train 10x longer (~15 minutes) for a better sample")
+    parser.add_argument("--long", action="store_true", help="train on 20x the tokens (~15 minutes) for a better sample")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (and perplexity window)")
