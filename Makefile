@@ -11,8 +11,9 @@ $(VENV)/installed: pyproject.toml
 	touch $@
 
 .PHONY: demo test
+# `make demo DEMO_ARGS=--long` for the longer run; any of `examples/demo.py --help`'s options go there.
 demo: $(VENV)/installed
-	$(PYTHON) examples/demo.py
+	$(PYTHON) examples/demo.py $(DEMO_ARGS)
 
 test: $(VENV)/installed
 	$(PYTHON) -m pytest -q

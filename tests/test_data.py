@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, pipeline
 
 from fastgpt_hf.data import (
     CORPUS_FILES,
@@ -17,7 +17,9 @@ from fastgpt_hf.data import (
     pack_blocks,
     strided_nll,
     tokenize_dataset,
+    train_tokenizer,
 )
+from fastgpt_hf.multimodal.word_tokenizer import train_word_tokenizer
 from fastgpt_hf.presets import PRESETS
 
 from .conftest import tiny_model
@@ -29,6 +31,72 @@ def test_shipped_tokenizer_is_fast_and_matches_the_small_preset():
     assert len(tokenizer) == PRESETS["small"]["vocab_size"] == 16384
     assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+PROMPTS_OF_THREE_LENGTHS = [" The game", " = Robert Boulter = \n Robert Boulter is an English actor", " In"]
+
+
+def saved_and_reloaded(tokenizer, folder):
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def trained_and_reloaded(folder):
+    train_tokenizer([CORPUS_FILES["validation"]], folder, vocab_size=300)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def loaded_from_a_right_padding_folder(folder):
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR, padding_side="right").save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize(
+    "make_tokenizer",
+    [
+        pytest.param(lambda folder: AutoTokenizer.from_pretrained(TOKENIZER_DIR), id="shipped"),
+        pytest.param(lambda folder: load_tokenizer(), id="load_tokenizer"),
+        pytest.param(lambda folder: saved_and_reloaded(load_tokenizer(), folder), id="saved-with-a-checkpoint"),
+        pytest.param(trained_and_reloaded, id="trained"),
+        pytest.param(loaded_from_a_right_padding_folder, id="load_tokenizer-of-an-older-checkpoint"),
+        pytest.param(lambda folder: saved_and_reloaded(train_word_tokenizer(["a b c"]), folder), id="word-level"),
+    ],
+)
+def test_every_tokenizer_the_package_ships_or_saves_pads_on_the_left(make_tokenizer, tmp_path):
+    tokenizer = make_tokenizer(tmp_path)
+    padded = tokenizer(["In", "The game was"], padding=True)
+    assert tokenizer.padding_side == "left"
+    assert padded["input_ids"][0][0] == tokenizer.pad_token_id and padded["attention_mask"][0][0] == 0
+
+
+@pytest.fixture(scope="module")
+def model_for_the_shipped_tokenizer():
+    """A float64 tiny model over the shipped vocabulary (pads with the shipped `<|pad|>`)."""
+    pad_token_id = AutoTokenizer.from_pretrained(TOKENIZER_DIR).pad_token_id
+    model = tiny_model("mixed", vocab_size=PRESETS["small"]["vocab_size"], pad_token_id=pad_token_id)
+    model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def test_generate_on_a_padded_batch_gives_each_prompt_its_tokens_alone(model_for_the_shipped_tokenizer):
+    model, tokenizer = model_for_the_shipped_tokenizer, AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    batch = tokenizer(PROMPTS_OF_THREE_LENGTHS, padding=True, return_tensors="pt")
+    generated = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    for prompt, tokens in zip(PROMPTS_OF_THREE_LENGTHS, generated, strict=True):
+        alone = tokenizer(prompt, return_tensors="pt")
+        expected = model.generate(**alone, max_new_tokens=8, do_sample=False)[0, alone["input_ids"].shape[1] :]
+        assert tokens.tolist() == expected.tolist(), prompt
+
+
+def test_text_generation_pipeline_on_a_batch_gives_each_prompt_its_tokens_alone(model_for_the_shipped_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    generator = pipeline("text-generation", model=model_for_the_shipped_tokenizer, tokenizer=tokenizer)
+    options = {"max_new_tokens": 8, "do_sample": False, "return_tensors": True}
+    batched = generator(PROMPTS_OF_THREE_LENGTHS, batch_size=3, **options)
+    for prompt, outputs in zip(PROMPTS_OF_THREE_LENGTHS, batched, strict=True):
+        padded_row = outputs[0]["generated_token_ids"]
+        first_real = next(index for index, token in enumerate(padded_row) if token != tokenizer.pad_token_id)
+        assert padded_row[first_real:] == generator(prompt, **options)[0]["generated_token_ids"], prompt
 
 
 def test_tokenizer_round_trips_corpus_lines():

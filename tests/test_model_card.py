@@ -1,12 +1,21 @@
 """Model cards: the Hub metadata block, the layer table, the save hook and `fastgpt card`."""
 
 import json
+import re
 
 import pytest
 import torch
 from huggingface_hub import EvalResult, ModelCard
 
-from fastgpt_hf.model_card import build_model_card, card_main, read_results
+from fastgpt_hf.cli import main as fastgpt_main
+from fastgpt_hf.data import Perplexity, load_tokenizer
+from fastgpt_hf.model_card import (
+    SHIPPED_VALIDATION_DATASET,
+    build_model_card,
+    card_main,
+    perplexity_results,
+    read_results,
+)
 from fastgpt_hf.quantization import precise_module_names
 
 from .conftest import tiny_model
@@ -79,9 +88,78 @@ def test_results_file_with_unknown_fields_is_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps([{**PERPLEXITY, "score": 1.0}]))
     with pytest.raises(ValueError, match="may only use huggingface_hub.EvalResult's fields"):
         read_results(tmp_path / "results.json")
-    (tmp_path / "results.json").write_text(json.dumps({"perplexity": 31.4}))
-    with pytest.raises(ValueError, match="must hold a JSON list of objects"):
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(json.dumps({"perplexity": 31.4}), id="object-without-eval_results"),
+        pytest.param(json.dumps({"eval_results": {"perplexity": 31.4}}), id="eval_results-not-a-list"),
+        pytest.param(json.dumps([31.4]), id="list-of-numbers"),
+        pytest.param("perplexity 31.4", id="not-json"),
+    ],
+)
+def test_results_in_any_other_form_are_refused_with_the_accepted_forms(content, tmp_path):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(ValueError, match=r"must hold a JSON list of objects with huggingface_hub.EvalResult fields"):
         read_results(tmp_path / "results.json")
+    with pytest.raises(ValueError, match="results file not found"):
+        read_results(tmp_path / "absent.json")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = load_tokenizer()
+    tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_card_takes_the_results_fastgpt_eval_writes(checkpoint_with_tokenizer, tmp_path, capsys):
+    results = tmp_path / "eval.json"
+    fastgpt_main(
+        ["eval", str(checkpoint_with_tokenizer), "--window", "32", "--max-chars", "2000", "--json", str(results)]
+    )
+    printed = re.search(
+        r"per token ([\d.]+) \((\d+) tokens\), per word ([\d.]+) \((\d+) words\)", capsys.readouterr().out
+    )
+    per_token, tokens, per_word, words = float(printed[1]), int(printed[2]), float(printed[3]), int(printed[4])
+    by_name = {result.metric_name: result for result in read_results(results)}
+    assert by_name["perplexity per token"].metric_value == round(per_token, 2)
+    assert by_name["perplexity per token"].metric_args == {"window": 32, "stride": 16, "tokens": tokens}
+    assert by_name["perplexity per word"].metric_value == round(per_word, 2)
+    assert by_name["perplexity per word"].metric_args == {"window": 32, "stride": 16, "words": words}
+    assert by_name["perplexity per word"].dataset_split == "validation"  # the shipped excerpt, as no --file was given
+    assert by_name["perplexity per word"].dataset_args == {"max_chars": 2000}
+    card_main([str(checkpoint_with_tokenizer), "--results", str(results)])
+    card = ModelCard.load(checkpoint_with_tokenizer / "README.md")
+    assert len(card.data.eval_results) == 2
+    assert f"| validation | perplexity per word | {round(per_word, 2)} |" in card.text
+
+
+def test_card_takes_the_results_fastgpt_bench_writes(tmp_path, capsys):
+    results = tmp_path / "bench.json"
+    bench = ["bench", "--preset", "tiny", "--lengths", "20", "40", "--new-tokens", "3", "--json", str(results)]
+    fastgpt_main(bench)
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[0] == "FastGPT"]
+    read = read_results(results)
+    assert len(read) == 3 * 2  # FastGPT's three figures at each length; the Llama peer is not this model's result
+    for index, (_, length, first_token, tokens_per_second, cache_mib) in enumerate(printed):
+        figures = read[3 * index : 3 * index + 3]
+        assert {result.dataset_name for result in figures} == {f"random {length}-token prompt"}
+        values = [result.metric_value for result in figures]
+        assert values == pytest.approx([float(first_token), float(tokens_per_second), float(cache_mib)], abs=0.051)
+        assert figures[1].metric_args == {"batch_size": 1, "new_tokens": 3, "device": "cpu"}
+
+
+def test_card_takes_the_eval_results_of_a_demo_results_file(tmp_path):
+    perplexity = Perplexity(per_token=101.234, per_word=250.5, nll=1.0, tokens=900, words=400)
+    eval_results = perplexity_results(perplexity, SHIPPED_VALIDATION_DATASET, 256, 128)
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"steps": 60}, "eval_results": eval_results}))
+    per_token, per_word = read_results(tmp_path / "results.json")
+    assert (per_token.metric_value, per_word.metric_value) == (101.23, 250.5)
+    assert (per_word.dataset_type, per_word.dataset_name) == ("wikitext", "WikiText-2 (validation excerpt)")
 
 
 def test_card_command_refuses_a_folder_without_config(tmp_path, capsys):

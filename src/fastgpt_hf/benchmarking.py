@@ -3,9 +3,10 @@
 `generation_speed` times greedy `generate()` with the model's default (dynamic) cache from a random prompt:
 the prefill (prompt in, first new token's logits out) and the decode rate of the following tokens, read off the
 times at which generate() hands over each step's logits, and the bytes the cache holds at the end. Wall-clock
-figures: run on an otherwise idle machine.
+figures: run on an otherwise idle machine, and repeat them; `speed_statistics` summarises the repeats.
 """
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,30 @@ class GenerationSpeed:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+SPEED_FIGURES = ("prefill_seconds", "decode_tokens_per_second", "cache_mib")
+
+
+def speed_statistics(speeds: list[GenerationSpeed]) -> dict:
+    """Repeated measurements at one prompt length: its length, the count and each figure's median, min, max, values.
+
+    `{"prompt_length": 512, "repeats": 5, "decode_tokens_per_second": {"median": ..., "min": ..., "max": ...,
+    "values": [...]}, ...}` for every figure of `SPEED_FIGURES`.
+    """
+    lengths = {speed.prompt_length for speed in speeds}
+    if len(lengths) != 1:
+        raise ValueError(f"speed_statistics takes measurements at one prompt length, got lengths {sorted(lengths)}.")
+    summary: dict = {"prompt_length": lengths.pop(), "repeats": len(speeds)}
+    for figure in SPEED_FIGURES:
+        values = [getattr(speed, figure) for speed in speeds]
+        summary[figure] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "values": values,
+        }
+    return summary
 
 
 def cache_bytes(cache: Cache) -> int:

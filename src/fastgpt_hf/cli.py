@@ -248,6 +248,9 @@ def eval_main(argv: list[str] | None = None) -> None:
         "--stride", type=positive_int, help="tokens between window starts, at most --window (default: half)"
     )
     parser.add_argument("--max-chars", type=positive_int, help="evaluate only the first N characters of the file")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as EvalResult fields, for `fastgpt card --results`"
+    )
     args = parser.parse_args(argv)
     checkpoint = existing_checkpoint(parser, args.checkpoint)
     existing_file(parser, args.file)
@@ -261,6 +264,11 @@ def eval_main(argv: list[str] | None = None) -> None:
         f"perplexity per token {result.per_token:.2f} ({result.tokens} tokens), "
         f"per word {result.per_word:.2f} ({result.words} words)"
     )
+    if args.json:
+        from .model_card import perplexity_results, text_dataset, write_results
+
+        dataset = text_dataset(args.file, args.max_chars)
+        write_results(args.json, perplexity_results(result, dataset, args.window, stride))
 
 
 def generate_main(argv: list[str] | None = None) -> None:
@@ -306,6 +314,9 @@ def bench_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[256, 1024, 4096], help="prompt lengths")
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per measurement")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama peer")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write FastGPT's figures as EvalResult fields, for `fastgpt card --results`"
+    )
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM
@@ -322,14 +333,20 @@ def bench_main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_config(FastGPTConfig.from_preset(args.preset))
     models = {"FastGPT": model} if args.no_llama else {"FastGPT": model, "Llama": llama_peer(model.config)}
     print(f"{'model':>8} {'prompt':>7} {'first token s':>14} {'decode tok/s':>13} {'cache MiB':>10}")
+    speeds = {name: [] for name in models}
     for name, candidate in models.items():
         for length in args.lengths:
             speed = generation_speed(candidate, length, args.new_tokens)
+            speeds[name].append(speed)
             print(
                 f"{name:>8} {length:>7} {speed.prefill_seconds:>14.3f} {speed.decode_tokens_per_second:>13.1f} "
                 f"{speed.cache_mib:>10.2f}",
                 flush=True,
             )
+    if args.json:
+        from .model_card import speed_results, write_results
+
+        write_results(args.json, speed_results(speeds["FastGPT"], args.new_tokens, str(model.device)))
 
 
 def load_checkpoint(checkpoint: Path):
@@ -380,7 +397,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `fastgpt COMMAND [options]`."""
+    """`fastgpt COMMAND [options]`; the installed script enters through `fastgpt_console.main`, which first hides
+    the dependencies' known import-time log lines."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="fastgpt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter

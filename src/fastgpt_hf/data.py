@@ -3,7 +3,9 @@
 - The tokenizer (`tokenizer/`) is a byte-level BPE with 16,384 entries (the `small` preset's vocabulary),
   trained with `train_tokenizer` on WikiText-2's train split (WikiText-103 was not available); `<|endoftext|>`
   is its BOS and EOS token and `<|pad|>` its padding token. Byte-level with no normalisation, so
-  `decode(encode(text)) == text` for any text.
+  `decode(encode(text)) == text` for any text. It pads on the left, as every tokenizer `train_tokenizer` saves
+  and `load_tokenizer` returns does: a causal LM continues the last position of each row, so
+  `model.generate(**tokenizer(prompts, padding=True))` gives each prompt the tokens it gets alone.
 - The corpus (`corpus/`) is a WikiText-2 excerpt (see its README for the source and the CC BY-SA licence).
 - Perplexity of long text is the strided sliding-window method of Transformers' documentation: windows of
   `window` tokens every `stride` tokens, each token scored once, with at least `window - stride` tokens of
@@ -40,7 +42,10 @@ PAD_TOKEN = "<|pad|>"
 def train_tokenizer(
     files: list[str | Path], output_dir: str | Path, vocab_size: int = VOCAB_SIZE
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on text `files`, save it to `output_dir` for `AutoTokenizer`, and return it."""
+    """Train a byte-level BPE on text `files`, save it to `output_dir` for `AutoTokenizer`, and return it.
+
+    It pads on the left (saved in its tokenizer_config.json), for batched generation.
+    """
     missing = [str(path) for path in files if not Path(path).is_file()]
     if missing:
         raise ValueError(f"Tokenizer training files not found: {missing}; pass existing text files.")
@@ -56,18 +61,22 @@ def train_tokenizer(
     )
     bpe.train([str(path) for path in files], trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left"
     )
     tokenizer.save_pretrained(output_dir)
     return tokenizer
 
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in `path` (a checkpoint or tokenizer folder); the shipped one when None."""
+    """The tokenizer saved in `path` (a checkpoint or tokenizer folder); the shipped one when None.
+
+    It pads on the left whatever the folder says (earlier versions of this package saved right-padding tokenizers),
+    so that padded batches generate as their prompts do alone; `save_pretrained` keeps that setting.
+    """
     folder = Path(path) if path is not None else TOKENIZER_DIR
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"No tokenizer in {folder}; pass a folder saved with save_pretrained.")
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
 def load_text_dataset(files: dict[str, str | Path] | None = None) -> DatasetDict:

@@ -7,7 +7,9 @@ intended use, limitations, quantization notes and how to load the checkpoint wit
 
 Results files (`--results results.json`) hold a list of `huggingface_hub.EvalResult` fields, e.g.
 `[{"dataset_type": "wikitext", "dataset_name": "WikiText-2", "dataset_split": "test", "metric_type": "perplexity",
-"metric_value": 31.4}]`; `task_type` defaults to `text-generation`.
+"metric_value": 31.4}]` (`task_type` defaults to `text-generation`), as `fastgpt eval --json` and
+`fastgpt bench --json` write them (`perplexity_results`, `speed_results`, `write_results`), or a JSON object with
+such a list under `eval_results`: the demo's results.json, whose list is FastGPT's validation perplexity.
 
 Uploads send only what a model repository needs (`MODEL_REPO_FILES`, `MODEL_REPO_FOLDERS`): a `.env`, notes,
 `training_args.bin` or `checkpoint-N/` folders beside the weights stay home unless `fastgpt push --include` names
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -38,6 +41,10 @@ from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION, SLIDING
 from .quantization import DYNAMIC_RANGE_CONFIG, SCHEMES, load_checkpoint_model, precise_module_names
 
 logger = logging.get_logger(__name__)
+
+if TYPE_CHECKING:  # both import heavier libraries (datasets) than a card needs; saving a model imports this module
+    from .benchmarking import GenerationSpeed
+    from .data import Perplexity
 
 CARD_TAGS = ["fastgpt", "custom_code", "efficient-attention", "sliding-window-attention", "long-context"]
 SPARSITY_LENGTH = 4096  # DESIGN.md section 3 quotes the stages' sparsity at this length
@@ -81,11 +88,31 @@ MODEL_REPO_FILES = (
 MODEL_REPO_FOLDERS = ("additional_chat_templates/*.jinja",)
 
 
+# EvalResult dataset fields of the WikiText-2 (v1) validation excerpt shipped in `fastgpt_hf/corpus/`.
+SHIPPED_VALIDATION_DATASET = {
+    "dataset_type": "wikitext",
+    "dataset_name": "WikiText-2 (validation excerpt)",
+    "dataset_config": "wikitext-2-v1",
+    "dataset_split": "validation",
+}
+RESULTS_FORMATS = (
+    "a JSON list of objects with huggingface_hub.EvalResult fields (what `fastgpt eval --json` and "
+    "`fastgpt bench --json` write) or a JSON object with such a list under `eval_results` (the demo's results.json)"
+)
+
+
 def read_results(path: str | Path) -> list[EvalResult]:
-    """The evaluation results of a results.json file (see the module docstring for its format)."""
-    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    """The evaluation results of a results file: any of `RESULTS_FORMATS` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"results file not found: {path}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}); it must hold {RESULTS_FORMATS}.") from None
+    entries = content.get("eval_results") if isinstance(content, dict) else content
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-        raise ValueError(f"{path} must hold a JSON list of objects with huggingface_hub.EvalResult fields.")
+        raise ValueError(f"{path} must hold {RESULTS_FORMATS}.")
     try:
         return [EvalResult(**{"task_type": "text-generation", **entry}) for entry in entries]
     except TypeError as error:
@@ -93,6 +120,65 @@ def read_results(path: str | Path) -> list[EvalResult]:
             f"{path}: each result needs dataset_type, dataset_name, metric_type and metric_value and may only use "
             f"huggingface_hub.EvalResult's fields ({error})."
         ) from error
+
+
+def write_results(path: str | Path, results: list[dict]) -> None:
+    """Write `results` (EvalResult fields) as the JSON list that `read_results` and `fastgpt card` read."""
+    Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def text_dataset(file: str | Path | None, max_chars: int | None = None) -> dict:
+    """EvalResult dataset fields of an evaluated text file; the shipped validation excerpt when `file` is None."""
+    dataset = {"dataset_type": "text", "dataset_name": Path(file).name} if file else dict(SHIPPED_VALIDATION_DATASET)
+    if max_chars is not None:
+        dataset["dataset_args"] = {"max_chars": max_chars}
+    return dataset
+
+
+def perplexity_results(perplexity: "Perplexity", dataset: dict, window: int, stride: int) -> list[dict]:
+    """EvalResult fields of a strided perplexity (`fastgpt_hf.data.evaluate_perplexity`) on `dataset`.
+
+    Two results: perplexity per token of the tokenizer and per WikiText word, rounded to 2 decimals; the window
+    and stride (tokens) and the token or word count go in `metric_args`.
+    """
+    return [
+        {
+            **dataset,
+            "metric_type": "perplexity",
+            "metric_name": f"perplexity per {unit}",
+            "metric_value": round(value, 2),
+            "metric_args": {"window": window, "stride": stride, f"{unit}s": count},
+        }
+        for unit, value, count in (
+            ("token", perplexity.per_token, perplexity.tokens),
+            ("word", perplexity.per_word, perplexity.words),
+        )
+    ]
+
+
+def speed_results(speeds: "list[GenerationSpeed]", new_tokens: int, device: str) -> list[dict]:
+    """EvalResult fields of `generation_speed` measurements (batch 1, greedy, random prompt), three per length.
+
+    Seconds to the first new token, decode tokens/s and cache MiB; `device` (e.g. `cpu`) and `new_tokens` go in
+    `metric_args`, since wall-clock figures mean nothing without them.
+    """
+    setting = {"batch_size": 1, "new_tokens": new_tokens, "device": device}
+    return [
+        {
+            "dataset_type": "random-tokens",
+            "dataset_name": f"random {speed.prompt_length}-token prompt",
+            "metric_type": metric_type,
+            "metric_name": metric_name,
+            "metric_value": round(value, 3),
+            "metric_args": setting,
+        }
+        for speed in speeds
+        for metric_type, metric_name, value in (
+            ("seconds", "time to first token (s)", speed.prefill_seconds),
+            ("tokens_per_second", "decode tokens/s", speed.decode_tokens_per_second),
+            ("mebibytes", "cache MiB", speed.cache_mib),
+        )
+    ]
 
 
 def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
@@ -288,7 +374,11 @@ def card_main(argv: list[str] | None = None) -> None:
     """`fastgpt card CHECKPOINT [--results results.json]`: write the checkpoint's README.md model card."""
     parser = argparse.ArgumentParser(prog="fastgpt card", description="Write a FastGPT checkpoint's model card.")
     parser.add_argument("checkpoint", help="folder of a FastGPT checkpoint (save_pretrained output)")
-    parser.add_argument("--results", help="JSON list of evaluation results (huggingface_hub.EvalResult fields)")
+    parser.add_argument(
+        "--results",
+        help="evaluation results: the JSON that `fastgpt eval --json` or `fastgpt bench --json` writes, the demo's "
+        "results.json, or any JSON list of huggingface_hub.EvalResult fields",
+    )
     parser.add_argument("--model-id", help="the name the card uses (default: the folder name)")
     args = parser.parse_args(argv)
     model = load_checkpoint(parser, args.checkpoint)

@@ -1,0 +1,80 @@
+"""The `fastgpt` console script's entry point (`fastgpt_console`): the dependencies' known log lines stay out."""
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastgpt_console import KNOWN_DEPENDENCY_LINES, KnownLineFilter, quiet_dependency_logs
+from fastgpt_hf.data import load_tokenizer
+
+from .conftest import tiny_model
+
+# What each dependency logs, word for word (torchao 0.18, torch 2.13, bitsandbytes 0.50 on a CPU without CUDA).
+DEPENDENCY_LINES = {
+    "torchao": "Failed to load /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: "
+    "Could not load this library: /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so",
+    "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+    "torch.compile as an opaque value type. Calling register_constant() on Enum subclasses is deprecated and will "
+    "be an error in a future release.",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+    "'kernels'. Please make sure you already `pip install kernels` and the kernels >= 0.11.1",
+}
+# Anything else those loggers say still reaches the user.
+OTHER_LINES = {
+    "torchao": "Skipping import of cpp extensions due to incompatible torch version.",
+    "torch.utils._pytree": "<class 'Point'> cannot be registered as a pytree",
+    "bitsandbytes.backends.cpu.ops": "Failed to load the CPU library libbitsandbytes_cpu.so",
+}
+PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%\|")
+
+
+def record(logger_name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(logger_name, logging.WARNING, __file__, 1, message, None, None)
+
+
+@pytest.mark.parametrize("logger_name", sorted(DEPENDENCY_LINES))
+def test_each_filter_drops_its_line_and_nothing_else(logger_name):
+    patterns = [pattern for name, pattern in KNOWN_DEPENDENCY_LINES if name == logger_name]
+    line_filters = [KnownLineFilter(pattern) for pattern in patterns]
+    assert not all(
+        line_filter.filter(record(logger_name, DEPENDENCY_LINES[logger_name])) for line_filter in line_filters
+    )
+    assert all(line_filter.filter(record(logger_name, OTHER_LINES[logger_name])) for line_filter in line_filters)
+
+
+def test_quiet_dependency_logs_filters_those_loggers_only():
+    loggers = {name: logging.getLogger(name) for name in (*DEPENDENCY_LINES, "transformers", "")}
+    before = {name: list(logger.filters) for name, logger in loggers.items()}
+    try:
+        quiet_dependency_logs()
+        for name, message in DEPENDENCY_LINES.items():
+            assert not loggers[name].filter(record(name, message)), name
+            assert loggers["transformers"].filter(record("transformers", message))
+            assert loggers[""].filter(record("root", message))
+    finally:
+        for name, logger in loggers.items():
+            logger.filters[:] = before[name]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = load_tokenizer()
+    tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoint):
+    # What the installed `fastgpt` script runs (pip writes this wrapper around the [project.scripts] entry).
+    script = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
+    command = [sys.executable, "-c", script, "generate", str(checkpoint), "--prompt", " The game"]
+    finished = subprocess.run([*command, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith(" The game")
+    stderr_lines = [line.strip() for line in re.split(r"[\r\n]", finished.stderr) if line.strip()]
+    assert [line for line in stderr_lines if not PROGRESS_BAR.match(line)] == []
