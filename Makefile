@@ -10,10 +10,14 @@ $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[dev,quant,demo]"
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test test-all
 # `make demo DEMO_ARGS=--long` for the longer run; any of `examples/demo.py --help`'s options go there.
 demo: $(VENV)/installed
 	$(PYTHON) examples/demo.py $(DEMO_ARGS)
 
+# The quick suite (under 5 minutes on 2 cores); `make test-all` adds the tests marked slow.
 test: $(VENV)/installed
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/installed
 	$(PYTHON) -m pytest -q
