@@ -9,8 +9,8 @@ measured afterwards in one process, the two saved models taking turns at each pr
 each, so that both see the same machine load; the table and the plot give the median, the plot a min-max band.
 
 The default run lasts about a minute on two idle cores and its model writes word salad. `--long` trains 20 times
-as many tokens (600 steps of 8 blocks instead of 60 of 4, about 1.8 passes over the excerpt; meant to take about
-15 minutes in all) for a model that writes more recognisable English; any flag given beside it still wins.
+as many tokens (600 steps of 8 blocks instead of 60 of 4, about 1.8 passes over the excerpt; 574 s in all on two
+idle cores, 2026-12-05) for a model that writes looser-but-English text; any flag given beside it still wins.
 
 Each phase prints its name, a progress bar and its wall time; a summary of the phases and the total ends the run.
 Printed and written under the run folder (default `runs/demo/`):
@@ -84,7 +84,7 @@ MODELS = {"fastgpt": "FastGPT", "llama": "Llama"}
 # default run's): batches of 8 blocks, 600 steps, 1.23M tokens, about 1.8 passes over the 670K-token excerpt.
 LONG_RUN = {"steps": 600, "batch_size": 8}
 SAMPLE_NOTES = {
-    False: "a 1-minute model: expect word salad; --long trains ~15 minutes for recognisable English",
+    False: "a 1-minute model: expect word salad; --long trains ~10 minutes for looser-but-English text",
     True: "a --long run: 20x the default's training tokens; still a small model, so expect loose English",
 }
 CHILD_TIMEOUT_SECONDS = 3600
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's settings; with `--long`, `LONG_RUN`'s values unless given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="run folder")
-    parser.add_argument("--long", action="store_true", help="train on 20x the tokens (~15 minutes) for a better sample")
+    parser.add_argument("--long", action="store_true", help="train on 20x the tokens (~10 minutes on 2 cores) for a better sample")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (and perplexity window)")

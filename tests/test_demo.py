@@ -74,7 +74,7 @@ def test_result_files_hold_the_speed_repeats_the_sample_note_and_what_fastgpt_ca
     assert written["results"]["llama"]["speeds"][3]["decode_tokens_per_second"]["min"] == 100.0
     assert (
         written["sample_note"]
-        == "a 1-minute model: expect word salad; --long trains ~15 minutes for recognisable English"
+        == "a 1-minute model: expect word salad; --long trains ~10 minutes for looser-but-English text"
     )
     markdown = (tmp_path / "results.md").read_text()
     assert (
