@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastgpt_console import KNOWN_DEPENDENCY_LINES, KnownLineFilter, quiet_dependency_logs
+from fastgpt_console import KNOWN_DEPENDENCY_LINES, KnownLineFilter, module_being_run, quiet_dependency_logs
 from fastgpt_hf.data import load_tokenizer
 
 from .conftest import tiny_model
@@ -69,12 +69,47 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoint):
-    # What the installed `fastgpt` script runs (pip writes this wrapper around the [project.scripts] entry).
-    script = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
-    command = [sys.executable, "-c", script, "generate", str(checkpoint), "--prompt", " The game"]
+# What the installed `fastgpt` script runs (pip writes this wrapper around the [project.scripts] entry), and the
+# module run the package offers without the script.
+ENTRIES = {
+    "fastgpt script": ["-c", "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"],
+    "python -m fastgpt_hf.cli": ["-m", "fastgpt_hf.cli"],
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoint, entry):
+    command = [sys.executable, *ENTRIES[entry], "generate", str(checkpoint), "--prompt", " The game"]
     finished = subprocess.run([*command, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith(" The game")
     stderr_lines = [line.strip() for line in re.split(r"[\r\n]", finished.stderr) if line.strip()]
     assert [line for line in stderr_lines if not PROGRESS_BAR.match(line)] == []
+
+
+def test_import_fastgpt_hf_filters_nothing():
+    # Imported by a program (here `python -c`), the package and its CLI module leave every logger as it was.
+    loggers = sorted({name for name, _ in KNOWN_DEPENDENCY_LINES})
+    script = (
+        "import logging, fastgpt_hf, fastgpt_hf.cli; "
+        f"print([name for name in {loggers!r} if logging.getLogger(name).filters])"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "module"),
+    [
+        (["-m"], ["python", "-m", "fastgpt_hf.cli", "generate"], "fastgpt_hf.cli"),
+        (["-m"], ["python", "-X", "importtime", "-mfastgpt_hf.cli"], "fastgpt_hf.cli"),
+        (["-m"], ["python", "-m", "pytest", "fastgpt_hf.cli"], "pytest"),
+        (["/venv/lib/fastgpt_hf/cli.py", "generate"], ["python", "-m", "fastgpt_hf.cli", "generate"], None),
+        (["-c"], ["python", "-c", "import fastgpt_hf"], None),
+    ],
+)
+def test_module_being_run_is_the_module_of_python_m_while_python_locates_it(monkeypatch, argv, orig_argv, module):
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert module_being_run() == module
