@@ -385,7 +385,8 @@ def info_main(argv: list[str] | None = None) -> None:
         f"vocabulary {config.vocab_size:,}"
     )
     print(f"{'layer':>5}  {'type':<18} {'window':>6} {'memory slots':>12} {'block':>5}  skips at {args.length:,}")
-    for layer, (kind, skipped) in enumerate(zip(config.layer_types, model.attention_sparsity(args.length))):
+    sparsity = model.attention_sparsity(args.length)
+    for layer, (kind, skipped) in enumerate(zip(config.layer_types, sparsity, strict=True)):
         window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window}.get(kind, "-")
         slots, block = (config.num_memory_tokens, config.compress_block_size) if kind == DYNAMIC else ("-", "-")
         print(f"{layer:>5}  {kind:<18} {window:>6} {slots:>12} {block:>5}  {skipped:.1%}")
