@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 PROMPT = " = Valkyria Chronicles = \n"
 NEW_TOKENS = 6
 QUANTIZE_SCHEMES = ("dynamic-range", "torchao-int8-weight")
-FOLDER_KINDS = ("train", "checkpoint", *(f"quantize {scheme}" for scheme in QUANTIZE_SCHEMES), "demo", "readme")
+PACKAGE_FOLDER_KINDS = ("train", "checkpoint", *(f"quantize {scheme}" for scheme in QUANTIZE_SCHEMES), "demo")
 
 
 def readme_python_snippets(containing: str) -> list[str]:
@@ -89,9 +89,8 @@ def forward_lengths(model: torch.nn.Module) -> tuple[list[int], torch.utils.hook
     return lengths, handle
 
 
-@pytest.mark.parametrize("kind", FOLDER_KINDS)
-def test_every_written_folder_opens_alone_and_generates_with_its_cache(kind, folders, readme_folder, capsys):
-    folder = readme_folder if kind == "readme" else folders[kind]
+def assert_opens_alone_and_generates_with_its_cache(folder: Path, capsys, cached_equals_uncached: bool = True) -> None:
+    """`pipeline` and `fastgpt generate` open `folder` alone, print the same greedy text, and decode with the cache."""
     assert json.loads((folder / "config.json").read_text())["use_cache"] is True
     generator = pipeline("text-generation", model=str(folder))
     assert generator.tokenizer.padding_side == "left"
@@ -106,9 +105,19 @@ def test_every_written_folder_opens_alone_and_generates_with_its_cache(kind, fol
     main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS)])
     assert capsys.readouterr().out == text + "\n"
 
-    if not kind.startswith("quantize dynamic-range"):
-        # Greedy with the cache equals greedy without it. (Dynamic-range int8 scales activations per call, by the
-        # tokens in it, so with and without a cache differ there by design.)
+    if cached_equals_uncached:
         inputs = generator.tokenizer(PROMPT, return_tensors="pt")
         uncached = generator.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
         assert generator.tokenizer.decode(uncached[0], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("kind", PACKAGE_FOLDER_KINDS)
+def test_every_folder_the_package_writes_opens_alone_and_generates_with_its_cache(kind, folders, capsys):
+    # Dynamic-range int8 scales activations per call, by the tokens in it: with and without a cache differ there by
+    # design, so only its cached greedy text is compared (pipeline against `fastgpt generate`).
+    assert_opens_alone_and_generates_with_its_cache(folders[kind], capsys, kind != "quantize dynamic-range")
+
+
+@pytest.mark.slow  # the README's snippet builds the `small` preset (27M parameters) and runs 1,000 tokens
+def test_the_readme_snippets_folder_opens_alone_and_generates_with_its_cache(readme_folder, capsys):
+    assert_opens_alone_and_generates_with_its_cache(readme_folder, capsys)
