@@ -326,7 +326,8 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         mis-shaped tensors raise a `ValueError` naming them (`strict_loading`) instead of random initialisation.
 
         A folder written by `fastgpt quantize --scheme dynamic-range` loads through the package's
-        `quantization.load_dynamic_range` (where the package is installed), so that `pipeline(...)` opens it too."""
+        `quantization.load_dynamic_range` (where the package is installed), so that `pipeline(...)` opens it too; it
+        stays a float32 CPU model whatever loading options are passed."""
         quantization = optional_package_module("quantization")
         if quantization is not None and quantization.is_dynamic_range_folder(pretrained_model_name_or_path):
             return quantization.load_dynamic_range(pretrained_model_name_or_path)
