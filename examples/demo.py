@@ -314,7 +314,11 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     with phase("data: tokenize and pack the WikiText-2 excerpt", seconds):
-        packed_datasets(load_tokenizer(), args.block_size)  # datasets caches the result for the training processes
+        # datasets caches the result for the training processes
+        excerpt_tokens = len(packed_datasets(load_tokenizer(), args.block_size)["train"]) * args.block_size
+        read_tokens = args.steps * args.batch_size * args.block_size
+        passes = read_tokens / excerpt_tokens
+        print(f"{excerpt_tokens:,} training tokens; each model reads {read_tokens:,}, {passes:.1f} passes over them")
     results = {}
     for name in MODELS:
         results[name] = run_isolated(name, args)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from fastgpt_hf import data, quantization, training
+from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, data, quantization, training
 from fastgpt_hf.cli import COMMANDS, main
 from fastgpt_hf.data import CORPUS_FILES, evaluate_perplexity, load_tokenizer
 from fastgpt_hf.output_folders import writer_lock
@@ -91,6 +91,19 @@ def test_bench_prints_both_models(capsys):
     status, out, err = run_cli(["bench", "--preset", "tiny", "--lengths", "40", "--new-tokens", "3"], capsys)
     assert status == 0, err
     assert "FastGPT" in out and "Llama" in out
+
+
+@pytest.mark.parametrize("preset", ["small", "1b"])
+def test_info_prints_each_layer_with_its_sparsity_and_the_parameters(preset, capsys):
+    status, out, err = run_cli(["info", "--preset", preset, "--length", "4096"], capsys)
+    assert status == 0, err
+    config = FastGPTConfig.from_preset(preset)
+    with torch.device("meta"):
+        model, llama = FastGPTForCausalLM(config), training.llama_peer(config)
+    layer_lines = out.splitlines()[2 : 2 + config.num_hidden_layers]
+    assert [line.split()[1] for line in layer_lines] == config.layer_types
+    assert [line.split()[-1] for line in layer_lines] == [f"{share:.1%}" for share in model.attention_sparsity(4096)]
+    assert f"FastGPT {model.num_parameters():,}, Llama of the same shape {llama.num_parameters():,}" in out
 
 
 @pytest.mark.parametrize("command", ["eval", "generate"])

@@ -4,12 +4,15 @@ import logging
 import re
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastgpt_console import KNOWN_DEPENDENCY_LINES, KnownLineFilter, quiet_dependency_logs
+from fastgpt_console import KNOWN_DEPENDENCY_LINES, KnownLineFilter, module_being_run, quiet_dependency_logs
 from fastgpt_hf.data import load_tokenizer
+from fastgpt_hf.quantization import dynamic_range_quantize, save_dynamic_range
 
 from .conftest import tiny_model
 
@@ -29,6 +32,14 @@ OTHER_LINES = {
     "torch.utils._pytree": "<class 'Point'> cannot be registered as a pytree",
     "bitsandbytes.backends.cpu.ops": "Failed to load the CPU library libbitsandbytes_cpu.so",
 }
+# Logged at every int8 matmul of a float32 model by bitsandbytes, and warned by torch when a quantized tensor is made.
+REPEATED_LINE_LOGGER = "bitsandbytes.autograd._functions"
+REPEATED_LINE = "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"
+TORCH_QUANTIZED_DEPRECATION = (
+    "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation functions that "
+    "produce tensors with dtype torch.quint8, torch.qint8, and torch.qint32 are deprecated and will be removed in a "
+    "future PyTorch release."
+)
 PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%\|")
 
 
@@ -47,34 +58,89 @@ def test_each_filter_drops_its_line_and_nothing_else(logger_name):
 
 
 def test_quiet_dependency_logs_filters_those_loggers_only():
-    loggers = {name: logging.getLogger(name) for name in (*DEPENDENCY_LINES, "transformers", "")}
+    names = (*DEPENDENCY_LINES, REPEATED_LINE_LOGGER, "transformers", "")
+    loggers = {name: logging.getLogger(name) for name in names}
     before = {name: list(logger.filters) for name, logger in loggers.items()}
     try:
-        quiet_dependency_logs()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_dependency_logs()
+            warnings.warn(TORCH_QUANTIZED_DEPRECATION, UserWarning, stacklevel=1)
+            warnings.warn(TORCH_QUANTIZED_DEPRECATION, FutureWarning, stacklevel=1)
+            warnings.warn("torch.quantize_per_channel is slow", UserWarning, stacklevel=1)
         for name, message in DEPENDENCY_LINES.items():
             assert not loggers[name].filter(record(name, message)), name
             assert loggers["transformers"].filter(record("transformers", message))
             assert loggers[""].filter(record("root", message))
+        bnb = loggers[REPEATED_LINE_LOGGER]
+        assert [bnb.filter(record(REPEATED_LINE_LOGGER, REPEATED_LINE)) for _ in range(3)] == [True, False, False]
+        assert bnb.filter(record(REPEATED_LINE_LOGGER, REPEATED_LINE.replace("float32", "bfloat16")))
+        assert [(warning.category, str(warning.message)[:30]) for warning in caught] == [
+            (FutureWarning, TORCH_QUANTIZED_DEPRECATION[:30]),
+            (UserWarning, "torch.quantize_per_channel is slow"[:30]),
+        ]
     finally:
         for name, logger in loggers.items():
             logger.filters[:] = before[name]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("checkpoint")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A float checkpoint and its dynamic-range copy (the scheme whose loading makes torch warn), with tokenizers."""
+    folders = {kind: tmp_path_factory.mktemp(kind) for kind in ("float", "dynamic-range")}
     tokenizer = load_tokenizer()
-    tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    model = tiny_model("mixed", dtype=torch.float32, vocab_size=len(tokenizer))
+    model.save_pretrained(folders["float"])
+    save_dynamic_range(dynamic_range_quantize(model), folders["dynamic-range"])
+    for folder in folders.values():
+        tokenizer.save_pretrained(folder)
+    return folders
 
 
-def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoint):
-    # What the installed `fastgpt` script runs (pip writes this wrapper around the [project.scripts] entry).
-    script = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
-    command = [sys.executable, "-c", script, "generate", str(checkpoint), "--prompt", " The game"]
+# What the installed `fastgpt` script runs (pip writes this wrapper around the [project.scripts] entry), and the
+# module run the package offers without the script.
+ENTRIES = {
+    "fastgpt script": ["-c", "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"],
+    "python -m fastgpt_hf.cli": ["-m", "fastgpt_hf.cli"],
+}
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind"),
+    [("fastgpt script", "float"), ("python -m fastgpt_hf.cli", "float"), ("fastgpt script", "dynamic-range")],
+)
+def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoints, entry, kind):
+    command = [sys.executable, *ENTRIES[entry], "generate", str(checkpoints[kind]), "--prompt", " The game"]
     finished = subprocess.run([*command, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith(" The game")
     stderr_lines = [line.strip() for line in re.split(r"[\r\n]", finished.stderr) if line.strip()]
     assert [line for line in stderr_lines if not PROGRESS_BAR.match(line)] == []
+
+
+def test_import_fastgpt_hf_filters_nothing():
+    # Imported by a program (here `python -c`), the package and its CLI module leave every logger as it was.
+    loggers = sorted({name for name, _ in KNOWN_DEPENDENCY_LINES})
+    script = (
+        "import logging, fastgpt_hf, fastgpt_hf.cli; "
+        f"print([name for name in {loggers!r} if logging.getLogger(name).filters])"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "module"),
+    [
+        (["-m"], ["python", "-m", "fastgpt_hf.cli", "generate"], "fastgpt_hf.cli"),
+        (["-m"], ["python", "-X", "importtime", "-mfastgpt_hf.cli"], "fastgpt_hf.cli"),
+        (["-m"], ["python", "-m", "pytest", "fastgpt_hf.cli"], "pytest"),
+        (["/venv/lib/fastgpt_hf/cli.py", "generate"], ["python", "-m", "fastgpt_hf.cli", "generate"], None),
+        (["-c"], ["python", "-c", "import fastgpt_hf"], None),
+    ],
+)
+def test_module_being_run_is_the_module_of_python_m_while_python_locates_it(monkeypatch, argv, orig_argv, module):
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert module_being_run() == module

@@ -1,6 +1,7 @@
 """Training through Trainer on real text: the loss falls, gradient checkpointing changes nothing, resume continues,
 checkpoints and the final model are whole or absent, Ctrl-C stops with a checkpoint."""
 
+import json
 import os
 import signal
 
@@ -111,6 +112,25 @@ def test_resumed_run_continues_the_same_loss_curve(tokenizer, blocks, tmp_path):
     continued = logged_losses(resumed)  # steps 1-3 come back from the checkpoint's trainer state
     assert sorted(continued) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert [continued[step] for step in (4, 5, 6)] == pytest.approx([expected[step] for step in (4, 5, 6)], rel=1e-5)
+
+
+def test_use_cache_is_off_only_while_the_trainer_runs_and_every_save_says_true(tokenizer, blocks, tmp_path):
+    trainer = tiny_trainer(tokenizer, blocks, tmp_path, max_steps=2, save_steps=2, show_progress=False)
+    config = trainer.model.config
+    seen_while_training = []
+
+    class RecordUseCache(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen_while_training.append(config.use_cache)
+
+    trainer.add_callback(RecordUseCache())
+    assert config.use_cache is True  # Trainer's own __init__ would have left it False
+    trainer.train()
+    assert seen_while_training == [False, False]
+    assert config.use_cache is True
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "checkpoint-2", tmp_path / "final"):
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True, folder
 
 
 def test_llama_peer_has_the_same_shape(tokenizer):

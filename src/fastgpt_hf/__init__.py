@@ -3,9 +3,20 @@
 It also marks the classes for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` into
 config.json and copies the modeling code (a flat set of files with relative imports) beside the weights:
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` then works without this package.
+
+Importing it filters no log line or warning; only `python -m fastgpt_hf.cli`, like the `fastgpt` script, drops the
+dependencies' known import-time lines (`fastgpt_console`).
 """
 
-from transformers import (
+import sys
+
+if sys.argv[:1] == ["-m"]:  # Python imports this package to run one of its modules: quiet `python -m fastgpt_hf.cli`
+    import fastgpt_console
+
+    if fastgpt_console.module_being_run() == "fastgpt_hf.cli":
+        fastgpt_console.quiet_dependency_logs()
+
+from transformers import (  # noqa: E402  (after the command line's filters, before Transformers imports torchao)
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,

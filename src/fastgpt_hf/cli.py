@@ -1,7 +1,7 @@
-"""The `fastgpt` console script: train, eval, generate, bench, quantize, card, push.
+"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push.
 
-`train`, `eval`, `generate` and `bench` live here; `quantize` dispatches to `fastgpt_hf.quantization`, `card` and
-`push` to `fastgpt_hf.model_card`. Every subcommand explains itself with `--help`; a missing file, an unknown
+`train`, `eval`, `generate`, `bench` and `info` live here; `quantize` dispatches to `fastgpt_hf.quantization`,
+`card` and `push` to `fastgpt_hf.model_card`. Every subcommand explains itself with `--help`; a missing file, an unknown
 preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2, not a traceback; Ctrl-C
 ends with exit status 130 (`train` first saves a checkpoint to resume from).
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push")
+COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
@@ -24,6 +24,7 @@ commands:
   eval       strided perplexity of a checkpoint on a text file, per token and per WikiText word
   generate   continue a prompt with a checkpoint
   bench      generation speed and cache size at several prompt lengths, FastGPT beside Llama
+  info       a preset's or checkpoint's layers, their attention sparsity and its parameters (no weights)
   quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
@@ -188,7 +189,7 @@ def run_training(args: argparse.Namespace, output: Path, resume: Path | None) ->
         replace_with_empty_folder(output)
     validation = datasets["validation"].select(range(min(args.eval_blocks, len(datasets["validation"]))))
     model = initialised_model(config, seed=args.seed)
-    trainer = causal_lm_trainer(model, cli_training_arguments(args), datasets["train"], validation)
+    trainer = causal_lm_trainer(model, cli_training_arguments(args), datasets["train"], validation, tokenizer)
     train_or_exit_on_ctrl_c(trainer, resume, output)
     metrics = trainer.evaluate()
     save_final_model(trainer, tokenizer, output)
@@ -349,6 +350,49 @@ def bench_main(argv: list[str] | None = None) -> None:
         write_results(args.json, speed_results(speeds["FastGPT"], args.new_tokens, str(model.device)))
 
 
+def info_main(argv: list[str] | None = None) -> None:
+    """`fastgpt info`: the layers of a preset or checkpoint, the share of the score matrix each skips, and the
+    parameters beside a Llama of the same shape; both models are built on the meta device (no weights)."""
+    from .presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt info",
+        description="Print each layer of a preset or checkpoint (attention type, window, memory slots, block size) "
+        "with the fraction of the n x n score matrix it skips at --length tokens (model.attention_sparsity), then "
+        "the parameter count of FastGPT and of a LlamaForCausalLM of the same shape. No weights are made or read.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="FastGPT checkpoint folder (its config.json)")
+    source.add_argument("--preset", choices=sorted(PRESETS), default="small", help="preset (default: small)")
+    parser.add_argument("--length", type=positive_int, default=4096, help="sequence length n (default: 4096)")
+    args = parser.parse_args(argv)
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from .configuration_fastgpt import DYNAMIC, SLIDING, FastGPTConfig
+    from .modeling_fastgpt import FastGPTForCausalLM
+    from .training import llama_config
+
+    if args.checkpoint:
+        config = AutoConfig.from_pretrained(existing_checkpoint(parser, args.checkpoint))
+    else:
+        config = FastGPTConfig.from_preset(args.preset)
+    with torch.device("meta"):
+        model, llama = FastGPTForCausalLM(config), LlamaForCausalLM(llama_config(config))
+    print(
+        f"{args.checkpoint or args.preset}: {config.num_hidden_layers} layers of width {config.hidden_size}, "
+        f"{config.num_attention_heads} query / {config.num_key_value_heads} key-value heads, "
+        f"vocabulary {config.vocab_size:,}"
+    )
+    print(f"{'layer':>5}  {'type':<18} {'window':>6} {'memory slots':>12} {'block':>5}  skips at {args.length:,}")
+    sparsity = model.attention_sparsity(args.length)
+    for layer, (kind, skipped) in enumerate(zip(config.layer_types, sparsity, strict=True)):
+        window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window}.get(kind, "-")
+        slots, block = (config.num_memory_tokens, config.compress_block_size) if kind == DYNAMIC else ("-", "-")
+        print(f"{layer:>5}  {kind:<18} {window:>6} {slots:>12} {block:>5}  {skipped:.1%}")
+    print(f"parameters: FastGPT {model.num_parameters():,}, Llama of the same shape {llama.num_parameters():,}")
+
+
 def load_checkpoint(checkpoint: Path):
     """Model (eval mode; float or dynamic-range int8) and tokenizer of a checkpoint folder; the shipped tokenizer
     when it has none."""
@@ -390,6 +434,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "eval": eval_main,
     "generate": generate_main,
     "bench": bench_main,
+    "info": info_main,
     "quantize": delegated("quantization", "quantize_main"),
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
@@ -398,7 +443,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 def main(argv: list[str] | None = None) -> None:
     """`fastgpt COMMAND [options]`; the installed script enters through `fastgpt_console.main`, which first hides
-    the dependencies' known import-time log lines."""
+    the dependencies' known import-time log lines (the package's `__init__` does so for `python -m fastgpt_hf.cli`)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="fastgpt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter

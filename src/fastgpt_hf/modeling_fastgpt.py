@@ -323,7 +323,14 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, strict: missing, unexpected or (unless `ignore_mismatched_sizes=True`)
-        mis-shaped tensors raise a `ValueError` naming them (`strict_loading`) instead of random initialisation."""
+        mis-shaped tensors raise a `ValueError` naming them (`strict_loading`) instead of random initialisation.
+
+        A folder written by `fastgpt quantize --scheme dynamic-range` loads through the package's
+        `quantization.load_dynamic_range` (where the package is installed), so that `pipeline(...)` opens it too; it
+        stays a float32 CPU model whatever loading options are passed."""
+        quantization = optional_package_module("quantization")
+        if quantization is not None and quantization.is_dynamic_range_folder(pretrained_model_name_or_path):
+            return quantization.load_dynamic_range(pretrained_model_name_or_path)
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # Transformers would raise its own RuntimeError on mis-shaped tensors; let the report reach the check.
@@ -382,14 +389,19 @@ HUB_OPTIONS = ("repo_id", "private", "token", "commit_message", "commit_descript
 
 
 def optional_model_card_module() -> ModuleType | None:
-    """fastgpt_hf's `model_card` module, or None where this file runs as a checkpoint's copied code without it.
+    """fastgpt_hf's `model_card` module, or None where this file runs as a checkpoint's copied code without it."""
+    return optional_package_module("model_card")
+
+
+def optional_package_module(name: str) -> ModuleType | None:
+    """The module `name` of fastgpt_hf, or None where this file runs as a checkpoint's copied code without it.
 
     Imported by name, not by an import statement, so that Transformers does not copy it beside the weights.
     """
     try:
-        return importlib.import_module(".model_card", __package__)
+        return importlib.import_module(f".{name}", __package__)
     except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.model_card":
+        if error.name != f"{__package__}.{name}":
             raise
         return None
 

@@ -18,7 +18,9 @@ the same as `torchao-int8-dynamic`.
 The load-time schemes save with `save_pretrained`. A `dynamic-range` model saves with `save_dynamic_range` as
 `dynamic_range_int8.safetensors` (int8 weights with their per-channel scales and zero points, every other tensor
 as it is) beside `dynamic_range_int8.json` (the scheme and the quantized modules); nothing in this package
-unpickles a file. `load_checkpoint_model` opens any checkpoint folder, float, load-time quantized or dynamic-range.
+unpickles a file. `load_checkpoint_model` opens any checkpoint folder, float, load-time quantized or dynamic-range,
+and so does `FastGPTForCausalLM.from_pretrained` (hence `pipeline("text-generation", model=FOLDER)`) where this
+package is installed. `fastgpt quantize` saves the float checkpoint's tokenizer beside the int8 weights.
 """
 
 import argparse
@@ -30,7 +32,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    TorchAoConfig,
+)
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from .modeling_fastgpt import FastGPTPreTrainedModel
 from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
@@ -126,11 +137,13 @@ def dynamic_range_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_dynamic_range(model: PreTrainedModel, folder: str | Path) -> None:
-    """Save a dynamic-range model: config.json, its tensors as safetensors (see `dynamic_range_tensors`) and
-    `dynamic_range_int8.json` naming the scheme and the quantized modules with their channel axis."""
+    """Save a dynamic-range model: config.json, generation_config.json, its tensors as safetensors (see
+    `dynamic_range_tensors`) and `dynamic_range_int8.json` naming the scheme and the quantized modules with their
+    channel axis."""
     folder = Path(folder)
     tensors, axes = dynamic_range_tensors(model)
     model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / DYNAMIC_RANGE_WEIGHTS)
     description = {"scheme": "dynamic-range", "weight_dtype": "qint8", "qscheme": "per_channel_affine"}
     description["quantized_modules"] = {name: {"axis": axis} for name, axis in axes.items()}
@@ -138,12 +151,15 @@ def save_dynamic_range(model: PreTrainedModel, folder: str | Path) -> None:
 
 
 def load_dynamic_range(folder: str | Path) -> PreTrainedModel:
-    """Rebuild a model saved by `save_dynamic_range` (eval mode): the model of its config, quantized by
-    `dynamic_range_quantize`, then each int8 weight and every other tensor from the safetensors file. Nothing is
-    unpickled; a missing, corrupt or mismatched file is a ValueError naming it."""
+    """Rebuild a model saved by `save_dynamic_range` (eval mode): the model of its config (and generation config,
+    when the folder has one), quantized by `dynamic_range_quantize`, then each int8 weight and every other tensor
+    from the safetensors file. Nothing is unpickled; a missing, corrupt or mismatched file is a ValueError naming
+    it."""
     folder = Path(folder)
     axes = read_dynamic_range_description(folder)
     model = dynamic_range_quantize(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).eval())
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     expected, expected_axes = dynamic_range_tensors(model)
     if axes.keys() != expected_axes.keys():
         raise ValueError(
@@ -215,11 +231,16 @@ def read_dynamic_range_tensors(path: Path, expected: dict[str, torch.Tensor]) ->
     return tensors
 
 
+def is_dynamic_range_folder(path: str | Path) -> bool:
+    """True for a local folder holding dynamic_range_int8.json or the refused pickle of older versions."""
+    folder = Path(path)
+    return (folder / DYNAMIC_RANGE_CONFIG).is_file() or (folder / PICKLED_DYNAMIC_RANGE_WEIGHTS).is_file()
+
+
 def load_checkpoint_model(folder: str | Path) -> PreTrainedModel:
-    """The model of a checkpoint folder: a dynamic-range one (`load_dynamic_range`) when the folder holds
-    dynamic_range_int8.json or the refused pickle of older versions, else what `from_pretrained` loads."""
-    folder = Path(folder)
-    if (folder / DYNAMIC_RANGE_CONFIG).is_file() or (folder / PICKLED_DYNAMIC_RANGE_WEIGHTS).is_file():
+    """The model of a checkpoint folder: a dynamic-range one (`load_dynamic_range`) when `is_dynamic_range_folder`,
+    else what `from_pretrained` loads."""
+    if is_dynamic_range_folder(folder):
         return load_dynamic_range(folder)
     return AutoModelForCausalLM.from_pretrained(folder)
 
@@ -276,14 +297,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def quantize_main(argv: list[str] | None = None) -> None:
-    """`fastgpt quantize CHECKPOINT OUTPUT --scheme SCHEME`: write an int8 copy of a float checkpoint.
+    """`fastgpt quantize CHECKPOINT OUTPUT --scheme SCHEME`: write an int8 copy of a float checkpoint, with its
+    tokenizer and generation config.
 
     OUTPUT must be new or empty, or replaced whole with `--overwrite`; it is written beside its final name and
     renamed into place, under a lock that refuses a second writer. The checkpoint itself, or a folder holding it,
     is refused as OUTPUT even with `--overwrite`. All refusals come before the model is loaded.
     """
     parser = argparse.ArgumentParser(
-        prog="fastgpt quantize", description="Quantize a FastGPT checkpoint to int8 and save it."
+        prog="fastgpt quantize",
+        description="Quantize a FastGPT checkpoint to int8 and save it with the checkpoint's tokenizer.",
     )
     parser.add_argument("checkpoint", help="folder of a float FastGPT checkpoint (save_pretrained output)")
     parser.add_argument("output", help="folder to write the quantized checkpoint to (new or empty)")
@@ -303,4 +326,15 @@ def quantize_main(argv: list[str] | None = None) -> None:
                 save_dynamic_range(model, staging)
             else:
                 model.save_pretrained(staging)
-    print(f"{args.scheme}: {weight_bytes(model) / 2**20:.1f} MiB of weights written to {args.output}")
+            copied_tokenizer = copy_tokenizer(Path(args.checkpoint), staging)
+    tokenizer_note = "its tokenizer copied" if copied_tokenizer else f"no tokenizer ({args.checkpoint} has none)"
+    print(f"{args.scheme}: {weight_bytes(model) / 2**20:.1f} MiB of weights written to {args.output}, {tokenizer_note}")
+
+
+def copy_tokenizer(checkpoint: Path, folder: Path) -> bool:
+    """Save the tokenizer of `checkpoint` (chat template and padding side included) into `folder`, so that the
+    quantized folder opens alone in `pipeline(...)` and `fastgpt generate`; False when `checkpoint` has none."""
+    if not any((checkpoint / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return False
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(folder)
+    return True

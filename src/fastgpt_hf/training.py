@@ -227,8 +227,9 @@ def checkpoint_folder(run_dir: str | Path, step: int | str) -> Path:
 
 
 class PerplexityTrainer(Trainer):
-    """`Trainer` whose evaluations also report perplexity, `exp(eval_loss)` (per token of the tokenizer), and whose
-    `checkpoint-N` folders are whole or absent.
+    """`Trainer` whose evaluations also report perplexity, `exp(eval_loss)` (per token of the tokenizer), whose
+    `checkpoint-N` folders are whole or absent, and whose model generates with its cache after training and in
+    every folder it saves (`config.use_cache` is `args.use_cache`, False, only while `train` or `evaluate` runs).
 
     Trainer writes a checkpoint file by file into `<run dir>/checkpoint-N`; here `_get_output_dir` points it at
     `<run dir>/.checkpoint-N.tmp` while it saves, and the finished `checkpoint-N` inside is renamed into place. A
@@ -238,8 +239,39 @@ class PerplexityTrainer(Trainer):
     # The folder Trainer takes for the run's folder while `_save_checkpoint` runs; None otherwise.
     checkpoint_staging: Path | None = None
 
+    def __init__(self, model: PreTrainedModel | None = None, *args, **kwargs) -> None:
+        # Trainer sets `config.use_cache` to `args.use_cache` (False: training needs no generation cache) for good.
+        # Here that value holds only while `train` and `evaluate` run: the model keeps its own (True unless its
+        # config said otherwise) for generation afterwards and in every config.json saved, `checkpoint-N` included.
+        self.model_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+        super().__init__(model, *args, **kwargs)
+        if self.model_use_cache is not None:
+            self.model.config.use_cache = self.model_use_cache
+
+    @contextmanager
+    def use_cache_in_config(self, use_cache: bool | None) -> Iterator[None]:
+        """While open, the model's `config.use_cache` is `use_cache` (unchanged when None or without a config)."""
+        config = getattr(self.model, "config", None)
+        if use_cache is None or config is None:
+            yield
+            return
+        previous, config.use_cache = config.use_cache, use_cache
+        try:
+            yield
+        finally:
+            config.use_cache = previous
+
+    def train(self, *args, **kwargs):
+        with self.use_cache_in_config(self.args.use_cache):
+            return super().train(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with self.use_cache_in_config(self.model_use_cache):
+            super()._save(output_dir, state_dict)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        with self.use_cache_in_config(self.args.use_cache):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         loss_key = f"{metric_key_prefix}_loss"
         if loss_key in metrics:
             perplexity = {f"{metric_key_prefix}_perplexity": math.exp(metrics[loss_key])}
@@ -282,15 +314,21 @@ class PerplexityTrainer(Trainer):
 
 
 def causal_lm_trainer(
-    model: PreTrainedModel, args: TrainingArguments, train_dataset: Dataset, eval_dataset: Dataset | None = None
+    model: PreTrainedModel,
+    args: TrainingArguments,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> PerplexityTrainer:
-    """A `PerplexityTrainer` over packed blocks (`input_ids`, `labels`: see `data.pack_blocks`)."""
+    """A `PerplexityTrainer` over packed blocks (`input_ids`, `labels`: see `data.pack_blocks`); with `tokenizer`,
+    every `checkpoint-N` it saves holds the tokenizer too, so that it opens alone (`pipeline`, `fastgpt generate`)."""
     return PerplexityTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
+        processing_class=tokenizer,
     )
 
 
