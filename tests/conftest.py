@@ -1,10 +1,13 @@
 """Shared builders: tiny random FastGPT models and left-padded batches."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import fastgpt_hf  # noqa: F401  (registers the Auto classes)
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.data import CORPUS_FILES
 
 STACKS = {
     "sliding": ["sliding_attention"] * 2,
@@ -50,3 +53,13 @@ def left_padded_batch(length: int, vocab_size: int = 128, seed: int = 1) -> tupl
 @pytest.fixture
 def tiny_config() -> FastGPTConfig:
     return FastGPTConfig.from_preset("tiny")
+
+
+def write_text_files(folder: Path) -> dict[str, Path]:
+    """The first lines of the shipped excerpt's splits, as text files: seconds of training."""
+    files = {}
+    for split, lines in (("train", 30), ("validation", 10)):
+        text = "".join(CORPUS_FILES[split].read_text(encoding="utf-8").splitlines(keepends=True)[:lines])
+        files[split] = folder / f"{split}.txt"
+        files[split].write_text(text, encoding="utf-8")
+    return files

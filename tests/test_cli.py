@@ -15,10 +15,10 @@ from transformers import TrainerCallback
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, data, quantization, training
 from fastgpt_hf.cli import COMMANDS, main
-from fastgpt_hf.data import CORPUS_FILES, evaluate_perplexity, load_tokenizer
+from fastgpt_hf.data import evaluate_perplexity, load_tokenizer
 from fastgpt_hf.output_folders import writer_lock
 
-from .conftest import tiny_model
+from .conftest import tiny_model, write_text_files
 
 HAS_MODEL_CARD = importlib.util.find_spec("fastgpt_hf.model_card") is not None
 
@@ -54,13 +54,7 @@ def test_each_subcommand_explains_itself(command, capsys):
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    files = {}
-    for split, lines in (("train", 30), ("validation", 10)):
-        text = "".join(CORPUS_FILES[split].read_text(encoding="utf-8").splitlines(keepends=True)[:lines])
-        files[split] = folder / f"{split}.txt"
-        files[split].write_text(text, encoding="utf-8")
-    return files
+    return write_text_files(tmp_path_factory.mktemp("text"))
 
 
 def tiny_train(output: Path, text_files: dict[str, Path], *options: str, max_steps: int = 2) -> list[str]:

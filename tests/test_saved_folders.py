@@ -12,8 +12,10 @@ import torch
 from transformers import pipeline
 
 from fastgpt_hf.cli import main
-from fastgpt_hf.data import CORPUS_FILES, load_tokenizer, packed_datasets
+from fastgpt_hf.data import load_tokenizer, packed_datasets
 from fastgpt_hf.training import causal_lm_trainer, model_for_tokenizer, training_arguments
+
+from .conftest import write_text_files
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PROMPT = " = Valkyria Chronicles = \n"
@@ -26,16 +28,6 @@ def readme_python_snippets(containing: str) -> list[str]:
     """The README's ```python blocks that mention `containing`, in order."""
     blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
     return [block for block in blocks if containing in block]
-
-
-def write_text_files(folder: Path) -> dict[str, Path]:
-    """The first lines of the shipped excerpt's splits, as text files: seconds of training."""
-    files = {}
-    for split, lines in (("train", 30), ("validation", 10)):
-        text = "".join(CORPUS_FILES[split].read_text(encoding="utf-8").splitlines(keepends=True)[:lines])
-        files[split] = folder / f"{split}.txt"
-        files[split].write_text(text, encoding="utf-8")
-    return files
 
 
 def save_like_the_demo(folder: Path, text_files: dict[str, Path]) -> None:
