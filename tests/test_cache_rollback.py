@@ -187,3 +187,14 @@ def test_fastgpt_assists_another_model_as_greedy(crops):
         setattr(llama.generation_config, token_id, getattr(fastgpt.generation_config, token_id))
     assert torch.equal(greedy(llama, assistant_model=fastgpt), greedy(llama))
     assert max(crops) > 0
+
+
+def test_positions_that_go_back_to_a_closed_block_are_refused():
+    """A closed block keeps its entry only (DESIGN.md section 4): a token cannot join it afterwards."""
+    model = tiny_model("dynamic")
+    cache = FastGPTDynamicCache(model.config)
+    with torch.no_grad():
+        model(torch.arange(10)[None], cache=cache)
+        with pytest.raises(ValueError, match=r"position_ids\[0, 0\] = 2 falls in block 0 of 4 positions"):
+            model(torch.tensor([[5]]), position_ids=torch.tensor([[2]]), cache=cache)
+        model(torch.tensor([[5]]), position_ids=torch.tensor([[8]]), cache=cache)  # the open block takes it

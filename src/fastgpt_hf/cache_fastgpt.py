@@ -545,7 +545,12 @@ def update_with_key_mask(
 def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
     """Raise a ValueError if a real new token's position (`position_ids` `[B or 1, T]`, `is_real` `[B, T]` or None)
     falls in a block before its row's open block in the cache's dynamic layers: a closed block keeps its compressed
-    entry only, and cannot take more tokens. Every dynamic layer sees the same positions, so the first one tells."""
+    entry only, and cannot take more tokens. Every dynamic layer sees the same positions, so the first one tells.
+
+    On an accelerator one-token steps are not checked (as `check_token_ids`): the check would synchronise every
+    decode step, and generate() derives their positions from the attention mask, which never goes back."""
+    if position_ids.device.type != "cpu" and position_ids.shape[1] == 1:
+        return
     for layer in cache.layers:
         if isinstance(layer, CompressedBlocks) and getattr(layer, "block_counts", None) is not None:
             blocks = position_ids // layer.compress_block_size
