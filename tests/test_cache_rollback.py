@@ -179,8 +179,14 @@ def test_fastgpt_assists_another_model_as_greedy(crops):
     fastgpt = tiny_model("mixed", dtype=torch.float32, seed=1)
     torch.manual_seed(0)
     llama_config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
     )
     llama = LlamaForCausalLM(llama_config).eval()
     for token_id in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -171,7 +171,9 @@ class CompressedBlocks:
             keys, values = compress(key_sums / denominator, value_sums / denominator)
             block_index = torch.arange(num_blocks, device=key_sums.device)
             recompressed = (block_index >= self.open_blocks[:, None])[:, None, :, None]  # [B, 1, C, 1]
-            self.compressed_keys.copy_(torch.where(recompressed, keys.to(self.compressed_keys.dtype), self.compressed_keys))
+            self.compressed_keys.copy_(
+                torch.where(recompressed, keys.to(self.compressed_keys.dtype), self.compressed_keys)
+            )
             self.compressed_values.copy_(
                 torch.where(recompressed, values.to(self.compressed_values.dtype), self.compressed_values)
             )
@@ -220,12 +222,13 @@ class CompressedBlocks:
 
     def rollback_blocks(self, tokens_to_remove: int) -> None:
         """Return the block state to the rollback point, add back the tokens recorded since except the last
-        `tokens_to_remove`, and make that the new rollback point. Writes in place (static buffers keep their address)."""
+        `tokens_to_remove`, and make that the new rollback point. Writes in place (static buffers keep their
+        address)."""
         recorded = sum(keys.shape[2] for keys, *_ in self.recorded_tokens)
         if tokens_to_remove > recorded:
             raise ValueError(
-                f"Cannot remove {tokens_to_remove} tokens from a dynamic_attention layer that recorded {recorded} since "
-                "activate_past_recording() or the last crop: only those can be rolled back."
+                f"Cannot remove {tokens_to_remove} tokens from a dynamic_attention layer that recorded {recorded} "
+                "since activate_past_recording() or the last crop: only those can be rolled back."
             )
         if self.recorded_tokens:
             replay = self.recorded_tokens_kept(recorded - tokens_to_remove)
@@ -241,9 +244,7 @@ class CompressedBlocks:
                 self.add_tokens(*replay, compress=None)
         self.start_rollback_point()
 
-    def recorded_tokens_kept(
-        self, kept: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def recorded_tokens_kept(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The first `kept` recorded tokens as one step: keys, values `[B, K, kept, D]`, positions and is_real
         `[B, kept]`; None when `kept` is 0."""
         if kept == 0:

@@ -11,7 +11,6 @@ import unittest
 from unittest.mock import patch
 
 import pytest
-import torch
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, FastGPTModel
 
