@@ -59,13 +59,17 @@ def assert_matches_reference(model, cache):
     assert error < TOLERANCE
 
 
-@pytest.mark.parametrize("stack", list(STACKS))
+# "mixed" holds every layer kind; `make test` runs it, CI every stack (each a few seconds).
+STACKS_MIXED_QUICK = [stack if stack == "mixed" else pytest.param(stack, marks=pytest.mark.slow) for stack in STACKS]
+
+
+@pytest.mark.parametrize("stack", STACKS_MIXED_QUICK)
 def test_dynamic_cache_rolls_back_exactly(stack):
     model = tiny_model(stack)
     assert_matches_reference(model, FastGPTDynamicCache(model.config))
 
 
-@pytest.mark.parametrize("stack", list(STACKS))
+@pytest.mark.parametrize("stack", STACKS_MIXED_QUICK)
 def test_static_cache_holding_every_position_rolls_back_exactly(stack):
     """As Transformers' static sliding layers: croppable where the windows hold every position the cache sees."""
     model = tiny_model(stack, sliding_window=64, dynamic_window=64)
@@ -130,6 +134,14 @@ def greedy(model, **kwargs) -> torch.Tensor:
     return model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
 
 
+def assistant_model():
+    """A FastGPT of the same shape and other weights, drafting 3 tokens a round (the main model rejects most)."""
+    assistant = tiny_model("mixed", dtype=torch.float32, seed=1)
+    assistant.generation_config.num_assistant_tokens = 3
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    return assistant
+
+
 @pytest.fixture
 def crops(monkeypatch) -> list[int]:
     """The token counts every dynamic layer's crop removed during the test."""
@@ -146,7 +158,7 @@ def crops(monkeypatch) -> list[int]:
 
 def test_assisted_decoding_with_a_fastgpt_assistant_gives_greedy_tokens(crops):
     model = tiny_model("mixed", dtype=torch.float32)
-    assistant = tiny_model("mixed", dtype=torch.float32, seed=1)
+    assistant = assistant_model()
     expected = greedy(model)
     assert torch.equal(greedy(model, assistant_model=assistant), expected)
     assert max(crops) > 0  # drafts were rejected and rolled back, in the assistant's cache and the model's
@@ -158,15 +170,17 @@ def test_prompt_lookup_decoding_gives_greedy_tokens(crops):
     assert max(crops) > 0
 
 
+@pytest.mark.slow  # about 10 s on 2 busy cores; the quick suite has assisted and prompt-lookup decoding
 def test_speculative_sampling_gives_greedy_tokens_at_top_k_1(crops):
     """Speculative sampling (the assistant's logits, `_speculative_sampling`) with top_k=1 must pick greedy's tokens."""
     model = tiny_model("mixed", dtype=torch.float32)
-    assistant = tiny_model("mixed", dtype=torch.float32, seed=1)
+    assistant = assistant_model()
     sampled = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1, assistant_model=assistant)
     assert torch.equal(sampled, greedy(model))
     assert max(crops) > 0
 
 
+@pytest.mark.slow  # about 10 s on 2 busy cores; the quick suite has assisted and prompt-lookup decoding
 def test_static_cache_holding_every_position_decodes_assisted_as_greedy():
     model = tiny_model("mixed", dtype=torch.float32, sliding_window=64, dynamic_window=64)
     expected = greedy(model, cache_implementation="static")
@@ -176,7 +190,7 @@ def test_static_cache_holding_every_position_decodes_assisted_as_greedy():
 
 def test_fastgpt_assists_another_model_as_greedy(crops):
     """Transformers records past states only in the caches it builds; FastGPT builds its own, and records too."""
-    fastgpt = tiny_model("mixed", dtype=torch.float32, seed=1)
+    fastgpt = assistant_model()
     torch.manual_seed(0)
     llama_config = LlamaConfig(
         vocab_size=128,
