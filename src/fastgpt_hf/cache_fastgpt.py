@@ -230,7 +230,7 @@ class CompressedBlocks:
                 f"Cannot remove {tokens_to_remove} tokens from a dynamic_attention layer that recorded {recorded} "
                 "since activate_past_recording() or the last crop: only those can be rolled back."
             )
-        if self.recorded_tokens:
+        if tokens_to_remove > 0:  # removing none keeps the state as it is
             replay = self.recorded_tokens_kept(recorded - tokens_to_remove)
             counts, open_key_sums, open_value_sums, open_blocks = self.block_buffers()[2:]
             for buffer in (counts, open_key_sums, open_value_sums, open_blocks):
