@@ -3,9 +3,9 @@
 Not a test. FastGPT's figure is read off real cache buffers: a `FastGPTStaticCache` for the context, allocated on
 the meta device (shapes and dtypes, no memory), in bf16 at batch 1. At a full context it holds exactly what the
 dynamic cache holds: every position for full layers, `window - 1` for sliding and dynamic layers (the static
-buffers hold one slot more: the newest token beside its ring), and the dynamic layers' per-block key/value sums
-(float32), counts and compressed entries (bf16). Llama's `DynamicCache` holds every position of every layer:
-2 (keys, values) * layers * kv_heads * head_dim * context * 2 bytes.
+buffers hold one slot more: the newest token beside its ring), and the dynamic layers' compressed entries (bf16)
+and real-token counts per block and their open block's key/value sums (float32). Llama's `DynamicCache` holds
+every position of every layer: 2 (keys, values) * layers * kv_heads * head_dim * context * 2 bytes.
 
     python benchmarks/cache_bytes.py [--context 32768]
 """

@@ -147,6 +147,8 @@ MALFORMED_INPUTS = {
     "mask-1d": ({"attention_mask": torch.ones(5)}, MASK_IS + r"\(5,\)"),
     "mask-4d": ({"attention_mask": torch.ones(2, 1, 5, 5)}, MASK_IS + r"\(2, 1, 5, 5\)"),
     "zero-rows": ({"input_ids": torch.zeros(0, 5, dtype=torch.long)}, r"input_ids has shape \(0, 5\), an empty input"),
+    "id-past-vocab": ({"input_ids": torch.tensor([[1, 2, 128]] * 2)}, r"token id 128, outside .* \[0, 128\)"),
+    "id-negative": ({"input_ids": torch.tensor([[1, -3, 2]] * 2)}, r"token id -3, outside .* \[0, 128\)"),
 }
 
 

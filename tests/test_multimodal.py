@@ -247,3 +247,12 @@ def test_configuration_and_processor_errors(processor):
         )
     with pytest.raises(ValueError, match="has no token '<frame>'"):
         FastGPTProcessor(processor.image_processor, processor.tokenizer, image_token="<frame>")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(processor):
+    model = build_model(processor)
+    inputs = processor(images=pictures(1), text=[PROMPT], return_tensors="pt")
+    vocab_size = model.config.text_config.vocab_size
+    inputs["input_ids"][0, -1] = vocab_size
+    with pytest.raises(ValueError, match=rf"token id {vocab_size}, outside .* \[0, {vocab_size}\)"):
+        model(**inputs)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from fastgpt_hf import FastGPTForCausalLM
 from fastgpt_hf.configuration_fastgpt import FASTGPT_HF_VERSION
@@ -103,3 +103,15 @@ def test_truncated_weights_file_is_a_clear_error(checkpoint):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"could not be read .* truncated or corrupt; save or download it again"):
         AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
+def test_captioning_checkpoint_missing_a_language_model_tensor_is_named(tmp_path):
+    """Every registered model class loads strictly, the captioning model included."""
+    from .test_multimodal import build_model, tiny_processor
+
+    build_model(tiny_processor()).save_pretrained(tmp_path)
+    name = "model.language_model.layers.1.self_attn.memory_k"
+    edit_weights(tmp_path, lambda weights: weights.pop(name))
+    with pytest.raises(ValueError, match=rf"missing from the checkpoint: {name}\n") as error:
+        AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert "FastGPTForConditionalGeneration" in str(error.value)

@@ -5,9 +5,9 @@ Two caches, both built from `config.layer_types` (`generate()` builds them by it
 `FastGPTDynamicCache` (the default; memory grows only where the layer kind needs it):
 - `full_attention`: Transformers' `DynamicLayer`, every key and value.
 - `sliding_attention`: Transformers' `DynamicSlidingWindowLayer`, the last `sliding_window - 1` keys and values.
-- `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values plus, per block of
-  `compress_block_size` positions, the sum of its real tokens' pre-rotary keys and values, their count and the
-  block's compressed entry (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
+- `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values, the running sums of
+  the pre-rotary keys and values of the open block, and one compressed entry (and real-token count) per block
+  (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
 
 `FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
 Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
@@ -22,6 +22,12 @@ does not matter. Which returned keys are real tokens: the dynamic cache reads it
 decode step needs only the new tokens' mask and reads no Python int in tensor code: one CUDA graph serves every
 step. `update_with_key_mask` gives both. The dynamic cache counts lengths in Python ints, the static cache in a
 device tensor.
+
+Rollback (`crop(-k)`, which assisted, prompt-lookup and speculative decoding call after each verification): every
+layer of the dynamic cache can forget its last k tokens once `activate_past_recording` was called (`generate()`
+calls it), as Transformers' sliding layers do: windows keep every token until the next crop, and the dynamic layers
+replay their recorded tokens onto the block state of the last crop. The static cache can crop where its buffers hold
+every position (`max_cache_len` at most each window); elsewhere crop raises a ValueError that says so.
 """
 
 from collections.abc import Callable
@@ -63,14 +69,24 @@ def kept_key_mask(
 
 
 class CompressedBlocks:
-    """Block state of a `dynamic_attention` layer, shared by both caches: float32 (float64) sums and real-token counts
-    of every block, `block_key_sums` / `block_value_sums` `[B, K, C, D]` and `block_counts` `[B, C]`, and each
-    block's compressed entry, `compressed_keys` / `compressed_values` `[B, K, C, D]` in the keys' dtype.
+    """Block state of a `dynamic_attention` layer, shared by both caches (DESIGN.md section 4): one compressed entry
+    per block, `compressed_keys` / `compressed_values` `[B, K, C, D]` in the keys' dtype, each block's real-token
+    count `block_counts` `[B, C]` (a block without a real token is never visible), and the running float32 (float64)
+    sums of each row's open block, the block of its latest real token: `open_key_sums` / `open_value_sums`
+    `[B, K, D]`, `open_blocks` `[B]`. A closed block keeps its entry only.
 
-    An entry is recomputed each time a token joins its block, so a one-token step compresses one block per row; the
-    incomplete block's entry is never seen before its last token writes it (`block_visibility`)."""
+    A token joining the open block recomputes that block's entry, so a one-token step compresses one block per row;
+    the open block's entry is never seen before its last token writes it (`block_visibility`). A step of several
+    tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
+    a block before its open one, whose sums are gone (`check_positions_follow_cache`).
+
+    Rollback (assisted and prompt-lookup decoding): after `activate_past_recording` the layer keeps the open-block
+    state as of the last `crop` and the pre-rotary keys and values added since; `crop(-k)` returns to that state and
+    adds back all but the last k of them (`rollback_blocks`): exactly the state of a cache that never saw them.
+    """
 
     compress_block_size: int
+    record_past: bool = False
 
     def add_and_compress(
         self,
@@ -80,14 +96,69 @@ class CompressedBlocks:
         is_real: torch.Tensor | None,
         compress: BlockCompressor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`) to their blocks and recompress the
-        blocks they joined (all blocks for T > 1). Returns compressed keys, values `[B, K, C, D]` and counts `[B, C]`.
-
-        Call after `update`, so that the blocks cover every position seen."""
+        """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`, `is_real` `[B, T]` or None) to their
+        blocks and recompress the blocks they joined. Returns compressed keys, values `[B, K, C, D]` and counts
+        `[B, C]`. Call after `update`, so that the blocks cover every position seen."""
         self.ensure_blocks(key_states)
-        block_ids, index = add_block_statistics(
-            self.block_key_sums,
-            self.block_value_sums,
+        if self.record_past:
+            self.recorded_tokens.append((key_states, value_states, positions, is_real))
+        if key_states.shape[2] == 1:
+            self.add_one_token(key_states, value_states, positions, is_real, compress)
+        else:
+            self.add_tokens(key_states, value_states, positions, is_real, compress)
+        return self.compressed_keys, self.compressed_values, self.block_counts
+
+    def add_one_token(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+        compress: BlockCompressor,
+    ) -> None:
+        """One token per row (`[B, K, 1, D]`): add it to its row's open block, or open its block with it, and
+        recompress that block alone, in place (a compiled decode step loops over no blocks)."""
+        batch, kv_heads = key_states.shape[:2]
+        blocks = positions[:, 0] // self.compress_block_size  # [B]
+        real = torch.ones_like(blocks, dtype=torch.bool) if is_real is None else is_real[:, 0].bool()
+        opens_block = real & (blocks != self.open_blocks)
+        self.open_blocks.copy_(torch.where(opens_block, blocks, self.open_blocks))
+        weight = real.to(self.open_key_sums.dtype)
+        kept = (~opens_block).to(weight.dtype)[:, None, None]  # [B, 1, 1]: 0 drops the closed block's sums
+        for sums, states in ((self.open_key_sums, key_states), (self.open_value_sums, value_states)):
+            sums.copy_(sums * kept + states[:, :, 0].to(sums.dtype) * weight[:, None, None])
+        rows = torch.arange(batch, device=blocks.device)
+        self.block_counts.index_put_((rows, self.open_blocks), weight.to(self.block_counts.dtype), accumulate=True)
+        counts = self.block_counts[rows, self.open_blocks].clamp(min=1)[:, None, None, None]  # [B, 1, 1, 1]
+        keys, values = compress(self.open_key_sums[:, :, None] / counts, self.open_value_sums[:, :, None] / counts)
+        heads = torch.arange(kv_heads, device=blocks.device)
+        index = (rows[:, None, None], heads[None, :, None], self.open_blocks[:, None, None])  # [B, K, 1]
+        self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
+        self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
+
+    def add_tokens(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+        compress: BlockCompressor | None,
+    ) -> None:
+        """Any number of tokens per row: sum every block over `[B, K, C, D]` for this step (each row's open block
+        starting from its running sums), recompress the blocks from each row's open block on (none with
+        `compress=None`: a rollback's replay, whose closed blocks keep the entries they had) and keep the sums of
+        the new open blocks."""
+        batch, kv_heads, _, head_dim = key_states.shape
+        num_blocks = self.block_counts.shape[1]
+        key_sums = self.open_key_sums.new_zeros(batch, kv_heads, num_blocks, head_dim)
+        value_sums = torch.zeros_like(key_sums)
+        rows = torch.arange(batch, device=key_sums.device)[:, None]
+        heads = torch.arange(kv_heads, device=key_sums.device)[None, :]
+        key_sums.index_put_((rows, heads, self.open_blocks[:, None]), self.open_key_sums)
+        value_sums.index_put_((rows, heads, self.open_blocks[:, None]), self.open_value_sums)
+        block_ids, _ = add_block_statistics(
+            key_sums,
+            value_sums,
             self.block_counts,
             key_states,
             value_states,
@@ -95,53 +166,135 @@ class CompressedBlocks:
             is_real,
             self.compress_block_size,
         )
-        if key_states.shape[2] == 1:
-            # Only the blocks the new tokens joined: `[B, K, 1, D]` means in, entries written back in place.
-            counts = self.block_counts.gather(1, block_ids).clamp(min=1)[:, None, :, None]
-            keys, values = compress(self.block_key_sums[index] / counts, self.block_value_sums[index] / counts)
-            self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
-            self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
-        else:
+        if compress is not None:
             denominator = self.block_counts.clamp(min=1)[:, None, :, None]
-            keys, values = compress(self.block_key_sums / denominator, self.block_value_sums / denominator)
-            self.compressed_keys.copy_(keys)
-            self.compressed_values.copy_(values)
-        return self.compressed_keys, self.compressed_values, self.block_counts
+            keys, values = compress(key_sums / denominator, value_sums / denominator)
+            block_index = torch.arange(num_blocks, device=key_sums.device)
+            recompressed = (block_index >= self.open_blocks[:, None])[:, None, :, None]  # [B, 1, C, 1]
+            self.compressed_keys.copy_(
+                torch.where(recompressed, keys.to(self.compressed_keys.dtype), self.compressed_keys)
+            )
+            self.compressed_values.copy_(
+                torch.where(recompressed, values.to(self.compressed_values.dtype), self.compressed_values)
+            )
+        # Padding tokens sit in block 0 (`add_block_statistics`), below every open block.
+        self.open_blocks.copy_(torch.maximum(self.open_blocks, block_ids.amax(dim=1)))
+        self.open_key_sums.copy_(key_sums[rows, heads, self.open_blocks[:, None]])
+        self.open_value_sums.copy_(value_sums[rows, heads, self.open_blocks[:, None]])
 
     def ensure_blocks(self, key_states: torch.Tensor) -> None:
         """Make room for every block of the positions seen."""
         raise NotImplementedError
 
     def allocate_blocks(self, key_states: torch.Tensor, num_blocks: int) -> None:
-        """Zero block state for `num_blocks` blocks, shaped and typed after `[B, K, T, D]` keys."""
+        """Empty block state for `num_blocks` blocks, shaped and typed after `[B, K, T, D]` keys."""
         batch, kv_heads, _, head_dim = key_states.shape
         sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-        self.block_key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
-        self.block_value_sums = torch.zeros_like(self.block_key_sums)
-        self.block_counts = self.block_key_sums.new_zeros(batch, num_blocks)
         self.compressed_keys = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim)
         self.compressed_values = torch.zeros_like(self.compressed_keys)
+        self.block_counts = key_states.new_zeros(batch, num_blocks, dtype=sum_dtype)
+        self.open_key_sums = key_states.new_zeros(batch, kv_heads, head_dim, dtype=sum_dtype)
+        self.open_value_sums = torch.zeros_like(self.open_key_sums)
+        self.open_blocks = torch.zeros(batch, dtype=torch.long, device=key_states.device)
 
     def block_buffers(self) -> list[torch.Tensor]:
         return [
-            self.block_key_sums,
-            self.block_value_sums,
-            self.block_counts,
             self.compressed_keys,
             self.compressed_values,
+            self.block_counts,
+            self.open_key_sums,
+            self.open_value_sums,
+            self.open_blocks,
         ]
+
+    def activate_past_recording(self) -> None:
+        """Keep what `crop` needs to roll the blocks back to this point (Transformers calls this before assisted
+        decoding); `crop` moves the point forward."""
+        self.record_past = True
+        self.start_rollback_point()
+
+    def start_rollback_point(self) -> None:
+        """Remember the counts and open-block state as they are now and forget the tokens recorded before."""
+        self.recorded_tokens: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.rollback_point = None
+        if getattr(self, "block_counts", None) is not None:
+            self.rollback_point = [buffer.clone() for buffer in self.block_buffers()[2:]]
+
+    def rollback_blocks(self, tokens_to_remove: int) -> None:
+        """Return the block state to the rollback point, add back the tokens recorded since except the last
+        `tokens_to_remove`, and make that the new rollback point. Writes in place (static buffers keep their
+        address)."""
+        recorded = sum(keys.shape[2] for keys, *_ in self.recorded_tokens)
+        if tokens_to_remove > recorded:
+            raise ValueError(
+                f"Cannot remove {tokens_to_remove} tokens from a dynamic_attention layer that recorded {recorded} "
+                "since activate_past_recording() or the last crop: only those can be rolled back."
+            )
+        if tokens_to_remove > 0:  # removing none keeps the state as it is
+            replay = self.recorded_tokens_kept(recorded - tokens_to_remove)
+            counts, open_key_sums, open_value_sums, open_blocks = self.block_buffers()[2:]
+            for buffer in (counts, open_key_sums, open_value_sums, open_blocks):
+                buffer.zero_()
+            if self.rollback_point is not None:
+                saved_counts, *saved_open = self.rollback_point
+                counts[:, : saved_counts.shape[1]].copy_(saved_counts)
+                for buffer, saved in zip((open_key_sums, open_value_sums, open_blocks), saved_open, strict=True):
+                    buffer.copy_(saved)
+            if replay is not None:
+                self.add_tokens(*replay, compress=None)
+        self.start_rollback_point()
+
+    def recorded_tokens_kept(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The first `kept` recorded tokens as one step: keys, values `[B, K, kept, D]`, positions and is_real
+        `[B, kept]`; None when `kept` is 0."""
+        if kept == 0:
+            return None
+        keys, values, positions, is_real = [], [], [], []
+        for step_keys, step_values, step_positions, step_is_real in self.recorded_tokens:
+            keys.append(step_keys)
+            values.append(step_values)
+            positions.append(step_positions.expand(step_keys.shape[0], -1))
+            real = torch.ones(step_positions.shape, dtype=torch.bool, device=step_keys.device)
+            is_real.append(real.expand(step_keys.shape[0], -1) if step_is_real is None else step_is_real.bool())
+        return (
+            torch.cat(keys, dim=2)[:, :, :kept],
+            torch.cat(values, dim=2)[:, :, :kept],
+            torch.cat(positions, dim=1)[:, :kept],
+            torch.cat(is_real, dim=1)[:, :kept],
+        )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a negative count, as Transformers passes it): the window as
+        the base layer crops it, the blocks by `rollback_blocks`. Only tokens added since `activate_past_recording`
+        can be removed: a closed block's sums and the tokens that left the window are gone."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes minus the number of tokens to remove (Transformers' convention); got {tokens_to_remove}."
+            )
+        if tokens_to_remove < 0 and not self.record_past:
+            raise ValueError(
+                "A dynamic_attention layer can roll back only the tokens it recorded: call "
+                "cache.activate_past_recording() before the forward passes to undo (generate() does so for assisted "
+                "and prompt-lookup decoding). Without it the closed blocks' sums and the tokens that left the window "
+                "are gone."
+            )
+        super().crop(tokens_to_remove)
+        if self.record_past:
+            self.rollback_blocks(-tokens_to_remove)
 
 
 class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
-    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus growing block state."""
+    """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus the block state, which grows by one
+    entry per block. Croppable like Transformers' `DynamicSlidingWindowLayer`: after `activate_past_recording` the
+    window keeps every token until the next `crop` and the blocks record what `rollback_blocks` replays."""
 
-    # Blocks sums cannot be un-added, and the window has already dropped what a rollback would need.
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, sliding_window: int, compress_block_size: int):
         super().__init__(sliding_window=sliding_window)
         self.compress_block_size = compress_block_size
         self.block_counts: torch.Tensor | None = None
+        self.start_rollback_point()
 
     def ensure_blocks(self, key_states: torch.Tensor) -> None:
         """Allocate the block state, or grow it by the blocks begun since (a copy every b positions)."""
@@ -151,9 +304,8 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
             return
         extra_blocks = num_blocks - self.block_counts.shape[1]
         if extra_blocks > 0:
-            self.block_key_sums, self.block_value_sums, self.compressed_keys, self.compressed_values = (
-                F.pad(buffer, (0, 0, 0, extra_blocks))
-                for buffer in (self.block_key_sums, self.block_value_sums, self.compressed_keys, self.compressed_values)
+            self.compressed_keys, self.compressed_values = (
+                F.pad(buffer, (0, 0, 0, extra_blocks)) for buffer in (self.compressed_keys, self.compressed_values)
             )
             self.block_counts = F.pad(self.block_counts, (0, extra_blocks))
 
@@ -161,15 +313,10 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
         """Blocks held (complete or not): one entry per `compress_block_size` positions seen."""
         return 0 if self.block_counts is None else self.block_counts.shape[1]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "A FastGPT dynamic_attention layer cannot be cropped: its block sums and window have moved on. "
-            "Use generation modes without cache rollback (no assisted or prompt-lookup decoding)."
-        )
-
     def reset(self) -> None:
         super().reset()
         self.block_counts = None
+        self.start_rollback_point()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -190,11 +337,12 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
     def set_block_buffers(self, buffers: list[torch.Tensor]) -> None:
         """Replace the block state, in `block_buffers()` order."""
         (
-            self.block_key_sums,
-            self.block_value_sums,
-            self.block_counts,
             self.compressed_keys,
             self.compressed_values,
+            self.block_counts,
+            self.open_key_sums,
+            self.open_value_sums,
+            self.open_blocks,
         ) = buffers
 
 
@@ -211,8 +359,6 @@ class StaticRolledLayer(StaticLayer):
     counted in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes
     every step would make every compiled decode step a new CUDA graph.
     """
-
-    is_croppable = False
 
     def __init__(self, max_positions: int, kept_length: int):
         self.ring_length = max(kept_length, 1)
@@ -294,8 +440,43 @@ class StaticRolledLayer(StaticLayer):
         returned = self.max_cache_len if query_length == 1 else min(seen, self.max_cache_len) + query_length
         return returned, seen + query_length - returned
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can roll back: only where the buffers hold every position the cache may see (full layers,
+        windows of at least `max_cache_len`), as Transformers' `StaticSlidingWindowLayer`: a token that left the
+        window is gone."""
+        return self.ring_length + 1 >= self.max_positions
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("FastGPT's static cache cannot be cropped; use generation modes without cache rollback.")
+        """Forget the last `-tokens_to_remove` tokens (a negative count, as Transformers passes it), in place."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes minus the number of tokens to remove (Transformers' convention); got {tokens_to_remove}."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if not self.is_croppable:
+            raise ValueError(
+                f"This static cache layer keeps the last {self.max_cache_len} of up to {self.max_positions} positions; "
+                "the tokens that left its window are gone, so it cannot roll back. For assisted or prompt-lookup "
+                "decoding use the dynamic cache (cache_implementation='dynamic'), or a max_cache_len no larger than "
+                "every window (sliding_window, dynamic_window)."
+            )
+        seen = int(self.cumulative_length)
+        if -tokens_to_remove > seen:
+            raise ValueError(f"Cannot remove {-tokens_to_remove} tokens from a cache layer that holds {seen}.")
+        kept = seen + tokens_to_remove
+        # The ring never wrapped: token t sits in slot t and the newest in slot N. Token kept - 1 becomes the newest.
+        if kept > 0:
+            source = torch.tensor([kept - 1], device=self.device)
+            newest = torch.tensor([self.ring_length], device=self.device)
+            self.keys.index_copy_(2, newest, self.keys.index_select(2, source))
+            self.values.index_copy_(2, newest, self.values.index_select(2, source))
+            self.slot_is_real.index_copy_(1, newest, self.slot_is_real.index_select(1, source))
+        self.slot_is_real[:, max(kept - 1, 0) : self.ring_length].zero_()
+        if kept == 0:
+            self.slot_is_real.zero_()
+        self.cumulative_length.sub_(-tokens_to_remove)
 
     def reset(self) -> None:
         """Zero the buffers in place (they keep their address) and forget the positions seen."""
@@ -316,12 +497,13 @@ class StaticRolledLayer(StaticLayer):
 
 
 class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
-    """Static cache of a `dynamic_attention` layer: the rolled window plus block state for every block."""
+    """Static cache of a `dynamic_attention` layer: the rolled window plus the block state of every block."""
 
     def __init__(self, max_positions: int, kept_length: int, compress_block_size: int):
         super().__init__(max_positions=max_positions, kept_length=kept_length)
         self.compress_block_size = compress_block_size
         self.max_blocks = -(-max_positions // compress_block_size)
+        self.start_rollback_point()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -359,6 +541,34 @@ def update_with_key_mask(
     seen_length = layer.get_seq_length() + key_states.shape[2]
     all_keys, all_values = cache.update(key_states, value_states, layer_idx)
     return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+
+
+def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
+    """Raise a ValueError if a real new token's position (`position_ids` `[B or 1, T]`, `is_real` `[B, T]` or None)
+    falls in a block before its row's open block in the cache's dynamic layers: a closed block keeps its compressed
+    entry only, and cannot take more tokens. Every dynamic layer sees the same positions, so the first one tells.
+
+    On an accelerator one-token steps are not checked (as `check_token_ids`): the check would synchronise every
+    decode step, and generate() derives their positions from the attention mask, which never goes back."""
+    if position_ids.device.type != "cpu" and position_ids.shape[1] == 1:
+        return
+    for layer in cache.layers:
+        if isinstance(layer, CompressedBlocks) and getattr(layer, "block_counts", None) is not None:
+            blocks = position_ids // layer.compress_block_size
+            behind = blocks < layer.open_blocks[:, None]
+            if is_real is not None:
+                behind = behind & is_real
+            if bool(behind.any()):
+                row, token = (int(index) for index in behind.nonzero()[0])
+                raise ValueError(
+                    f"position_ids[{row}, {token}] = {int(position_ids[min(row, position_ids.shape[0] - 1), token])} "
+                    f"falls in block {int(blocks[min(row, blocks.shape[0] - 1), token])} of "
+                    f"{layer.compress_block_size} positions, but row {row} of the cache has already closed that block "
+                    "(a dynamic_attention layer keeps one compressed entry per closed block, not its sums). With a "
+                    "cache, positions must not go back to an earlier block: leave position_ids out (they then count "
+                    "the real tokens) or continue them from the cached ones."
+                )
+            return
 
 
 def layer_signature(config: FastGPTConfig) -> tuple:
@@ -436,6 +646,7 @@ __all__ = [
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",
+    "check_positions_follow_cache",
     "kept_key_mask",
     "update_with_key_mask",
 ]

@@ -10,19 +10,17 @@ does), so that a left-padded row gets the positions, windows and compression blo
 """
 
 import importlib
-import json
 import os
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, SequenceParallel
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -37,9 +35,15 @@ from .attention_compressed import block_statistics, global_branch_attention
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
-from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache, check_cache, update_with_key_mask
+from .cache_fastgpt import (
+    FastGPTDynamicCache,
+    FastGPTStaticCache,
+    check_cache,
+    check_positions_follow_cache,
+    update_with_key_mask,
+)
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
-from .strict_loading import check_loading_report
+from .strict_loading import strict_from_pretrained
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
 WINDOWED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -331,24 +335,9 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         quantization = optional_package_module("quantization")
         if quantization is not None and quantization.is_dynamic_range_folder(pretrained_model_name_or_path):
             return quantization.load_dynamic_range(pretrained_model_name_or_path)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        # Transformers would raise its own RuntimeError on mis-shaped tensors; let the report reach the check.
-        try:
-            model, loading_report = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *model_args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
-        except (SafetensorError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"The checkpoint {pretrained_model_name_or_path} could not be read ({type(error).__name__}: {error}): "
-                "a weights file or its index is truncated or corrupt; save or download it again."
-            ) from error
-        check_loading_report(pretrained_model_name_or_path, cls.__name__, loading_report, ignore_mismatched_sizes)
-        return (model, loading_report) if output_loading_info else model
+        return strict_from_pretrained(
+            super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` (code and `auto_map` included), plus a README.md model card when the
@@ -461,6 +450,9 @@ class FastGPTModel(FastGPTPreTrainedModel):
             position_ids = self.positions(padding_mask, past_length, query_length, inputs_embeds.device)
         elif not is_torchdynamo_compiling():
             check_position_ids(position_ids, inputs_embeds.shape[0], past_length, query_length)
+            if cache is not None:
+                new_is_real = None if padding_mask is None else padding_mask[:, -query_length:]
+                check_positions_follow_cache(cache, position_ids, new_is_real)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -527,8 +519,10 @@ def check_inputs(
     a cache built for this model holding B rows (`check_cache`); attention_mask `[B, cached + T]`, or with the static
     cache, which flags its real slots itself, `[B, T]` for the new tokens (generate()'s compiled decode passes that).
 
-    Shapes and dtypes only, no tensor value is read: in compiled code this costs nothing, and there the static cache's
-    0-d counter is not read either (reading it would synchronize), so its mask must be the new tokens'."""
+    Token ids must lie in [0, vocab_size) (`check_token_ids`: one min/max, skipped where it would synchronise a
+    decode step). Otherwise shapes and dtypes only, no tensor value is read: in compiled code this costs nothing, and
+    there the static cache's 0-d counter is not read either (reading it would synchronize), so its mask must be the
+    new tokens'."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int)):
@@ -548,6 +542,8 @@ def check_inputs(
             f"{name} has shape {tuple(tokens.shape)}, an empty input: give at least one row of at least one token "
             "(e.g. a BOS token)."
         )
+    if input_ids is not None:
+        check_token_ids(input_ids, config.vocab_size)
     if cache is not None:
         check_cache(cache, config, batch_size)
     if attention_mask is None:
@@ -562,6 +558,27 @@ def check_inputs(
         raise ValueError(
             f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, {lengths[0]}), 1 for "
             f"tokens and 0 for padding; got shape {tuple(attention_mask.shape)}."
+        )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a ValueError naming an id of `input_ids` `[B, T]` outside [0, vocab_size), where the embedding would
+    raise an IndexError (CPU) or a device-side assert (CUDA).
+
+    One min/max reduction. Not in compiled code, and on an accelerator not for one-token steps: reading a decode
+    step's id would synchronise with the device at every step, and generate() feeds back ids the model chose among
+    its `vocab_size` logits after checking the prompt here."""
+    if is_torchdynamo_compiling() or input_ids.device.type == "meta":
+        return
+    if input_ids.device.type != "cpu" and input_ids.shape[1] == 1:
+        return
+    lowest, highest = (int(value) for value in torch.aminmax(input_ids))
+    if lowest < 0 or highest >= vocab_size:
+        bad_id = lowest if lowest < 0 else highest
+        raise ValueError(
+            f"input_ids holds token id {bad_id}, outside this model's vocabulary [0, {vocab_size}) "
+            f"(config.vocab_size = {vocab_size}). Encode the text with the model's own tokenizer; after adding tokens "
+            "to a tokenizer, call model.resize_token_embeddings(len(tokenizer))."
         )
 
 
@@ -633,6 +650,8 @@ class FastGPTGenerationMixin(GenerationMixin):
             model_kwargs["cache"] = FastGPTDynamicCache(text_config, offloading=implementation == "offloaded")
         elif implementation in ("static", "offloaded_static"):
             max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            # Prompt lookup drafts up to prompt_lookup_num_tokens past max_length (the excess is rejected).
+            max_cache_length += generation_config.prompt_lookup_num_tokens or 0
             offloading = implementation == "offloaded_static"
             model_kwargs["cache"] = FastGPTStaticCache(text_config, max_cache_length, offloading=offloading)
         else:
@@ -640,6 +659,25 @@ class FastGPTGenerationMixin(GenerationMixin):
                 f"FastGPT has no {implementation!r} cache; use cache_implementation 'dynamic', 'offloaded', "
                 "'static' or 'offloaded_static'."
             )
+        self.prepare_cache_for_rollback(model_kwargs.get("cache"), generation_config, generation_mode)
+
+    @staticmethod
+    def prepare_cache_for_rollback(cache: Cache | None, generation_config, generation_mode) -> None:
+        """Assisted, prompt-lookup and speculative decoding crop the cache after each verification: refuse a cache
+        that cannot roll back (a static cache whose windows drop tokens), and let the cache FastGPT built for an
+        assistant record what a rollback needs (Transformers does so only for the caches it builds itself)."""
+        rolls_back = generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant
+        if cache is None or not rolls_back:
+            return
+        if not cache.is_croppable:
+            raise ValueError(
+                "Assisted, prompt-lookup and speculative decoding roll the cache back, and this static cache's "
+                "windowed layers drop the tokens that leave their window (it holds max_cache_len positions, more "
+                "than a window). Use the dynamic cache (cache_implementation='dynamic', the default) for these "
+                "modes, or a max_cache_len no larger than sliding_window and dynamic_window."
+            )
+        if generation_config.is_assistant:
+            cache.activate_past_recording()
 
     def create_masks_for_generate(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs

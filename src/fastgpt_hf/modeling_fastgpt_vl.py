@@ -13,6 +13,7 @@ and decodes with FastGPT's own cache (`FastGPTGenerationMixin`).
 """
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_fastgpt_vl import FastGPTVLConfig
 from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel, check_inputs
+from .strict_loading import strict_from_pretrained
 
 
 class FastGPTVLProjector(nn.Module):
@@ -75,6 +77,14 @@ class FastGPTVLPreTrainedModel(PreTrainedModel):
     def _can_set_attn_implementation(cls) -> bool:
         """Both sub-models read their config's attention implementation at every call."""
         return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict as the text model's: a missing, unexpected or mis-shaped tensor
+        (language model, projector or vision encoder) raises a `ValueError` naming it (`strict_loading`)."""
+        return strict_from_pretrained(
+            super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs
+        )
 
 
 class FastGPTVLModel(FastGPTVLPreTrainedModel):
