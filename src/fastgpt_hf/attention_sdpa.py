@@ -1,9 +1,15 @@
-"""Windowed attention through `torch.nn.functional.scaled_dot_product_attention`, never quadratic for windows.
+"""Windowed attention through PyTorch's fused attention kernels, never quadratic for windows.
 
-A windowed layer cuts the queries into chunks of `window` and gives each chunk the `2 * window` keys that can
-reach it, so memory grows as T x window, not T x S. Full-attention layers use sdpa's causal kernel when nothing
-is padded and a dense mask otherwise, as Llama does. The rule is the one in `attention_masks`.
+Three paths, one rule (`attention_masks`), chosen per call from the shapes alone:
+- keys no more than the window (every full layer, and any layer whose input fits its window): one sdpa call, the
+  causal kernel when nothing is padded (as Llama), a dense mask otherwise;
+- more keys than the window, nothing padded, on a GPU with PyTorch's flash kernel: that kernel's own sliding window
+  (`flash_window_attention`), one call that skips every key outside the band, forward and backward;
+- otherwise (the CPU, padding, float32, dropout): queries in chunks of `window`, each against the `2 * window` keys
+  that can reach it, so memory grows as T x window, not T x S.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +27,55 @@ def sdpa_windowed_attention(
     dropout: float = 0.0,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `eager_windowed_attention`; returns `([B, T, H, D], None)`."""
-    if window is not None and query.shape[2] > window:
+    if window is None or key.shape[2] <= window:
+        return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+    if key_is_real is None and dropout == 0 and flash_window_supported(query):
+        return flash_window_attention(query, key, value, window, scaling), None
+    if query.shape[2] > window:
         return blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout), None
     return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+
+
+@functools.cache
+def flash_kernel_on(device: torch.device) -> bool:
+    """PyTorch's flash attention kernel runs on this CUDA device (built in, compute capability 8.0 or newer)."""
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def flash_window_supported(query: torch.Tensor) -> bool:
+    """The flash kernel takes these queries: CUDA, half precision, a head size it has (multiple of 8, at most 256),
+    and sdpa's flash backend not switched off (`torch.nn.attention.sdpa_kernel` turns it off for tests)."""
+    head_dim = query.shape[-1]
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and torch.backends.cuda.flash_sdp_enabled()
+        and flash_kernel_on(query.device)
+    )
+
+
+def flash_window_attention(query, key, value, window: int, scaling: float) -> torch.Tensor:
+    """Sliding-window causal attention through the flash kernel's window: query t (at key index S - T + t, the
+    kernel's bottom-right alignment) sees keys S - T + t - (window - 1) ... S - T + t, as `attention_masks` says.
+    Grouped-query heads are native to the kernel; no mask is built. `[B, H, T, D]` in, `[B, T, H, D]` out."""
+    output = torch.ops.aten._flash_attention_forward(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        None,
+        None,
+        query.shape[2],
+        key.shape[2],
+        0.0,
+        True,
+        False,
+        scale=scaling,
+        window_size_left=window - 1,
+        window_size_right=0,
+    )[0]
+    return output
 
 
 def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:
