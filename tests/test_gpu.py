@@ -58,6 +58,19 @@ def test_unpadded_bf16_matches_reference(backend, length):
     assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.bfloat16]
 
 
+def test_compiled_unpadded_model_matches_reference():
+    """`torch.compile(model)` on an unpadded bf16 batch without a cache: the flash window and the indexed global
+    branch traced (the flash checks are read once, at trace time)."""
+    model = tiny_model("mixed", "sdpa", dtype=torch.bfloat16, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids = left_padded_batch(1000)[0].cuda()
+    attention_mask = torch.ones_like(input_ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model)(input_ids, use_cache=False).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize(
     ("query_length", "key_length", "window"),
     [(300, 300, 64), (1000, 1000, 192), (40, 300, 64), (200, 260, 64), (1, 100, 64)],

@@ -9,8 +9,6 @@ Three paths, one rule (`attention_masks`), chosen per call from the shapes alone
   that can reach it, so memory grows as T x window, not T x S.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -36,23 +34,28 @@ def sdpa_windowed_attention(
     return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
 
 
-@functools.cache
-def flash_kernel_on(device: torch.device) -> bool:
-    """PyTorch's flash attention kernel runs on this CUDA device (built in, compute capability 8.0 or newer)."""
-    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
 def flash_window_supported(query: torch.Tensor) -> bool:
     """The flash kernel takes these queries: CUDA, half precision, a head size it has (multiple of 8, at most 256),
-    and sdpa's flash backend not switched off (`torch.nn.attention.sdpa_kernel` turns it off for tests)."""
+    on a device where it runs (`flash_kernel_enabled`)."""
     head_dim = query.shape[-1]
     return (
         query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and head_dim % 8 == 0
         and head_dim <= 256
+        and flash_kernel_enabled(query.device)
+    )
+
+
+@torch.compiler.assume_constant_result
+def flash_kernel_enabled(device: torch.device) -> bool:
+    """PyTorch was built with its flash kernel, sdpa's flash backend is on (`torch.nn.attention.sdpa_kernel` turns it
+    off, the override for tests) and the device has compute capability 8.0 or newer. Compiled code reads this once,
+    when it traces the call, instead of breaking its graph on the checks."""
+    return (
+        torch.backends.cuda.is_flash_attention_available()
         and torch.backends.cuda.flash_sdp_enabled()
-        and flash_kernel_on(query.device)
+        and torch.cuda.get_device_capability(device) >= (8, 0)
     )
 
 
