@@ -2,8 +2,9 @@
 
 Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B's shape, `13b` Llama-2-13B's).
 - Ceilings, measured first: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
-- Prefill (`--prefill`): `bench_prefill.py`'s table (each model's fastest attention backend, with `--compile-prefill`
-  also compiled; floor = FLOPs / rate; the longest length's device time split by kernel kind).
+- Prefill (`--prefill`): `bench_prefill.py`'s table at batch 1 (each model's fastest attention backend and setting:
+  eager, replayed from a CUDA graph, with `--compile-prefill` also compiled; floor = FLOPs / rate; the longest
+  length's device time split by kernel kind). `bench_prefill.py` itself adds batched shapes and training steps.
 - Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, with
   each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs; with
   `--settings static-autotune`, the static cache compiled in max-autotune mode) and the fastest reported.
@@ -25,7 +26,7 @@ import sys
 import time
 
 import torch
-from bench_prefill import matmul_tflops, median_ms, prefill_table
+from bench_prefill import BACKENDS, matmul_tflops, median_ms, prefill_table
 from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
 from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
 
@@ -227,7 +228,8 @@ def main() -> None:
     sections = []
     if args.prefill is not None:
         lengths = args.prefill or [2048, 8192, 32768]
-        sections.append(prefill_table(fastgpt, llama, lengths, peak, args.compile_prefill))
+        settings = ["eager", "cuda graph", *(["compiled"] if args.compile_prefill else [])]
+        sections.append(prefill_table(fastgpt, llama, [(1, length) for length in lengths], peak, BACKENDS, settings))
     shapes = [tuple(int(part) for part in shape.split(":")) for shape in args.decode]
     for batch, context in shapes:
         if context + NEW_TOKENS > config.max_position_embeddings:

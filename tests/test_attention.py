@@ -28,12 +28,15 @@ def max_error_on_real_tokens(logits: torch.Tensor, reference: torch.Tensor, atte
 @pytest.mark.parametrize("stack", sorted(STACKS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference_in_float64(backend, stack, length, padded):
+    """Unpadded rows run without a cache, as a training step or a benchmark prefill does (the dynamic layers'
+    indexed global branch); padded ones with the cache a forward builds by default (tests/test_cache.py holds the
+    cache to the uncached forward)."""
     model = tiny_model(stack, backend)
     input_ids, attention_mask = left_padded_batch(length)
     if not padded:
         attention_mask = None
     with torch.no_grad():
-        logits = model(input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids, attention_mask=attention_mask, use_cache=padded).logits
         reference = reference_logits(model, input_ids, attention_mask)
     assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT64_TOLERANCE
 
@@ -59,12 +62,17 @@ def test_backend_matches_reference_in_float32(backend):
     assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT32_TOLERANCE
 
 
-# flex_attention has no backward on the CPU; its gradients are checked on the GPU (tests/test_gpu.py).
+# flex_attention has no backward on the CPU; its gradients are checked on the GPU (tests/test_gpu.py). Unpadded
+# inputs without a cache (a training step) take the global branch's indexed path (block means by reshape, one shared
+# mask); padded ones the cache's scatter.
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("length", [9, 70], ids=lambda length: f"T{length}")
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_backend_gradients_match_reference(backend, length):
+def test_backend_gradients_match_reference(backend, length, padded):
     model = tiny_model("mixed", backend)
     input_ids, attention_mask = left_padded_batch(length)
+    if not padded:
+        attention_mask = torch.ones_like(attention_mask)
     probe = torch.randn(*input_ids.shape, model.config.vocab_size, dtype=torch.float64) * attention_mask[..., None]
 
     def gradients(compute_logits) -> dict[str, torch.Tensor]:
@@ -72,7 +80,7 @@ def test_backend_gradients_match_reference(backend, length):
         (compute_logits() * probe).sum().backward()
         return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
-    fast = gradients(lambda: model(input_ids, attention_mask=attention_mask).logits)
+    fast = gradients(lambda: model(input_ids, attention_mask=attention_mask, use_cache=padded).logits)
     reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
     for name, gradient in reference.items():
         torch.testing.assert_close(fast[name], gradient, rtol=1e-9, atol=1e-9, msg=name)
@@ -105,3 +113,20 @@ def test_global_branch_is_the_same_in_any_number_of_sdpa_calls(queries_per_call)
     keys_per_row = memory + blocks
     chunked = global_branch_attention(*arguments, mask_entries_per_call=batch * keys_per_row * queries_per_call)
     torch.testing.assert_close(chunked, one_call, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [3, 4, 50], ids=lambda length: f"T{length}")
+def test_indexed_global_branch_is_the_scatter_path(length):
+    """A prefill with nothing padded and default positions takes the global branch's indexed path (reshaped block
+    means, a mask shared by the layers); with the flag off the same inputs take the general scatter path."""
+    model = tiny_model("dynamic")
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(2, heads, length, 16, generator=generator, dtype=torch.float64) for heads in (4, 2, 2)
+    )
+    positions = torch.arange(length)[None]
+    with torch.no_grad():
+        indexed = attention.global_branch(query, key, value, positions, None, None, positions_are_indices=True)
+        scattered = attention.global_branch(query, key, value, positions, None, None, positions_are_indices=False)
+    torch.testing.assert_close(indexed, scattered, rtol=1e-12, atol=1e-12)

@@ -43,6 +43,78 @@ def test_cuda_backend_matches_reference(backend, dtype, length):
     assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("length", [77, 1000], ids=lambda length: f"T{length}")
+@pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
+def test_unpadded_bf16_matches_reference(backend, length):
+    """Nothing padded, no cache, bf16: the paths a training step takes (sdpa: the flash kernel's sliding window
+    for layers with more keys than their window; flex: block masks shared by the layers; the indexed global
+    branch)."""
+    model = tiny_model("mixed", backend, dtype=torch.bfloat16, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids = left_padded_batch(length)[0].cuda()
+    attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        logits = model(input_ids, use_cache=False).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.bfloat16]
+
+
+def test_compiled_unpadded_model_matches_reference():
+    """`torch.compile(model)` on an unpadded bf16 batch without a cache: the flash window and the indexed global
+    branch traced (the flash checks are read once, at trace time)."""
+    model = tiny_model("mixed", "sdpa", dtype=torch.bfloat16, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids = left_padded_batch(1000)[0].cuda()
+    attention_mask = torch.ones_like(input_ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model)(input_ids, use_cache=False).logits
+        reference = reference_logits(model, input_ids, attention_mask)
+    assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    ("query_length", "key_length", "window"),
+    [(300, 300, 64), (1000, 1000, 192), (40, 300, 64), (200, 260, 64), (1, 100, 64)],
+    ids=["square", "square-long", "cached-past", "past-shorter-than-window", "one-query"],
+)
+def test_flash_window_kernel_matches_eager_in_float64(query_length, key_length, window):
+    """The flash kernel's sliding window against the eager backend's dense mask in float64: outputs and gradients of
+    random bf16 queries, keys and values (grouped heads, queries the last T of the keys)."""
+    from fastgpt_hf.attention_eager import eager_windowed_attention
+    from fastgpt_hf.attention_sdpa import flash_window_attention, flash_window_supported
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((2, 8, query_length, 64), (2, 2, key_length, 64), (2, 2, key_length, 64))
+    inputs = [torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16) for shape in shapes]
+    assert flash_window_supported(inputs[0])
+    upstream = torch.randn(2, query_length, 8, 64, device="cuda", generator=generator, dtype=torch.float64)
+    fast_inputs = [tensor.clone().requires_grad_() for tensor in inputs]
+    fast = flash_window_attention(*fast_inputs, window, 0.125)
+    (fast.double() * upstream).sum().backward()
+    exact_inputs = [tensor.double().requires_grad_() for tensor in inputs]
+    exact = eager_windowed_attention(*exact_inputs[:3], None, window, 0.125)[0]
+    (exact * upstream).sum().backward()
+    pairs = [(fast, exact), *((a.grad, b.grad) for a, b in zip(fast_inputs, exact_inputs, strict=True))]
+    for output, reference in pairs:
+        assert ((output.double() - reference).norm() / reference.norm()).item() < 1e-2
+
+
+def test_sdpa_without_the_flash_kernel_takes_the_blocked_path():
+    """`sdpa_kernel` without FLASH_ATTENTION (the override for tests) turns the flash window off; the blocked path
+    then gives the same output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastgpt_hf.attention_sdpa import flash_window_supported, sdpa_windowed_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((1, 8, 500, 64), (1, 2, 500, 64), (1, 2, 500, 64))
+    query, key, value = (torch.randn(*s, device="cuda", generator=generator, dtype=torch.bfloat16) for s in shapes)
+    flash = sdpa_windowed_attention(query, key, value, None, 128, 0.125)[0]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        assert not flash_window_supported(query)
+        blocked = sdpa_windowed_attention(query, key, value, None, 128, 0.125)[0]
+    assert ((flash.double() - blocked.double()).norm() / blocked.double().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
 def test_cuda_gradients_match_reference(backend):
     torch.backends.cuda.matmul.allow_tf32 = False

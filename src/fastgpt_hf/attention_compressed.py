@@ -8,6 +8,8 @@ rotary phase. Block sums are kept in float32 (float64 for float64 models) so tha
 precision in bf16.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -76,8 +78,46 @@ def add_block_statistics(
 
 def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
     """`[B, T, C]` bool: block c is complete at each query position `[B, T]` and holds a real token."""
-    last_positions = torch.arange(block_size - 1, block_size * counts.shape[1], block_size, device=positions.device)
+    last_positions = torch.arange(counts.shape[1], device=positions.device) * block_size + block_size - 1
     return (last_positions <= positions[:, :, None]) & (counts[:, None, :] > 0)
+
+
+def indexed_block_means(
+    key_states: torch.Tensor, value_states: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key and value of each complete block when token t sits at position t (a prefill with nothing padded and
+    default positions): a reshape and one reduction each, no scatter. Only complete blocks are ever visible there.
+
+    Args:
+        key_states, value_states: `[B, K, T, D]`, keys before rotary.
+    Returns:
+        `[B, K, T // b, D]` means, float32 (float64 for float64 models), as `block_statistics`' sums over counts.
+    """
+    blocks = key_states.shape[2] // block_size
+    mean_dtype = torch.promote_types(key_states.dtype, torch.float32)
+    key_blocks, value_blocks = (
+        states[:, :, : blocks * block_size].unflatten(2, (blocks, block_size)) for states in (key_states, value_states)
+    )
+    return key_blocks.mean(3, dtype=mean_dtype), value_blocks.mean(3, dtype=mean_dtype)
+
+
+def memory_and_block_entries(
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    block_keys: torch.Tensor,
+    block_values: torch.Tensor,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[B, H, M + C, D]` of the global branch: memory slots `[M, K, D]`, then the compressed blocks
+    `[B, K, C, D]`, repeated to the H query heads. These tensors are small, and sdpa's fused kernels with a mask take
+    no grouped heads (with `enable_gqa` a masked call falls back to the math path, which materializes the scores)."""
+    batch = block_keys.shape[0]
+    entries = []
+    for memory, blocks in ((memory_keys, block_keys), (memory_values, block_values)):
+        memory = memory.transpose(0, 1).expand(batch, -1, -1, -1).to(blocks.dtype)
+        both = torch.cat([memory, blocks], dim=2)
+        entries.append(both.repeat_interleave(heads // both.shape[1], dim=1))
+    return entries[0], entries[1]
 
 
 def global_branch_attention(
@@ -104,10 +144,8 @@ def global_branch_attention(
     Returns:
         `[B, T, H, D]`.
     """
-    batch, _, query_length, _ = query_states.shape
-    memory_shape = (batch, -1, -1, -1)
-    keys = torch.cat([memory_keys.transpose(0, 1).expand(memory_shape).to(block_keys.dtype), block_keys], dim=2)
-    values = torch.cat([memory_values.transpose(0, 1).expand(memory_shape).to(block_values.dtype), block_values], 2)
+    batch, heads, query_length, _ = query_states.shape
+    keys, values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, heads)
     queries_per_call = max(1, mask_entries_per_call // (batch * keys.shape[2]))
     outputs = []
     for start in range(0, query_length, queries_per_call):
@@ -122,8 +160,50 @@ def global_branch_attention(
                 attn_mask=visible,
                 dropout_p=dropout,
                 scale=scaling,
-                enable_gqa=True,
             )
         )
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2)
+
+
+def indexed_global_branch_attention(
+    query_states: torch.Tensor,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    block_keys: torch.Tensor,
+    block_values: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """`global_branch_attention` for a prefill whose token t sits at position t, with the `T // b` complete blocks of
+    `indexed_block_means`: every block is full, so the mask depends on T alone and is built once per length, shared
+    by every dynamic layer (`indexed_global_visibility`); one sdpa call. `[B, H, T, D]` in, `[B, T, H, D]` out."""
+    keys, values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, query_states.shape[1])
+    visible = indexed_global_visibility(query_states.shape[2], memory_keys.shape[0], block_size, query_states.device)
+    output = F.scaled_dot_product_attention(
+        query_states, keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling
+    )
+    return output.transpose(1, 2)
+
+
+def indexed_global_visibility(
+    query_length: int, num_memory_tokens: int, block_size: int, device: torch.device
+) -> torch.Tensor:
+    """`[1, 1, T, M + T // b]` bool: every memory slot, and block c from position c * b + b - 1 on. Kept per length
+    and device (a few recent ones) outside compiled code, where inductor folds it into the kernels instead."""
+    if torch.compiler.is_compiling():
+        return build_indexed_global_visibility(query_length, num_memory_tokens, block_size, device)
+    return cached_indexed_global_visibility(query_length, num_memory_tokens, block_size, device)
+
+
+def build_indexed_global_visibility(
+    query_length: int, num_memory_tokens: int, block_size: int, device: torch.device
+) -> torch.Tensor:
+    positions = torch.arange(query_length, device=device)[None]
+    full_blocks = torch.full((1, query_length // block_size), block_size, device=device)
+    block_visible = block_visibility(positions, full_blocks, block_size)
+    return F.pad(block_visible, (num_memory_tokens, 0), value=True)[:, None]
+
+
+cached_indexed_global_visibility = functools.lru_cache(maxsize=8)(build_indexed_global_visibility)

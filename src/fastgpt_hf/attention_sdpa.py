@@ -1,8 +1,12 @@
-"""Windowed attention through `torch.nn.functional.scaled_dot_product_attention`, never quadratic for windows.
+"""Windowed attention through PyTorch's fused attention kernels, never quadratic for windows.
 
-A windowed layer cuts the queries into chunks of `window` and gives each chunk the `2 * window` keys that can
-reach it, so memory grows as T x window, not T x S. Full-attention layers use sdpa's causal kernel when nothing
-is padded and a dense mask otherwise, as Llama does. The rule is the one in `attention_masks`.
+Three paths, one rule (`attention_masks`), chosen per call from the shapes alone:
+- keys no more than the window (every full layer, and any layer whose input fits its window): one sdpa call, the
+  causal kernel when nothing is padded (as Llama), a dense mask otherwise;
+- more keys than the window, nothing padded, on a GPU with PyTorch's flash kernel: that kernel's own sliding window
+  (`flash_window_attention`), one call that skips every key outside the band, forward and backward;
+- otherwise (the CPU, padding, float32, dropout): queries in chunks of `window`, each against the `2 * window` keys
+  that can reach it, so memory grows as T x window, not T x S.
 """
 
 import torch
@@ -21,9 +25,60 @@ def sdpa_windowed_attention(
     dropout: float = 0.0,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `eager_windowed_attention`; returns `([B, T, H, D], None)`."""
-    if window is not None and query.shape[2] > window:
+    if window is None or key.shape[2] <= window:
+        return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+    if key_is_real is None and dropout == 0 and flash_window_supported(query):
+        return flash_window_attention(query, key, value, window, scaling), None
+    if query.shape[2] > window:
         return blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout), None
     return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+
+
+def flash_window_supported(query: torch.Tensor) -> bool:
+    """The flash kernel takes these queries: CUDA, half precision, a head size it has (multiple of 8, at most 256),
+    on a device where it runs (`flash_kernel_enabled`)."""
+    head_dim = query.shape[-1]
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and flash_kernel_enabled(query.device)
+    )
+
+
+@torch.compiler.assume_constant_result
+def flash_kernel_enabled(device: torch.device) -> bool:
+    """PyTorch was built with its flash kernel, sdpa's flash backend is on (`torch.nn.attention.sdpa_kernel` turns it
+    off, the override for tests) and the device has compute capability 8.0 or newer. Compiled code reads this once,
+    when it traces the call, instead of breaking its graph on the checks."""
+    return (
+        torch.backends.cuda.is_flash_attention_available()
+        and torch.backends.cuda.flash_sdp_enabled()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def flash_window_attention(query, key, value, window: int, scaling: float) -> torch.Tensor:
+    """Sliding-window causal attention through the flash kernel's window: query t (at key index S - T + t, the
+    kernel's bottom-right alignment) sees keys S - T + t - (window - 1) ... S - T + t, as `attention_masks` says.
+    Grouped-query heads are native to the kernel; no mask is built. `[B, H, T, D]` in, `[B, T, H, D]` out."""
+    output = torch.ops.aten._flash_attention_forward(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        None,
+        None,
+        query.shape[2],
+        key.shape[2],
+        0.0,
+        True,
+        False,
+        scale=scaling,
+        window_size_left=window - 1,
+        window_size_right=0,
+    )[0]
+    return output
 
 
 def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:

@@ -31,7 +31,12 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention_compressed import block_statistics, global_branch_attention
+from .attention_compressed import (
+    block_statistics,
+    global_branch_attention,
+    indexed_block_means,
+    indexed_global_branch_attention,
+)
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
@@ -161,10 +166,12 @@ class FastGPTAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: Cache | None = None,
+        positions_are_indices: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states `[B, T, hidden]`; attention_mask `[B, past + T]` (static cache: or `[B, T]`) bool or None;
-        position_ids `[B, T]`."""
+        position_ids `[B, T]`; positions_are_indices: no cache, nothing padded and position_ids[:, t] == t (the
+        model's default positions), which lets the global branch skip its scatter and share one mask."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
@@ -185,7 +192,7 @@ class FastGPTAttention(nn.Module):
         if self.layer_type == DYNAMIC:
             query_is_real = None if attention_mask is None else attention_mask[:, -input_shape[1] :]
             global_output = self.global_branch(
-                query_states, key_states, value_states, position_ids, query_is_real, cache
+                query_states, key_states, value_states, position_ids, query_is_real, cache, positions_are_indices
             )
             gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
             gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
@@ -203,9 +210,23 @@ class FastGPTAttention(nn.Module):
         position_ids: torch.Tensor,
         query_is_real: torch.Tensor | None,
         cache: Cache | None,
+        positions_are_indices: bool = False,
     ) -> torch.Tensor:
         """Memory slots and compressed blocks (pre-rotary query, key `[B, *, T, D]`) -> `[B, T, H, D]`."""
         block_size = self.config.compress_block_size
+        dropout = self.attention_dropout if self.training else 0.0
+        if cache is None and positions_are_indices:
+            block_keys, block_values = self.compress_blocks(*indexed_block_means(key_states, value_states, block_size))
+            return indexed_global_branch_attention(
+                query_states,
+                self.memory_k,
+                self.memory_v,
+                block_keys.to(query_states.dtype),
+                block_values.to(query_states.dtype),
+                block_size,
+                self.scaling,
+                dropout,
+            )
         positions = position_ids.expand(query_states.shape[0], -1)
         if cache is None:
             # Real positions never exceed the token's index, so these blocks cover every position.
@@ -228,7 +249,7 @@ class FastGPTAttention(nn.Module):
             counts,
             block_size,
             self.scaling,
-            self.attention_dropout if self.training else 0.0,
+            dropout,
         )
 
     def compress_blocks(self, key_means: torch.Tensor, value_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,6 +459,7 @@ class FastGPTModel(FastGPTPreTrainedModel):
         query_length = inputs_embeds.shape[1]
         past_length = self.past_length(cache, query_length)
         padding_mask = self.padding_mask(attention_mask)
+        positions_are_indices = position_ids is None and padding_mask is None and cache is None
         if position_ids is None:
             # A padded mask of the new tokens alone (static cache, `check_inputs`) cannot count positions from the
             # start; compiled code, which does not read the cache's counter, gets position_ids from generate().
@@ -462,6 +484,7 @@ class FastGPTModel(FastGPTPreTrainedModel):
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
+                positions_are_indices=positions_are_indices,
                 **kwargs,
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
