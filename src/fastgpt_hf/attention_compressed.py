@@ -109,6 +109,8 @@ def global_branch_attention(
     keys = torch.cat([memory_keys.transpose(0, 1).expand(memory_shape).to(block_keys.dtype), block_keys], dim=2)
     values = torch.cat([memory_values.transpose(0, 1).expand(memory_shape).to(block_values.dtype), block_values], 2)
     queries_per_call = max(1, mask_entries_per_call // (batch * keys.shape[2]))
+    if query_length <= queries_per_call:  # one call (a decode step): a symbolic loop step would pin the block count
+        queries_per_call = query_length
     outputs = []
     for start in range(0, query_length, queries_per_call):
         positions = query_positions[:, start : start + queries_per_call]
