@@ -13,6 +13,7 @@ from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
 from fastgpt_hf.generation_fast_path import bucketed_cache_length, fast_path_cache, release_fast_path_cache
 
 from .conftest import left_padded_batch, tiny_model
+from .test_multimodal import build_model, tiny_processor
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,12 @@ def test_cuda_default_stays_dynamic_where_the_user_chose_otherwise(model, report
     cache, compiles = default_cache(model, mode, **options)
     assert isinstance(cache, FastGPTDynamicCache)
     assert not compiles
+
+
+def test_the_vision_language_model_keeps_the_eager_default_on_cuda(monkeypatch):
+    captioner = build_model(tiny_processor())
+    monkeypatch.setattr(type(captioner), "device", property(lambda self: torch.device("cuda")))
+    assert isinstance(default_cache(captioner)[0], FastGPTDynamicCache)
 
 
 def test_cpu_default_is_the_eager_dynamic_cache(model):

@@ -22,7 +22,8 @@ Transformers does this only for a cache that is not returned, which the fast pat
 
 Everywhere else (CPU, `cache_implementation` set, a cache passed in, `disable_compile=True`, a quantizer or device
 map that cannot compile, `return_dict_in_generate=True`, whose returned cache a later turn may grow, other
-decoding modes) the default stays `FastGPTDynamicCache`, eager: nothing is compiled that the user did not ask for.
+decoding modes, the vision-language model) the default stays `FastGPTDynamicCache`, eager: nothing is compiled
+that the user did not ask for.
 """
 
 import threading
@@ -61,6 +62,8 @@ def uses_cuda_fast_path(model, generation_config: GenerationConfig, generation_m
     """Whether `generate()` takes the compiled static cache by default (module docstring): on CUDA, with no cache
     or compile choice of the user's, in a decoding mode that suits it, where generate() can compile."""
     if model.device.type != "cuda" or generation_mode not in FAST_PATH_MODES:
+        return False
+    if not isinstance(model.config, FastGPTConfig):  # the vision-language model: its compiled decode is not measured
         return False
     if generation_config.cache_implementation is not None or model_kwargs.get("cache") is not None:
         return False
