@@ -5,40 +5,52 @@ Both models get random bf16 weights of the preset's shape (`1b` is Llama-3.2-1B'
 - Prefill (`--prefill`): `bench_prefill.py`'s table at batch 1 (each model's fastest attention backend and setting:
   eager, replayed from a CUDA graph, with `--compile-prefill` also compiled; floor = FLOPs / rate; the longest
   length's device time split by kernel kind). `bench_prefill.py` itself adds batched shapes and training steps.
-- Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, with
-  each generate setting (dynamic cache eager; static cache, which generate() compiles with CUDA graphs; with
-  `--settings static-autotune`, the static cache compiled in max-autotune mode) and the fastest reported.
-  ms/token = (time of 65 new tokens - time of 2) / 63 on the same cache size: the prefill and the first decode step
-  cancel (generate() builds a new static cache per call, at new addresses, so its first compiled step records the
-  CUDA graphs again). The time of those first 2 tokens is printed beside each setting.
+- Decode (`--decode B:C ...`): ms per generated token at batch B after a C-token prompt, through `generate()`, in
+  each setting (`--settings`; by default "default", no cache or compile argument, what `model.generate(input_ids)`
+  does, and "static", the static cache compiled with CUDA graphs), the shapes run one after the other in each
+  setting as in a user's process, with the first call's seconds (compilation included) beside each figure and the
+  graphs dynamo compiled over all shapes. Inductor's on-disk cache starts empty (a fresh TORCHINDUCTOR_CACHE_DIR
+  unless set), so first calls compile from nothing; each compiled setting's first call is then timed once more
+  after `torch._dynamo.reset()`, with that cache warm.
+  ms/token = (time of 65 new tokens - time of 2) / 63, each the faster of two calls after the first, on the same
+  cache size: the prefill and the first decode step cancel (explicit static: generate() builds a new static cache
+  per call, at new addresses, so its first compiled step records the CUDA graphs again).
   Floor = (weight bytes + cache bytes) / bandwidth: one step must read every weight (an untied input embedding
   only by the row) and the whole cache of the context.
 - `--weights bf16 int8`: decode with bf16 weights, and/or with torchao int8 weight-only Linear layers (FastGPT's
   precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares).
 `--results FILE` appends the tables, the command and the device to a markdown file.
 
-    python benchmarks/bench_gpu.py --preset 1b --prefill --decode 1:2048 1:32640 32:8192
+    python benchmarks/bench_gpu.py --preset 1b --decode 1:2048 1:32640 32:8192
+    python benchmarks/bench_gpu.py --preset 1b --prefill
     python benchmarks/bench_gpu.py --preset 13b --decode 32:1024 --weights int8
 """
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from bench_prefill import BACKENDS, matmul_tflops, median_ms, prefill_table
 from cache_bytes import fastgpt_cache_bytes, llama_cache_bytes
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
 from fastgpt_hf.training import llama_config
 
-# generate() settings: the cache, and for "static-autotune" the static cache compiled in inductor's max-autotune mode
-# (CUDA graphs too): only there does inductor use its triton matmul templates, into which it can fuse the int8 ->
-# bf16 conversion of torchao's weight-only Linear layers; otherwise it converts the whole weight before cuBLAS.
-SETTINGS = ("dynamic", "static", "static-autotune")
-DEFAULT_SETTINGS = ("dynamic", "static")
+# generate() settings: "default" passes no cache or compile argument (what `model.generate(input_ids)` and pipelines
+# do: FastGPT's compiled static cache on CUDA, `generation_fast_path`; Llama's eager dynamic cache); "dynamic" the
+# eager dynamic cache (FastGPT's default before); "static" the static cache sized to the call, compiled with
+# CUDA graphs; "static-autotune" that compiled in inductor's max-autotune mode: only there does inductor use its
+# triton matmul templates, into which it can fuse the int8 -> bf16 conversion of torchao's weight-only Linear
+# layers; otherwise it converts the whole weight before cuBLAS.
+SETTINGS = ("default", "dynamic", "static", "static-autotune")
+DEFAULT_SETTINGS = ("default", "static")
 NEW_TOKENS = 65
 BASELINE_TOKENS = 2  # the prefill and one decode step, the one that may record CUDA graphs
 
@@ -50,7 +62,7 @@ def copy_bandwidth_gbs() -> float:
     return 2 * source.numel() * 4 / median_ms(lambda: target.copy_(source)) / 1e6
 
 
-def greedy_config(new_tokens: int, cache_implementation: str, **options) -> GenerationConfig:
+def greedy_config(new_tokens: int, cache_implementation: str | None = None, **options) -> GenerationConfig:
     """Greedy decoding of exactly `new_tokens` tokens (no end-of-sequence stop) with that cache; `options` add to it."""
     return GenerationConfig(
         max_new_tokens=new_tokens,
@@ -63,69 +75,83 @@ def greedy_config(new_tokens: int, cache_implementation: str, **options) -> Gene
     )
 
 
-def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 3) -> float:
-    """Median wall ms of `generate()` for `new_tokens` greedy tokens, cache sized for NEW_TOKENS either way."""
-    if setting == "dynamic":
-        config = greedy_config(new_tokens, "dynamic")
-    else:
-        compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
-        max_cache_len = prompt.shape[1] + NEW_TOKENS
-        config = greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config)
+def setting_config(setting: str, prompt: torch.Tensor, new_tokens: int) -> GenerationConfig:
+    if setting in ("default", "dynamic"):
+        return greedy_config(new_tokens, None if setting == "default" else "dynamic")
+    compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
+    max_cache_len = prompt.shape[1] + NEW_TOKENS
+    return greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config)
+
+
+def generate_ms(model, prompt: torch.Tensor, new_tokens: int, setting: str, repeats: int = 2) -> float:
+    """Least wall ms of `repeats` `generate()` calls for `new_tokens` greedy tokens (the static setting's cache
+    sized for NEW_TOKENS either way)."""
+    config = setting_config(setting, prompt, new_tokens)
     attention_mask = torch.ones_like(prompt)
-    # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
-    # shape after a longer one would time the longer cache; each shape gets its own size.
-    model.__dict__.pop("_previous_max_cache_length", None)
     times = []
     for _ in range(repeats):
+        # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
+        # shape after a longer one would time the longer cache; each shape gets its own size.
+        model.__dict__.pop("_previous_max_cache_length", None)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(prompt, attention_mask=attention_mask, generation_config=config)
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=attention_mask, generation_config=config)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
-def decode_ms_per_token(model, prompt: torch.Tensor, setting: str) -> tuple[float, float, float]:
-    """(ms per decode step, peak GiB of this model's weights plus what generate() allocates, ms of the first 2
-    tokens: the prefill and one step) for one setting.
+@dataclass
+class DecodeTiming:
+    ms_per_token: float
+    peak_gib: float  # this model's weights plus what generate() allocated
+    first_two_ms: float  # a warm call's prefill and first decode step
+    first_call_s: float  # the first call of this setting at this shape: compilation included, if any
 
-    The first calls warm up compile and CUDA graphs. Other models held on the device are not counted. Prints the
-    figures and the seconds of the warm-up and of the timed calls as soon as they are known, so that a run cut short
-    still reports its finished settings and a slow compile shows where the time went."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        generate_ms(model, prompt, NEW_TOKENS, setting, repeats=2)
-        warm = time.perf_counter()
-        resident = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        full = generate_ms(model, prompt, NEW_TOKENS, setting)
-        baseline = generate_ms(model, prompt, BASELINE_TOKENS, setting)
-    timed_seconds = time.perf_counter() - warm
+
+def decode_timing(model, prompt: torch.Tensor, setting: str) -> DecodeTiming:
+    """One setting at one shape: the first call (timed on its own, and the warm-up), then ms per token.
+
+    Prints the figures as soon as they are known, so that a run cut short still reports its finished settings."""
+    first_call_s = generate_ms(model, prompt, NEW_TOKENS, setting, repeats=1) / 1e3
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    full = generate_ms(model, prompt, NEW_TOKENS, setting)
+    baseline = generate_ms(model, prompt, BASELINE_TOKENS, setting)
     ms_per_token = (full - baseline) / (NEW_TOKENS - BASELINE_TOKENS)
-    peak = weight_bytes(model) + torch.cuda.max_memory_allocated() - resident
+    peak = (weight_bytes(model) + torch.cuda.max_memory_allocated() - resident) / 2**30
     print(
-        f"  {type(model).__name__} {setting}: {ms_per_token:.2f} ms/token, first 2 tokens {baseline:.0f} ms, "
-        f"peak {peak / 2**30:.1f} GiB; warm-up {warm - start:.0f} s, timed {timed_seconds:.0f} s",
+        f"  {type(model).__name__} {setting} {prompt.shape[0]} x {prompt.shape[1]}: {ms_per_token:.2f} ms/token, "
+        f"first call {first_call_s:.1f} s, first 2 tokens {baseline:.0f} ms, peak {peak:.1f} GiB",
         flush=True,
     )
-    return ms_per_token, peak / 2**30, baseline
+    return DecodeTiming(ms_per_token, peak, baseline, first_call_s)
 
 
-def best_decode(model, prompt: torch.Tensor, settings: list[str]) -> tuple[float, str, float, dict] | None:
-    """(fastest ms/token, its setting, its peak GiB, every setting's (ms/token, ms of the first 2 tokens)); a failing
-    setting is reported, not fatal; None when every setting failed."""
+def setting_timings(model, prompts: dict, setting: str) -> tuple[dict, str]:
+    """Every shape in one setting, compiled state kept from shape to shape (as in a user's process): each shape's
+    `DecodeTiming` (None where it failed, reported), and a note of the graphs dynamo compiled over all shapes and,
+    for the default setting, of its first call once more after `torch._dynamo.reset()` (inductor's on-disk cache
+    then warm)."""
+    torch._dynamo.reset()
+    counters.clear()
     timings = {}
-    for setting in settings:
+    for shape, prompt in prompts.items():
         try:
-            timings[setting] = decode_ms_per_token(model, prompt, setting)
+            timings[shape] = decode_timing(model, prompt, setting)
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
-            print(f"  {type(model).__name__} {setting}: failed: {type(error).__name__}: {str(error)[:200]}")
+            print(f"  {type(model).__name__} {setting} {shape}: failed: {type(error).__name__}: {str(error)[:200]}")
+            timings[shape] = None
+    graphs = counters["stats"]["unique_graphs"]
+    note = f"{graphs} graphs compiled over {len(prompts)} shapes"
+    if graphs and setting == "default":
         torch._dynamo.reset()
-    if not timings:
-        return None
-    setting = min(timings, key=lambda name: timings[name][0])
-    every = {name: (ms, first_ms) for name, (ms, _, first_ms) in timings.items()}
-    return timings[setting][0], setting, timings[setting][1], every
+        shape, prompt = next(iter(prompts.items()))
+        again_s = generate_ms(model, prompt, NEW_TOKENS, setting, repeats=1) / 1e3
+        note += f", first call again with the compile cache warm {again_s:.1f} s ({shape[0]} x {shape[1]})"
+    torch._dynamo.reset()
+    return timings, note
 
 
 def decode_weight_bytes(model) -> int:
@@ -164,37 +190,59 @@ def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
 def decode_table(
     models: dict, config: FastGPTConfig, shapes: list[tuple[int, int]], bandwidth: float, settings: list[str]
 ) -> list[str]:
-    """One row per (model, batch, context): fastest setting, ms/token, tokens/s, floor, peak memory; per setting
-    its ms/token and the ms of its first 2 tokens (prefill and one step)."""
-    rows = [
-        "| model | batch x context | ms/token (setting) | tokens/s | floor ms | x floor | peak GiB "
-        "| per setting: ms/token / first 2 tokens ms |"
-    ]
-    rows.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for batch, context in shapes:
-        device = next(iter(models.values())).device
-        prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
-        speeds = {}
+    """One row per (batch, context): per model and setting, ms per token / tokens per second / first call's seconds
+    (compilation included); the floors; FastGPT's default against the fastest Llama setting and against its floor."""
+    device = next(iter(models.values())).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    prompts = {
+        (batch, context): torch.randint(0, config.vocab_size, (batch, context), device=device, generator=generator)
+        for batch, context in shapes
+    }
+    timings, notes = {}, []
+    for setting in settings:
         for name, model in models.items():
-            cache_bytes = (llama_cache_bytes if "Llama" in name else fastgpt_cache_bytes)(config, context)
-            floor_ms = (decode_weight_bytes(model) + batch * cache_bytes) / (bandwidth * 1e6)
-            best = best_decode(model, prompt, settings)
-            if best is None:
-                rows.append(f"| {name} | {batch} x {context} | every setting failed (above) | | | | | |")
+            timings[name, setting], note = setting_timings(model, prompts, setting)
+            notes.append(f"- {name} {setting}: {note}")
+            print(notes[-1], flush=True)
+    columns = [(name, setting) for name in models for setting in settings]
+    fastgpt = next(name for name in models if name.startswith("FastGPT"))
+    llama = next(name for name in models if name.startswith("Llama"))
+    header = " | ".join(f"{name} {setting}" for name, setting in columns)
+    rows = [
+        f"| batch x context | {header} | floor ms {llama} / {fastgpt} | {fastgpt} default vs fastest {llama} "
+        f"| {fastgpt} default x floor |",
+        "| --- |" + " ---: |" * (len(columns) + 3),
+    ]
+    for shape in shapes:
+        batch, context = shape
+        cells = []
+        for column in columns:
+            timing = timings[column][shape]
+            if timing is None:
+                cells.append("failed")
                 continue
-            ms, setting, gib, every = best
-            speeds[name] = ms
-            per_setting = ", ".join(f"{key} {ms:.2f} / {first_ms:.0f}" for key, (ms, first_ms) in every.items())
-            rows.append(
-                f"| {name} | {batch} x {context} | {ms:.2f} ({setting}) | {batch * 1e3 / ms:.0f} | {floor_ms:.2f} | "
-                f"{ms / floor_ms:.1f} | {gib:.1f} | {per_setting} |"
-            )
-            print(rows[-1], flush=True)
-        for name in speeds:
-            if name.startswith("FastGPT"):
-                peer = name.replace("FastGPT", "Llama")
-                print(f"  {name} vs {peer} at {batch} x {context}: {speeds[peer] / speeds[name]:.2f}x", flush=True)
-    return rows
+            tokens_per_second = batch * 1e3 / timing.ms_per_token
+            cells.append(f"{timing.ms_per_token:.2f} / {tokens_per_second:,.0f} / {timing.first_call_s:.1f} s")
+        floors = {
+            name: (decode_weight_bytes(models[name]) + batch * cache_bytes(config, context)) / (bandwidth * 1e6)
+            for name, cache_bytes in ((llama, llama_cache_bytes), (fastgpt, fastgpt_cache_bytes))
+        }
+        fast = timings.get((fastgpt, "default"), {}).get(shape)
+        llama_times = [timings[llama, setting][shape] for setting in settings if timings[llama, setting][shape]]
+        versus = floor_ratio = "-"
+        if fast is not None and llama_times:
+            versus = f"{min(timing.ms_per_token for timing in llama_times) / fast.ms_per_token:.2f}x"
+        if fast is not None:
+            floor_ratio = f"{fast.ms_per_token / floors[fastgpt]:.1f}x"
+        rows.append(
+            f"| {batch} x {context} | {' | '.join(cells)} | {floors[llama]:.2f} / {floors[fastgpt]:.2f} | {versus} "
+            f"| {floor_ratio} |"
+        )
+    legend = (
+        "Cells: ms per token / tokens per second / first call's seconds (prefill, compilation if any and 65 "
+        "tokens), settings kept from shape to shape in the order of the rows."
+    )
+    return [*rows, "", legend, *notes]
 
 
 def main() -> None:
@@ -211,6 +259,7 @@ def main() -> None:
     )
     parser.add_argument("--results", help="markdown file to append the tables to")
     args = parser.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
     keep_inductor_from_int8pack_mm()
     torch.manual_seed(0)
     config = FastGPTConfig.from_preset(args.preset)

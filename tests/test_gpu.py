@@ -198,3 +198,32 @@ def test_compiled_one_token_update_writes_slots_not_the_buffers(layer_kind):
     buffers = [layer.keys, *(layer.block_buffers() if layer_kind == "dynamic" else [])]
     assert kernel_sizes, "no triton kernel generated"
     assert max(kernel_sizes) < min(buffer.numel() for buffer in buffers if buffer.dim() == 4) // 100
+
+
+def test_default_generate_is_the_compiled_fast_path_with_the_dynamic_cache_tokens():
+    """generate() with no cache or compile argument on CUDA (`generation_fast_path`): greedy decoding of two prompt
+    lengths (two cache buckets) compiles one graph and gives the eager dynamic cache's tokens (float32, TF32 off), also
+    when an end-of-sequence token stops it (the deferred stop check's extra step undone); beam search too."""
+    from torch._dynamo.utils import counters
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
+    model.generation_config.pad_token_id = 0
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (300, 700):  # caches of 320 and 768 positions
+        input_ids, attention_mask = (tensor.cuda() for tensor in left_padded_batch(length))
+        options = {"attention_mask": attention_mask, "max_new_tokens": 16, "do_sample": False}
+        expected = model.generate(input_ids, cache_implementation="dynamic", **options)
+        assert torch.equal(model.generate(input_ids, **options), expected)
+        # The first row alone, stopped by its 6th new token: the loop sees the stop one step late and undoes that step.
+        options = {**options, "attention_mask": attention_mask[:1], "eos_token_id": int(expected[0, length + 5])}
+        expected = model.generate(input_ids[:1], cache_implementation="dynamic", **options)
+        assert expected.shape[1] == length + 6
+        assert torch.equal(model.generate(input_ids[:1], **options), expected)
+    assert counters["stats"]["unique_graphs"] == 2  # batch 3 and batch 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    beam_options = {"attention_mask": attention_mask, "max_new_tokens": 16, "num_beams": 2, "do_sample": False}
+    expected = model.generate(input_ids, cache_implementation="dynamic", **beam_options)
+    assert torch.equal(model.generate(input_ids, **beam_options), expected)
+    torch._dynamo.reset()

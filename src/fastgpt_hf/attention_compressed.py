@@ -147,6 +147,8 @@ def global_branch_attention(
     batch, heads, query_length, _ = query_states.shape
     keys, values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, heads)
     queries_per_call = max(1, mask_entries_per_call // (batch * keys.shape[2]))
+    if query_length <= queries_per_call:  # one call (a decode step): a symbolic loop step would pin the block count
+        queries_per_call = query_length
     outputs = []
     for start in range(0, query_length, queries_per_call):
         positions = query_positions[:, start : start + queries_per_call]

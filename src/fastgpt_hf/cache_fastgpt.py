@@ -360,10 +360,11 @@ class StaticRolledLayer(StaticLayer):
     every step would make every compiled decode step a new CUDA graph.
     """
 
-    def __init__(self, max_positions: int, kept_length: int):
+    def __init__(self, max_positions: int, kept_length: int, dynamic_length: bool = False):
         self.ring_length = max(kept_length, 1)
         super().__init__(max_cache_len=self.ring_length + 1)
         self.max_positions = max_positions
+        self.dynamic_length = dynamic_length
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -371,6 +372,9 @@ class StaticRolledLayer(StaticLayer):
         self.slot_is_real = torch.zeros(self.batch_size, self.max_cache_len, dtype=torch.bool, device=self.device)
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.slot_is_real)
+            if self.dynamic_length and self.max_cache_len == self.max_positions:  # the buffers follow the length
+                for buffer in (self.keys, self.values, self.slot_is_real):
+                    torch._dynamo.maybe_mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)
 
     def update(
         self,
@@ -410,8 +414,9 @@ class StaticRolledLayer(StaticLayer):
 
     def ring_slots(self, tokens_seen: torch.Tensor) -> torch.Tensor:
         """The ring's slots oldest first, after `tokens_seen` tokens (the newest of them in slot N)."""
+        ring_length = self.keys.shape[2] - 1  # read off the buffer: symbolic in code compiled for any length
         tokens_in_ring = (tokens_seen - 1).clamp(min=0)
-        return (tokens_in_ring + torch.arange(self.ring_length, device=self.device)) % self.ring_length
+        return (tokens_in_ring + torch.arange(ring_length, device=self.device)) % ring_length
 
     def push_one(self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor) -> None:
         """Move the newest token from slot N into the ring, over its oldest slot, and write the new one in slot N.
@@ -419,8 +424,8 @@ class StaticRolledLayer(StaticLayer):
         One `index_copy_` per buffer, as in Transformers' `StaticLayer`: compiled code does that in place, where a
         second write into a slice of the same buffer made inductor copy the whole buffer every step."""
         oldest = self.ring_slots(self.cumulative_length)[:1]
-        slots = torch.cat([oldest, oldest.new_full((1,), self.ring_length)])
-        newest = slice(self.ring_length, None)
+        slots = torch.cat([oldest, oldest.new_full((1,), self.keys.shape[2] - 1)])
+        newest = slice(-1, None)
         self.keys.index_copy_(2, slots, torch.cat([self.keys[:, :, newest], key_states], dim=2))
         self.values.index_copy_(2, slots, torch.cat([self.values[:, :, newest], value_states], dim=2))
         self.slot_is_real.index_copy_(1, slots, torch.cat([self.slot_is_real[:, newest], is_real], dim=1))
@@ -499,8 +504,8 @@ class StaticRolledLayer(StaticLayer):
 class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
     """Static cache of a `dynamic_attention` layer: the rolled window plus the block state of every block."""
 
-    def __init__(self, max_positions: int, kept_length: int, compress_block_size: int):
-        super().__init__(max_positions=max_positions, kept_length=kept_length)
+    def __init__(self, max_positions: int, kept_length: int, compress_block_size: int, dynamic_length: bool = False):
+        super().__init__(max_positions=max_positions, kept_length=kept_length, dynamic_length=dynamic_length)
         self.compress_block_size = compress_block_size
         self.max_blocks = -(-max_positions // compress_block_size)
         self.start_rollback_point()
@@ -511,6 +516,9 @@ class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
         if not torch.compiler.is_compiling():
             for buffer in self.block_buffers():
                 torch._dynamo.mark_static_address(buffer)
+            if self.dynamic_length:  # the blocks dim of [B, K, C, D] entries and [B, C] counts
+                for buffer in (self.compressed_keys, self.compressed_values, self.block_counts):
+                    torch._dynamo.maybe_mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)
 
     def ensure_blocks(self, key_states: torch.Tensor) -> None:
         """Every block of `max_positions` has its place from the start."""
@@ -594,18 +602,26 @@ class FastGPTDynamicCache(DynamicCache):
 
 
 class FastGPTStaticCache(StaticCache):
-    """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile."""
+    """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile.
 
-    def __init__(self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False):
+    `dynamic_length=True` marks the dimensions that follow `max_cache_len` (full layers' slots, dynamic layers'
+    blocks) dynamic for `torch.compile`, so that one compiled decode step serves caches of every length
+    (`generation_fast_path`); otherwise a cache of another length compiles the step again."""
+
+    def __init__(
+        self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False, dynamic_length: bool = False
+    ):
         layers = []
         for layer_type in config.layer_types:
             window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len}
             # The past a query can see beside itself; with the newest slot the buffers hold min(window, max_cache_len).
             kept_length = min(window[layer_type], max_cache_len) - 1
             if layer_type == DYNAMIC:
-                layers.append(StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size))
+                layers.append(
+                    StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size, dynamic_length)
+                )
             else:
-                layers.append(StaticRolledLayer(max_cache_len, kept_length))
+                layers.append(StaticRolledLayer(max_cache_len, kept_length, dynamic_length))
         Cache.__init__(self, layers=layers, offloading=offloading)
         self.max_cache_len = max_cache_len
         self.layer_signature = layer_signature(config)

@@ -48,6 +48,7 @@ from .cache_fastgpt import (
     update_with_key_mask,
 )
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
 from .strict_loading import strict_from_pretrained
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
@@ -647,6 +648,13 @@ class FastGPTGenerationMixin(GenerationMixin):
             )
         return inputs_tensor, input_name, model_kwargs
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`; the fast path's kept cache (`generation_fast_path`) is released at the end."""
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            release_fast_path_cache(self)
+
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
@@ -654,8 +662,11 @@ class FastGPTGenerationMixin(GenerationMixin):
 
         `cache_implementation` None, "dynamic" or "offloaded" gives a `FastGPTDynamicCache`; "static" or
         "offloaded_static" a `FastGPTStaticCache` of `max(max_cache_length, generation_config.max_cache_len)`
-        positions. A cache passed by the user is checked against the prompt by `_prepare_model_inputs` and against
-        the model by the forward pass.
+        positions. None on CUDA, where `generation_fast_path.uses_cuda_fast_path` allows it, gives that static
+        cache with a bucketed length, marked dynamic, which generate() then compiles once for every length
+        (`generation_fast_path.fast_path_cache`).
+        A cache passed by the user is checked against the prompt by `_prepare_model_inputs` and against the model
+        by the forward pass.
         """
         text_config = self.config.get_text_config(decoder=True)
         if generation_config.max_length > text_config.max_position_embeddings:
@@ -669,6 +680,10 @@ class FastGPTGenerationMixin(GenerationMixin):
             super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
+        elif uses_cuda_fast_path(self, generation_config, generation_mode, model_kwargs):
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+            model_kwargs["cache"] = fast_path_cache(self, text_config, max_cache_length, rows)
         elif implementation in (None, "dynamic", "offloaded"):
             model_kwargs["cache"] = FastGPTDynamicCache(text_config, offloading=implementation == "offloaded")
         elif implementation in ("static", "offloaded_static"):
