@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push")
+COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push", "serve")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
@@ -27,6 +27,7 @@ commands:
   quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
+  serve      an OpenAI-compatible server with continuous batching (fastgpt_hf.serving_http)
 
 Run `fastgpt COMMAND --help` for a command's options."""
 
@@ -393,6 +394,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "quantize": delegated("quantization", "quantize_main"),
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
+    "serve": delegated("serving_http", "serve_main"),
 }
 
 
