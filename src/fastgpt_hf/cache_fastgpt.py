@@ -401,7 +401,6 @@ class FastGPTStaticCache(StaticCache):
         self.layer_signature = layer_signature(config)
 
 
-
 class FastGPTRowCache(FastGPTStaticCache):
     """A static cache whose `max_rows` batch rows hold unrelated sequences, each at its own position: the state of
     continuous batching (`fastgpt_hf.serving`).

@@ -13,7 +13,8 @@ Each request samples from its own row's logits (greedy at temperature 0; otherwi
 top-p warpers and a generator of its own, seeded by `seed`), and stops at an end-of-sequence token or after
 `max_new_tokens`. Rows never share positions, slots or blocks, so a request's tokens are those it gets alone.
 Tokens go back through each request's `emit` callback, called on the scheduler thread. Waiting requests are bounded
-by `max_queue`: past it `submit` raises `EngineOverloaded` instead of queueing without limit.
+by `max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
+`EngineOverloaded` instead of queueing without limit.
 """
 
 import collections
@@ -96,7 +97,7 @@ class ContinuousBatchingEngine:
         model: a `FastGPTForCausalLM` in eval mode.
         max_rows: sequences decoded together (cache rows).
         max_cache_len: positions per row: a prompt plus its `max_new_tokens` must fit.
-        max_queue: requests waiting for a row at most.
+        max_queue: requests that may wait while every row is busy.
         eos_token_ids: tokens that end a reply.
         compile_decode: run the decode step through `torch.compile` (CUDA graphs); eager otherwise.
     """
@@ -146,10 +147,10 @@ class ContinuousBatchingEngine:
         with self.wake:
             if self.fatal_error is not None:
                 raise EngineStopped(f"the engine stopped after an error: {self.fatal_error}")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + self.busy_rows() >= self.max_rows + self.max_queue:
                 raise EngineOverloaded(
-                    f"{len(self.waiting)} requests are already waiting for one of the {self.max_rows} rows "
-                    f"(queue bound {self.max_queue}); retry later."
+                    f"All {self.max_rows} rows are busy and {self.max_queue} requests already wait (the queue "
+                    "bound); retry later."
                 )
             self.waiting.append(request)
             self.wake.notify()
@@ -177,6 +178,10 @@ class ContinuousBatchingEngine:
         request.cancelled = True
         with self.wake:
             self.wake.notify()
+
+    def busy_rows(self) -> int:
+        """Rows whose request is still generating."""
+        return sum(request is not None and not (request.finished or request.cancelled) for request in self.row_requests)
 
     def load(self) -> dict[str, int]:
         """Rows in use and requests waiting, for health checks."""

@@ -113,7 +113,9 @@ class Reply:
         self.text = ReplyText(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
         self.finish_reason: str | None = None
         loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.request = engine.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        self.request = engine.submit(
+            prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        )
 
     async def chunks(self, http_request: HTTPRequest) -> AsyncIterator[str]:
         """The reply's text in pieces; `finish_reason` is set when it ends ("stop", "length")."""
@@ -162,7 +164,9 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> F
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc'][1:])) or 'body'}: {item['msg']}" for item in error.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc'][1:])) or 'body'}: {item['msg']}" for item in error.errors()
+        )
         return error_response(400, f"Invalid request: {problems}", "invalid_request_error")
 
     @app.exception_handler(ValueError)
@@ -299,8 +303,11 @@ def serve_main(argv: list[str] | None = None) -> None:
     engine = ContinuousBatchingEngine(model, args.rows, args.context, args.max_queue, eos_token_ids, args.compile)
     model_name = Path(checkpoint).resolve().name
     engine.start()
-    print(f"fastgpt serve: {model_name} on http://{args.host}:{args.port} ({args.rows} rows of {args.context} "
-          f"tokens, {device})", flush=True)
+    print(
+        f"fastgpt serve: {model_name} on http://{args.host}:{args.port} ({args.rows} rows of {args.context} "
+        f"tokens, {device})",
+        flush=True,
+    )
     try:
         uvicorn.run(build_app(engine, tokenizer, model_name), host=args.host, port=args.port, log_level="warning")
     finally:
