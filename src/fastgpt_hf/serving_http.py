@@ -253,13 +253,14 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> F
 
 def event_stream(reply: Reply, http_request: HTTPRequest, identity: dict, choice, last_choice) -> StreamingResponse:
     """Server-sent events: one chunk per piece of text (`choice(text)`), a last one with the finish reason
-    (`last_choice("", reason)`), then `data: [DONE]`."""
+    (`last_choice("", reason)`) and the token counts (`usage`, as `transformers serve` sends), then `data: [DONE]`."""
 
     async def events() -> AsyncIterator[str]:
         async for text in reply.chunks(http_request):
             yield f"data: {json.dumps({**identity, 'choices': [choice(text)]})}\n\n"
         if reply.finish_reason is not None:
-            yield f"data: {json.dumps({**identity, 'choices': [last_choice('', reply.finish_reason)]})}\n\n"
+            last = {**identity, "choices": [last_choice("", reply.finish_reason)], "usage": reply.usage()}
+            yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
