@@ -90,3 +90,19 @@ def test_requests_it_cannot_serve_are_refused_with_the_reason():
         engine.submit([1], SamplingParams(4), ignore)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ContinuousBatchingEngine(tiny_model("mixed", max_position_embeddings=16), max_cache_len=32)
+
+
+@pytest.mark.slow  # compiling the decode step takes about a minute on 2 busy cores
+def test_the_compiled_decode_step_serves_every_step_without_recompiling():
+    model = tiny_model("mixed", dtype=torch.float32)
+    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, compile_decode=True)
+    prompts = random_prompts([5, 23, 9, 17])
+    replies = {index: [] for index in range(len(prompts))}
+    for index, prompt in enumerate(prompts):
+        params = SamplingParams(max_new_tokens=12, temperature=0)
+        engine.submit(prompt, params, lambda event, index=index: replies[index].append(event.token_id))
+    # Rows join and leave between steps: positions, masks and tokens change, the shapes never do.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_to_completion(engine)
+    for index, prompt in enumerate(prompts):
+        assert replies[index] == greedy_reference(model, prompt, 12), index

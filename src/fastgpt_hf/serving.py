@@ -127,7 +127,7 @@ class ContinuousBatchingEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.rows = FastGPTRowCache(config, max_cache_len, max_rows)
         self.prefill_cache = FastGPTStaticCache(config, max_cache_len)
-        self.decode_call = model.get_compiled_call(CompileConfig(fullgraph=True)) if compile_decode else model
+        self.decode_call = model
         self.row_requests: list[Request | None] = [None] * max_rows
         self.next_tokens = torch.zeros(max_rows, 1, dtype=torch.long)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -136,8 +136,11 @@ class ContinuousBatchingEngine:
         self.running = False
         self.fatal_error: str | None = None
         # One idle step allocates the rows' buffers (lazily sized after the first keys) before any request.
+        # It runs eagerly: compiled code would trace the allocation.
         with torch.inference_mode():
             self.decode_step()
+        if compile_decode:
+            self.decode_call = model.get_compiled_call(CompileConfig(fullgraph=True))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> Request:
         """Queue a prompt; its tokens come back through `emit`. Raises ValueError for a request that cannot be
