@@ -106,3 +106,16 @@ def test_the_compiled_decode_step_serves_every_step_without_recompiling():
         run_to_completion(engine)
     for index, prompt in enumerate(prompts):
         assert replies[index] == greedy_reference(model, prompt, 12), index
+
+
+def test_chat_without_a_chat_template_is_a_400_that_says_what_to_do():
+    testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra (pip install fastgpt_hf[serve])")
+    from fastgpt_hf.data import load_tokenizer
+    from fastgpt_hf.serving_http import build_app
+
+    tokenizer = load_tokenizer()
+    engine = ContinuousBatchingEngine(tiny_model("mixed", vocab_size=len(tokenizer)), max_rows=1, max_cache_len=16)
+    http = testclient.TestClient(build_app(engine, tokenizer, "tiny"))
+    response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 400
+    assert "no chat template" in response.json()["error"]["message"]
