@@ -6,8 +6,8 @@ A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocate
    prompt as `generate()`'s prefill does, and `load_row` copies its state into the row; its last logits give the
    first token;
 3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
-   padding. The shapes never change, so a compiled step (`compile_decode`, one CUDA graph) is reused by every step;
-   on the CPU the same loop runs eagerly.
+   padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
+   step without recompiling (tested on the CPU); by default the same loop runs eagerly.
 
 Each request samples from its own row's logits (greedy at temperature 0; otherwise Transformers' temperature and
 top-p warpers and a generator of its own, seeded by `seed`), and stops at an end-of-sequence token or after
@@ -144,7 +144,8 @@ class ContinuousBatchingEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> Request:
         """Queue a prompt; its tokens come back through `emit`. Raises ValueError for a request that cannot be
-        served as asked, `EngineOverloaded` when `max_queue` requests already wait, `EngineStopped` after a failure."""
+        served as asked, `EngineOverloaded` when every row is busy and `max_queue` requests already wait,
+        `EngineStopped` after a failure."""
         self.check_request(len(prompt_ids), params)
         request = Request(list(prompt_ids), params, emit)
         with self.wake:
