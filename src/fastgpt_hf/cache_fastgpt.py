@@ -627,6 +627,50 @@ class FastGPTStaticCache(StaticCache):
         self.layer_signature = layer_signature(config)
 
 
+class FastGPTRowCache(FastGPTStaticCache):
+    """A static cache whose `max_rows` batch rows hold unrelated sequences, each at its own position: the state of
+    continuous batching (`fastgpt_hf.serving`).
+
+    A sequence enters a row by `load_row` from the batch-1 `FastGPTStaticCache` that prefilled it; a decode step then
+    runs over every row at once, with `position_ids` `[B, 1]` (each row's own position) and the mask `[B, 1]` of the
+    rows that hold a sequence (a free row's token is padding: it changes nothing that a later `load_row` keeps).
+    The layers' counters advance by one per decode step for every row: they are the rings' clock, not a length.
+    `row_lengths` holds each row's tokens, set by whoever drives the rows, and `get_seq_length()` the longest, which
+    is what the model checks positions and `max_cache_len` against outside compiled code."""
+
+    def __init__(self, config: FastGPTConfig, max_cache_len: int, max_rows: int):
+        super().__init__(config, max_cache_len)
+        self.max_rows = max_rows
+        self.row_lengths = [0] * max_rows
+
+    def get_seq_length(self, layer_idx: int = 0) -> int | torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Read by no compiled code; a Python value that changes every step would recompile every step.
+            return super().get_seq_length(layer_idx)
+        return max(self.row_lengths)
+
+    @torch.no_grad()
+    def load_row(self, source: FastGPTStaticCache, row: int) -> None:
+        """Overwrite row `row` with the one sequence of `source` (a batch-1 static cache of the same config and
+        `max_cache_len`): every slot and block, its slots laid out oldest first in this cache's ring order, so that
+        the next decode steps evict them in time order."""
+        for layer, source_layer in zip(self.layers, source.layers, strict=True):
+            order, source_order = ring_order(layer), ring_order(source_layer)
+            layer.keys[row, :, order] = source_layer.keys[0, :, source_order]
+            layer.values[row, :, order] = source_layer.values[0, :, source_order]
+            layer.slot_is_real[row, order] = source_layer.slot_is_real[0, source_order]
+            if isinstance(layer, StaticCompressedLayer):
+                for buffer, source_buffer in zip(layer.block_buffers(), source_layer.block_buffers(), strict=True):
+                    buffer[row] = source_buffer[0]
+        self.row_lengths[row] = int(source.layers[0].get_seq_length())
+
+
+def ring_order(layer: StaticRolledLayer) -> torch.Tensor:
+    """A static layer's slots from the oldest kept token to the newest (slot N)."""
+    newest_slot = torch.full((1,), layer.ring_length, dtype=torch.long, device=layer.device)
+    return torch.cat([layer.ring_slots(layer.cumulative_length), newest_slot])
+
+
 def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
     """Raise a `ValueError` unless `cache` was built for this model's layers and holds `batch_size` rows."""
     if not isinstance(cache, (FastGPTDynamicCache, FastGPTStaticCache)):
@@ -658,6 +702,7 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
 __all__ = [
     "DynamicCompressedLayer",
     "FastGPTDynamicCache",
+    "FastGPTRowCache",
     "FastGPTStaticCache",
     "StaticCompressedLayer",
     "StaticRolledLayer",

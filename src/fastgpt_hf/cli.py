@@ -1,9 +1,9 @@
-"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push.
+"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push, serve.
 
 `train`, `eval`, `generate`, `bench` and `info` live here; `quantize` dispatches to `fastgpt_hf.quantization`,
-`card` and `push` to `fastgpt_hf.model_card`. Every subcommand explains itself with `--help`; a missing file, an unknown
-preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2, not a traceback; Ctrl-C
-ends with exit status 130 (`train` first saves a checkpoint to resume from).
+`card` and `push` to `fastgpt_hf.model_card`, `serve` to `fastgpt_hf.serving_http`. Every subcommand explains itself
+with `--help`; a missing file, an unknown preset or a bad value ends with one `fastgpt <command>: error: ...` line and
+exit status 2, not a traceback; Ctrl-C ends with exit status 130 (`train` first saves a checkpoint to resume from).
 """
 
 import argparse
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push")
+COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push", "serve")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
@@ -28,6 +28,7 @@ commands:
   quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
+  serve      an OpenAI-compatible server with continuous batching (fastgpt_hf.serving_http)
 
 Run `fastgpt COMMAND --help` for a command's options."""
 
@@ -438,6 +439,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "quantize": delegated("quantization", "quantize_main"),
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
+    "serve": delegated("serving_http", "serve_main"),
 }
 
 

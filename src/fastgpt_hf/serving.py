@@ -1,0 +1,302 @@
+"""Continuous batching over FastGPT's static cache: the engine behind `fastgpt serve` (`serving_http`).
+
+A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocated once. One scheduler thread loops:
+1. rows whose request finished or was cancelled are freed;
+2. waiting requests are prefilled, one at a time, into free rows: a batch-1 `FastGPTStaticCache` (reused) runs the
+   prompt as `generate()`'s prefill does, and `load_row` copies its state into the row; its last logits give the
+   first token;
+3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
+   padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
+   step without recompiling (tested on the CPU); by default the same loop runs eagerly.
+
+Each request samples from its own row's logits (greedy at temperature 0; otherwise Transformers' temperature and
+top-p warpers and a generator of its own, seeded by `seed`), and stops at an end-of-sequence token or after
+`max_new_tokens`. Rows never share positions, slots or blocks, so a request's tokens are those it gets alone.
+Tokens go back through each request's `emit` callback, called on the scheduler thread. Waiting requests are bounded
+by `max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
+`EngineOverloaded` instead of queueing without limit.
+"""
+
+import collections
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import CompileConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from .cache_fastgpt import FastGPTRowCache, FastGPTStaticCache
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+class EngineStopped(RuntimeError):
+    """The scheduler is not running (stopped, or ended by an error): no request can be served (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks for: at most `max_new_tokens` tokens; temperature 0 is greedy; `seed` makes sampling
+    repeatable (None: a random seed)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, or the end: `finish_reason` is None while generating, then "stop" (an end-of-sequence
+    token, included as `token_id`), "length" (`max_new_tokens` reached) or "error" (`token_id` None, `error` set)."""
+
+    token_id: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt in the engine: waiting, then in a row until it finishes or is cancelled."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[TokenEvent], None]
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        if self.params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.params.seed)
+        warpers = []
+        if self.params.temperature > 0:
+            warpers.append(TemperatureLogitsWarper(self.params.temperature))
+        if self.params.top_p < 1:
+            warpers.append(TopPLogitsWarper(self.params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def choose_token(self, logits: torch.Tensor) -> int:
+        """The next token from this request's logits `[V]`."""
+        if self.params.temperature == 0:
+            return int(logits.argmax())
+        scores = self.warpers(None, logits[None].float())
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+class ContinuousBatchingEngine:
+    """Serve many prompts at once from one model: `submit` from any thread, `start` the scheduler thread (or drive it
+    with `step`, as the tests do).
+
+    Args:
+        model: a `FastGPTForCausalLM` in eval mode.
+        max_rows: sequences decoded together (cache rows).
+        max_cache_len: positions per row: a prompt plus its `max_new_tokens` must fit.
+        max_queue: requests that may wait while every row is busy.
+        eos_token_ids: tokens that end a reply.
+        compile_decode: run the decode step through `torch.compile` (CUDA graphs); eager otherwise.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_rows: int = 8,
+        max_cache_len: int = 1024,
+        max_queue: int = 64,
+        eos_token_ids: Iterable[int] = (),
+        compile_decode: bool = False,
+    ):
+        config = model.config
+        if max_cache_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_cache_len={max_cache_len} exceeds the model's max_position_embeddings="
+                f"{config.max_position_embeddings}; serve with a context of at most that many tokens."
+            )
+        if min(max_rows, max_cache_len, max_queue) < 1:
+            raise ValueError(
+                f"max_rows, max_cache_len and max_queue must be at least 1; got {max_rows}, {max_cache_len}, "
+                f"{max_queue}."
+            )
+        self.model, self.device = model, model.device
+        self.max_rows, self.max_cache_len, self.max_queue = max_rows, max_cache_len, max_queue
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.rows = FastGPTRowCache(config, max_cache_len, max_rows)
+        self.prefill_cache = FastGPTStaticCache(config, max_cache_len)
+        self.decode_call = model
+        self.row_requests: list[Request | None] = [None] * max_rows
+        self.next_tokens = torch.zeros(max_rows, 1, dtype=torch.long)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.fatal_error: str | None = None
+        # One idle step allocates the rows' buffers (lazily sized after the first keys) before any request.
+        # It runs eagerly: compiled code would trace the allocation.
+        with torch.inference_mode():
+            self.decode_step()
+        if compile_decode:
+            self.decode_call = model.get_compiled_call(CompileConfig(fullgraph=True))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> Request:
+        """Queue a prompt; its tokens come back through `emit`. Raises ValueError for a request that cannot be
+        served as asked, `EngineOverloaded` when every row is busy and `max_queue` requests already wait,
+        `EngineStopped` after a failure."""
+        self.check_request(len(prompt_ids), params)
+        request = Request(list(prompt_ids), params, emit)
+        with self.wake:
+            if self.fatal_error is not None:
+                raise EngineStopped(f"the engine stopped after an error: {self.fatal_error}")
+            if len(self.waiting) + self.busy_rows() >= self.max_rows + self.max_queue:
+                raise EngineOverloaded(
+                    f"All {self.max_rows} rows are busy and {self.max_queue} requests already wait (the queue "
+                    "bound); retry later."
+                )
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    def check_request(self, prompt_length: int, params: SamplingParams) -> None:
+        """Raise a ValueError saying what to change, unless the request fits the rows and its sampling is valid."""
+        if prompt_length == 0:
+            raise ValueError("The prompt is empty: give at least one token.")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1; got {params.max_new_tokens}.")
+        if prompt_length + params.max_new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"This server's context is {self.max_cache_len} tokens, but the request needs "
+                f"{prompt_length + params.max_new_tokens} ({prompt_length} in the prompt, {params.max_new_tokens} "
+                "to generate); shorten the prompt or lower max_tokens."
+            )
+        if params.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more; got {params.temperature}.")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {params.top_p}.")
+
+    def cancel(self, request: Request) -> None:
+        """Stop generating for `request` (any thread); its row is freed before the next decode step."""
+        request.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def busy_rows(self) -> int:
+        """Rows whose request is still generating."""
+        return sum(request is not None and not (request.finished or request.cancelled) for request in self.row_requests)
+
+    def load(self) -> dict[str, int]:
+        """Rows in use and requests waiting, for health checks."""
+        with self.wake:
+            waiting = len(self.waiting)
+        active = sum(request is not None for request in self.row_requests)
+        return {"active_rows": active, "free_rows": self.max_rows - active, "waiting": waiting}
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One round of the scheduler: free finished rows, prefill waiting requests into free rows, decode every row
+        once. Returns whether there was anything to do."""
+        self.free_finished_rows()
+        admitted = self.admit_waiting_requests()
+        self.free_finished_rows()  # a reply can end at its first token
+        if not any(request is not None for request in self.row_requests):
+            return admitted
+        logits = self.decode_step()
+        for row, request in enumerate(self.row_requests):
+            if request is not None and not request.cancelled:
+                self.rows.row_lengths[row] += 1
+                self.add_token(row, request, logits[row])
+        return True
+
+    def free_finished_rows(self) -> None:
+        for row, request in enumerate(self.row_requests):
+            if request is not None and (request.finished or request.cancelled):
+                self.row_requests[row] = None
+                self.rows.row_lengths[row] = 0
+
+    def admit_waiting_requests(self) -> bool:
+        """Prefill waiting requests into free rows; whether any was taken off the queue."""
+        admitted = False
+        for row in range(self.max_rows):
+            if self.row_requests[row] is not None:
+                continue
+            with self.wake:
+                request = self.waiting.popleft() if self.waiting else None
+            while request is not None and request.cancelled:
+                with self.wake:
+                    request = self.waiting.popleft() if self.waiting else None
+            if request is None:
+                return admitted
+            admitted = True
+            self.row_requests[row] = request
+            self.add_token(row, request, self.prefill(row, request.prompt_ids))
+        return admitted
+
+    def prefill(self, row: int, prompt_ids: list[int]) -> torch.Tensor:
+        """Run a prompt into row `row`; returns its last logits `[V]`."""
+        self.prefill_cache.reset()
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=input_ids, cache=self.prefill_cache, logits_to_keep=1).logits
+        self.rows.load_row(self.prefill_cache, row)
+        return logits[0, -1]
+
+    def decode_step(self) -> torch.Tensor:
+        """Every row's next-token logits `[max_rows, V]`; free rows' tokens are padding."""
+        active = torch.tensor([[request is not None] for request in self.row_requests], device=self.device)
+        positions = torch.tensor([[length] for length in self.rows.row_lengths], device=self.device)
+        outputs = self.decode_call(
+            input_ids=self.next_tokens.to(self.device),
+            attention_mask=active.long(),
+            position_ids=positions,
+            cache=self.rows,
+            use_cache=True,
+        )
+        return outputs.logits[:, -1]
+
+    def add_token(self, row: int, request: Request, logits: torch.Tensor) -> None:
+        """Choose a request's next token, tell it, and mark it finished at EOS or `max_new_tokens`."""
+        token = request.choose_token(logits)
+        request.generated.append(token)
+        self.next_tokens[row, 0] = token
+        finish_reason = None
+        if token in self.eos_token_ids:
+            finish_reason = "stop"
+        elif len(request.generated) >= request.params.max_new_tokens:
+            finish_reason = "length"
+        request.finished = finish_reason is not None
+        request.emit(TokenEvent(token, finish_reason))
+
+    def start(self) -> None:
+        """Run the scheduler on a daemon thread until `stop`."""
+        self.running = True
+        self.thread = threading.Thread(target=self.run, name="fastgpt-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def run(self) -> None:
+        """The scheduler loop: step while there is work, sleep until `submit` or `cancel` wakes it."""
+        try:
+            while self.running:
+                if not self.step():
+                    with self.wake:
+                        if not self.waiting and self.running:
+                            self.wake.wait()
+        except Exception as error:  # a failed step ends every request with the error, never silently
+            self.fail(f"{type(error).__name__}: {error}")
+            raise
+
+    def fail(self, message: str) -> None:
+        with self.wake:
+            self.fatal_error = message
+            stranded = [*self.waiting, *(request for request in self.row_requests if request is not None)]
+            self.waiting.clear()
+        for request in stranded:
+            request.emit(TokenEvent(None, "error", message))

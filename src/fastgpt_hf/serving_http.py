@@ -1,0 +1,315 @@
+"""`fastgpt serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over `serving.ContinuousBatchingEngine`.
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the prompt from the tokenizer's chat template),
+both with `max_tokens`, `temperature`, `top_p`, `stop`, `seed` and `stream` (server-sent events, ending with
+`data: [DONE]`); `GET /v1/models`; `GET /health` (rows in use and requests waiting; 503 once the engine failed).
+Errors come as OpenAI's `{"error": {"message": ...}}`: 400 for a bad or too long request, 404 for another model's
+name, 429 when the waiting queue is full, 503 when the engine has stopped. A client that disconnects, or a reply that
+reaches a stop string, frees its cache row before the next decode step.
+
+Why not `transformers serve`: its continuous batching (a model's `init_continuous_batching`) builds one manager with
+the first request's generation config and then passes each request only its prompt, `max_new_tokens` and EOS, so
+per-request temperature, top_p and seed would be ignored, and it has no queue bound; its paged cache also has no
+place for FastGPT's dynamic layers. The HTTP layer here is written with the same libraries it uses.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from .serving import ContinuousBatchingEngine, EngineOverloaded, EngineStopped, SamplingParams, TokenEvent
+
+# How often a waiting reply checks that its client is still connected, seconds.
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completions request that the server honours (others are ignored)."""
+
+    model: str | None = None
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = 1
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completions request; without max_tokens the reply may fill the rest of the context."""
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = 1
+
+
+class UnknownModel(LookupError):
+    """A request named a model this server does not serve (HTTP 404)."""
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive, cut before the first stop string.
+
+    `take_ready` gives the text not yet sent that can be sent: it holds back an incomplete character (the byte-level
+    decoder shows U+FFFD until its last byte) and a tail that could begin a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token_id: int) -> None:
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        found = [index for index in (text.find(stop) for stop in self.stop) if index >= 0]
+        if found:
+            text, self.stopped = text[: min(found)], True
+        self.text = text
+
+    def take_ready(self, final: bool) -> str:
+        end = len(self.text) if final or self.stopped else self.safe_end()
+        ready = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return ready
+
+    def safe_end(self) -> int:
+        end = len(self.text.rstrip("\ufffd"))
+        for held in range(min(end, max((len(stop) for stop in self.stop), default=0)), 0, -1):
+            if any(stop.startswith(self.text[end - held : end]) for stop in self.stop):
+                return end - held
+        return end
+
+
+class Reply:
+    """One request in the engine: submitted on creation (so that a refusal is an HTTP error, not a broken stream),
+    then read as text chunks. Leaving `chunks` early (a disconnect, a stop string) cancels it in the engine."""
+
+    def __init__(self, engine: ContinuousBatchingEngine, tokenizer, prompt_ids: list[int], params, stop):
+        self.engine, self.prompt_length = engine, len(prompt_ids)
+        self.text = ReplyText(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
+        self.finish_reason: str | None = None
+        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.request = engine.submit(
+            prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        )
+
+    async def chunks(self, http_request: HTTPRequest) -> AsyncIterator[str]:
+        """The reply's text in pieces; `finish_reason` is set when it ends ("stop", "length")."""
+        try:
+            while self.finish_reason is None:
+                event = await self.next_event(http_request)
+                if event is None:
+                    return
+                if event.error is not None:
+                    raise RuntimeError(f"generation failed: {event.error}")
+                self.text.add(event.token_id)
+                self.finish_reason = "stop" if self.text.stopped else event.finish_reason
+                ready = self.text.take_ready(final=self.finish_reason is not None)
+                if ready:
+                    yield ready
+        finally:
+            if not self.request.finished:
+                self.engine.cancel(self.request)
+
+    async def next_event(self, http_request: HTTPRequest) -> TokenEvent | None:
+        """The engine's next event, or None once the client has gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await http_request.is_disconnected():
+                    return None
+
+    def usage(self) -> dict[str, int]:
+        completion_tokens = len(self.text.tokens)
+        return {
+            "prompt_tokens": self.prompt_length,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_length + completion_tokens,
+        }
+
+
+def error_response(status: int, message: str, error_type: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": None, "code": None}}, status)
+
+
+def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`; the engine's scheduler runs on its own thread."""
+    app = FastAPI(title="FastGPT", description="OpenAI-compatible completions with continuous batching")
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc'][1:])) or 'body'}: {item['msg']}" for item in error.errors()
+        )
+        return error_response(400, f"Invalid request: {problems}", "invalid_request_error")
+
+    @app.exception_handler(ValueError)
+    async def bad_request(_, error: ValueError) -> JSONResponse:
+        return error_response(400, str(error), "invalid_request_error")
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(_, error: UnknownModel) -> JSONResponse:
+        return error_response(404, str(error), "not_found_error")
+
+    @app.exception_handler(EngineOverloaded)
+    async def overloaded(_, error: EngineOverloaded) -> JSONResponse:
+        return error_response(429, str(error), "rate_limit_error")
+
+    @app.exception_handler(EngineStopped)
+    async def stopped(_, error: EngineStopped) -> JSONResponse:
+        return error_response(503, str(error), "server_error")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.fatal_error is not None:
+            return error_response(503, f"the engine stopped after an error: {engine.fatal_error}", "server_error")
+        return JSONResponse({"status": "ok", **engine.load()})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        model = {"id": model_name, "object": "model", "created": created, "owned_by": "fastgpt"}
+        return {"object": "list", "data": [model]}
+
+    def check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
+        if body.model is not None and body.model != model_name:
+            raise UnknownModel(f"The model {body.model!r} is not served here; this server serves {model_name!r}.")
+        if body.n != 1:
+            raise ValueError(f"n must be 1 (one reply per request); got {body.n}.")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http_request: HTTPRequest):
+        check_common(body)
+        prompt_ids = tokenizer(body.prompt).input_ids
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+        reply = Reply(engine, tokenizer, prompt_ids, params, body.stop)
+        identity = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        identity["model"] = model_name
+
+        def choice(text: str, finish_reason: str | None) -> dict:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+        if body.stream:
+            return event_stream(reply, http_request, identity, lambda text: choice(text, None), choice)
+        text = "".join([chunk async for chunk in reply.chunks(http_request)])
+        return {**identity, "choices": [choice(text, reply.finish_reason)], "usage": reply.usage()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http_request: HTTPRequest):
+        check_common(body)
+        if tokenizer.chat_template is None:
+            raise ValueError(
+                "This checkpoint's tokenizer has no chat template: set tokenizer.chat_template and save it with the "
+                "checkpoint, or send plain text to /v1/completions."
+            )
+        messages = [message.model_dump() for message in body.messages]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_cache_len - len(prompt_ids), 1)
+        params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed)
+        reply = Reply(engine, tokenizer, prompt_ids, params, body.stop)
+        identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def delta(text: str) -> dict:
+            return {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}
+
+        def last_delta(text: str, finish_reason: str | None) -> dict:
+            return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+
+        if body.stream:
+            return event_stream(reply, http_request, {**identity, "object": "chat.completion.chunk"}, delta, last_delta)
+        text = "".join([chunk async for chunk in reply.chunks(http_request)])
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason}
+        return {**identity, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
+
+    return app
+
+
+def event_stream(reply: Reply, http_request: HTTPRequest, identity: dict, choice, last_choice) -> StreamingResponse:
+    """Server-sent events: one chunk per piece of text (`choice(text)`), a last one with the finish reason
+    (`last_choice("", reason)`) and the token counts (`usage`, as `transformers serve` sends), then `data: [DONE]`."""
+
+    async def events() -> AsyncIterator[str]:
+        async for text in reply.chunks(http_request):
+            yield f"data: {json.dumps({**identity, 'choices': [choice(text)]})}\n\n"
+        if reply.finish_reason is not None:
+            last = {**identity, "choices": [last_choice("", reply.finish_reason)], "usage": reply.usage()}
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from .cli import positive_int
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt serve",
+        description="Serve a checkpoint with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health) and continuous batching over a static cache of --rows rows of --context tokens.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=positive_int, default=8000)
+    parser.add_argument("--rows", type=positive_int, default=8, help="sequences decoded together (default: 8)")
+    parser.add_argument("--context", type=positive_int, default=1024, help="prompt + reply tokens per row")
+    parser.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs; GPU)")
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """`fastgpt serve CHECKPOINT`: load the checkpoint, start the engine and serve until Ctrl-C."""
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    import torch
+    import uvicorn
+
+    from .cli import existing_checkpoint, load_checkpoint
+
+    checkpoint = existing_checkpoint(parser, args.checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = model.to(device) if args.dtype == "auto" else model.to(device, getattr(torch, args.dtype))
+    eos_token_ids = model.generation_config.eos_token_id
+    eos_token_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids or []
+    engine = ContinuousBatchingEngine(model, args.rows, args.context, args.max_queue, eos_token_ids, args.compile)
+    model_name = Path(checkpoint).resolve().name
+    engine.start()
+    print(
+        f"fastgpt serve: {model_name} on http://{args.host}:{args.port} ({args.rows} rows of {args.context} "
+        f"tokens, {device})",
+        flush=True,
+    )
+    try:
+        uvicorn.run(build_app(engine, tokenizer, model_name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()

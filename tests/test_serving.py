@@ -1,0 +1,121 @@
+"""Continuous batching (`serving`): every request gets the tokens `generate()` gives its prompt alone, rows are
+reused after a reply ends or is cancelled, and requests the engine cannot serve are refused with a reason."""
+
+import pytest
+import torch
+
+from fastgpt_hf.serving import ContinuousBatchingEngine, EngineOverloaded, SamplingParams
+
+from .conftest import tiny_model
+
+
+def random_prompts(lengths: list[int], vocab_size: int = 128, seed: int = 3) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (length,), generator=generator).tolist() for length in lengths]
+
+
+def run_to_completion(engine: ContinuousBatchingEngine) -> int:
+    steps = 0
+    while engine.step():
+        steps += 1
+    return steps
+
+
+def greedy_reference(model, prompt: list[int], new_tokens: int) -> list[int]:
+    return model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
+
+
+def test_each_request_gets_what_generate_gives_its_prompt_alone():
+    # 3 rows for 6 requests of different lengths: rows are refilled mid-flight, prompts and replies cross the
+    # windows (8, 16) and blocks (4), and a row's neighbours are at other positions.
+    model = tiny_model("mixed")
+    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, max_queue=8)
+    prompts = random_prompts([5, 23, 9, 17, 2, 30])
+    new_tokens = [20, 14, 12, 3, 9, 1]
+    replies = {index: [] for index in range(len(prompts))}
+    for index, (prompt, count) in enumerate(zip(prompts, new_tokens, strict=True)):
+        params = SamplingParams(max_new_tokens=count, temperature=0)
+        engine.submit(prompt, params, lambda event, index=index: replies[index].append(event))
+    run_to_completion(engine)
+    for index, (prompt, count) in enumerate(zip(prompts, new_tokens, strict=True)):
+        assert [event.token_id for event in replies[index]] == greedy_reference(model, prompt, count), index
+        assert [event.finish_reason for event in replies[index]] == [None] * (count - 1) + ["length"]
+    assert engine.load() == {"active_rows": 0, "free_rows": 3, "waiting": 0}
+
+
+def test_a_cancelled_request_frees_its_row_for_the_next_one():
+    model = tiny_model("mixed")
+    engine = ContinuousBatchingEngine(model, max_rows=1, max_cache_len=64, max_queue=2)
+    first, second = random_prompts([12, 7])
+    first_tokens, second_tokens = [], []
+    first_request = engine.submit(first, SamplingParams(40, temperature=0), first_tokens.append)
+    engine.submit(second, SamplingParams(10, temperature=0), second_tokens.append)
+    for _ in range(5):
+        engine.step()
+    assert engine.load() == {"active_rows": 1, "free_rows": 0, "waiting": 1}
+    engine.cancel(first_request)
+    run_to_completion(engine)
+    assert len(first_tokens) == 6  # the prefill's token and one per step before the cancel
+    assert [event.token_id for event in second_tokens] == greedy_reference(model, second, 10)
+
+
+def test_end_of_sequence_ends_a_reply_and_seeded_sampling_repeats():
+    model = tiny_model("mixed")
+    prompt = random_prompts([10])[0]
+    greedy = greedy_reference(model, prompt, 8)
+    engine = ContinuousBatchingEngine(model, max_rows=2, max_cache_len=32, eos_token_ids=[greedy[3]])
+    replies = [[], [], [], []]
+    engine.submit(prompt, SamplingParams(8, temperature=0), replies[0].append)
+    for reply, seed in zip(replies[1:], (7, 7, 8), strict=True):
+        engine.submit(prompt, SamplingParams(12, temperature=1.5, top_p=0.9, seed=seed), reply.append)
+    run_to_completion(engine)
+    assert [event.token_id for event in replies[0]] == greedy[: greedy.index(greedy[3]) + 1]
+    assert replies[0][-1].finish_reason == "stop"
+    assert replies[1] == replies[2]
+    assert replies[1] != replies[3]
+
+
+def test_requests_it_cannot_serve_are_refused_with_the_reason():
+    engine = ContinuousBatchingEngine(tiny_model("mixed"), max_rows=1, max_cache_len=32, max_queue=1)
+    ignore = lambda event: None  # noqa: E731
+    with pytest.raises(ValueError, match=r"context is 32 tokens, but the request needs 40 \(30 in the prompt, 10"):
+        engine.submit([1] * 30, SamplingParams(10), ignore)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.submit([], SamplingParams(10), ignore)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.submit([1], SamplingParams(4, top_p=0), ignore)
+    engine.submit([1], SamplingParams(4), ignore)
+    engine.submit([1], SamplingParams(4), ignore)
+    with pytest.raises(EngineOverloaded, match="All 1 rows are busy and 1 requests already wait"):
+        engine.submit([1], SamplingParams(4), ignore)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ContinuousBatchingEngine(tiny_model("mixed", max_position_embeddings=16), max_cache_len=32)
+
+
+@pytest.mark.slow  # compiling the decode step takes about a minute on 2 busy cores
+def test_the_compiled_decode_step_serves_every_step_without_recompiling():
+    model = tiny_model("mixed", dtype=torch.float32)
+    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, compile_decode=True)
+    prompts = random_prompts([5, 23, 9, 17])
+    replies = {index: [] for index in range(len(prompts))}
+    for index, prompt in enumerate(prompts):
+        params = SamplingParams(max_new_tokens=12, temperature=0)
+        engine.submit(prompt, params, lambda event, index=index: replies[index].append(event.token_id))
+    # Rows join and leave between steps: positions, masks and tokens change, the shapes never do.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_to_completion(engine)
+    for index, prompt in enumerate(prompts):
+        assert replies[index] == greedy_reference(model, prompt, 12), index
+
+
+def test_chat_without_a_chat_template_is_a_400_that_says_what_to_do():
+    testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra (pip install fastgpt_hf[serve])")
+    from fastgpt_hf.data import load_tokenizer
+    from fastgpt_hf.serving_http import build_app
+
+    tokenizer = load_tokenizer()
+    engine = ContinuousBatchingEngine(tiny_model("mixed", vocab_size=len(tokenizer)), max_rows=1, max_cache_len=16)
+    http = testclient.TestClient(build_app(engine, tokenizer, "tiny"))
+    response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 400
+    assert "no chat template" in response.json()["error"]["message"]
