@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push")
+COMMANDS = ("train", "eval", "generate", "bench", "quantize", "card", "push", "convert", "uptrain")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
@@ -27,6 +27,8 @@ commands:
   quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
+  convert    turn a Llama, Mistral, Qwen2 or SmolLM checkpoint or GGUF file into a FastGPT (fastgpt_hf.conversion)
+  uptrain    distil the source into its converted FastGPT (fastgpt_hf.uptraining)
 
 Run `fastgpt COMMAND --help` for a command's options."""
 
@@ -393,6 +395,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "quantize": delegated("quantization", "quantize_main"),
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
+    "convert": delegated("conversion", "convert_main"),
+    "uptrain": delegated("uptraining", "uptrain_main"),
 }
 
 
