@@ -85,7 +85,13 @@ def passkey_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, count: i
     blocks = []
     for _ in range(count):
         key = rng.randint(10000, 99999)
-        distance = rng.randint(*needle_distances(sample_pieces(tokenizer, key), block_size))
+        nearest, farthest = needle_distances(sample_pieces(tokenizer, key), block_size)
+        if farthest < nearest:
+            raise ValueError(
+                f"Pass-key sequences need blocks of at least {block_size + nearest - farthest} tokens with this "
+                f"tokenizer, not {block_size}; use longer blocks or no pass-key sequences."
+            )
+        distance = rng.randint(nearest, farthest)
         blocks.append(passkey_sample(tokenizer, block_size, distance, key).input_ids)
     return blocks
 

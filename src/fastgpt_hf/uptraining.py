@@ -62,7 +62,7 @@ def text_blocks(
     if len(blocks) == 0:
         raise ValueError(f"{text_file} has fewer tokens than one block of {block_size}; use a smaller block size.")
     count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    return blocks.select(range(count))["input_ids"]
+    return list(blocks.select(range(count))["input_ids"])
 
 
 def training_text(data: str | Path | None, split: str = "train") -> Path:
