@@ -58,14 +58,20 @@ def main() -> None:
                 messages = [{"role": "user", "content": prompt}]
                 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
                 output = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
-                answers[prompt][name] = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                answers[prompt][name] = tokenizer.decode(
+                    output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
         seconds = time.perf_counter() - start
         rows.append((name, perplexity.per_word, perplexity.tokens, retrieval, seconds))
-        print(f"{name}: per-word perplexity {perplexity.per_word:.2f}, pass-key {retrieval}, {seconds:.0f} s", flush=True)
+        print(
+            f"{name}: per-word perplexity {perplexity.per_word:.2f}, pass-key {retrieval}, {seconds:.0f} s", flush=True
+        )
     distances = " | ".join(f"pass-key at {distance}" for distance in args.distances)
-    print(f"\n| model | WikiText-2 test perplexity per word ({args.window} window, stride {args.stride}) | {distances} |")
+    print(
+        f"\n| model | WikiText-2 test perplexity per word ({args.window} window, stride {args.stride}) | {distances} |"
+    )
     print("| --- | ---: |" + " ---: |" * len(args.distances))
-    for name, per_word, tokens, retrieval, _ in rows:
+    for name, per_word, _, retrieval, _ in rows:
         shares = " | ".join(f"{share * args.trials:.0f}/{args.trials}" for share in retrieval)
         print(f"| {name} | {per_word:.2f} | {shares} |")
     print(f"\n({rows[0][2]} tokens scored, {len(text)} characters of {args.text})")

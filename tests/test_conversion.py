@@ -33,6 +33,8 @@ from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
 CHAT_TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 FAMILIES["qwen2"] = (Qwen2Config, Qwen2ForCausalLM)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA3_ROPE["original_max_position_embeddings"] = 32
 # A FastGPT layout whose windows (16 / 24) and blocks (4) a 12-token prompt plus 3 new tokens stays inside.
 SHORT_LAYOUT = {
     "layer_types": ["local", "dynamic", "global", "dynamic"],
@@ -90,9 +92,7 @@ def greedy(model, input_ids: torch.Tensor, new_tokens: int = 3) -> list[int]:
     "family, overrides",
     [
         ("llama", {"tie_word_embeddings": True}),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 32}}),
+        ("llama", {"rope_parameters": LLAMA3_ROPE}),
         ("mistral", {}),
         ("qwen2", {}),
     ],

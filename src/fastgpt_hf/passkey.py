@@ -61,9 +61,7 @@ def needle_distances(pieces: dict[str, list[int]], length: int) -> tuple[int, in
     return nearest, farthest
 
 
-def passkey_sample(
-    tokenizer: PreTrainedTokenizerBase, length: int, needle_distance: int, key: int
-) -> PasskeySample:
+def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, needle_distance: int, key: int) -> PasskeySample:
     """A sample of exactly `length` tokens, answer included, whose needle starts `needle_distance` tokens before the
     end of the question; a ValueError when the pieces do not fit."""
     pieces = sample_pieces(tokenizer, key)

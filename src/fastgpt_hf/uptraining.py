@@ -153,7 +153,9 @@ def uptrain(
     stages = ((stage1_steps, stage1_lr, True), (stage2_steps, stage2_lr, False))
     for steps, learning_rate, only_new_parameters in stages:
         if steps > 0:
-            run_stage(student, teacher, dataset, Path(output_dir), steps, learning_rate, only_new_parameters, **arguments)
+            run_stage(
+                student, teacher, dataset, Path(output_dir), steps, learning_rate, only_new_parameters, **arguments
+            )
     return student.eval()
 
 
