@@ -1,9 +1,10 @@
-"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push, serve.
+"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push, serve, convert, uptrain.
 
 `train`, `eval`, `generate`, `bench` and `info` live here; `quantize` dispatches to `fastgpt_hf.quantization`,
-`card` and `push` to `fastgpt_hf.model_card`, `serve` to `fastgpt_hf.serving_http`. Every subcommand explains itself
-with `--help`; a missing file, an unknown preset or a bad value ends with one `fastgpt <command>: error: ...` line and
-exit status 2, not a traceback; Ctrl-C ends with exit status 130 (`train` first saves a checkpoint to resume from).
+`card` and `push` to `fastgpt_hf.model_card`, `serve` to `fastgpt_hf.serving_http`, `convert` to
+`fastgpt_hf.conversion` and `uptrain` to `fastgpt_hf.uptraining`. Every subcommand explains itself with `--help`; a
+missing file, an unknown preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2,
+not a traceback; Ctrl-C ends with exit status 130 (`train` first saves a checkpoint to resume from).
 """
 
 import argparse
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push", "serve")
+COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push", "serve", "convert", "uptrain")
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
@@ -29,6 +30,8 @@ commands:
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
   serve      an OpenAI-compatible server with continuous batching (fastgpt_hf.serving_http)
+  convert    turn a Llama, Mistral, Qwen2 or SmolLM checkpoint or GGUF file into a FastGPT (fastgpt_hf.conversion)
+  uptrain    distil the source into its converted FastGPT (fastgpt_hf.uptraining)
 
 Run `fastgpt COMMAND --help` for a command's options."""
 
@@ -440,6 +443,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
     "serve": delegated("serving_http", "serve_main"),
+    "convert": delegated("conversion", "convert_main"),
+    "uptrain": delegated("uptraining", "uptrain_main"),
 }
 
 

@@ -1,0 +1,229 @@
+"""Uptraining a converted FastGPT against its source: `fastgpt uptrain CHECKPOINT --teacher SOURCE`.
+
+A converted model (`conversion`) starts with its dynamic layers' new parameters neutral: the gate local, the
+memory slots empty. Uptraining teaches them by distillation, the student's next-token distribution pulled towards
+the teacher's (the source, full attention everywhere) by the mean per-token KL(teacher || student), in two
+`Trainer` runs:
+
+1. only the new parameters (`conversion.NEW_PARAMETERS`) train, at a high learning rate;
+2. every parameter trains at a low one, so that the windowed layers adapt to what they no longer see.
+
+The data are long documents, `block_size`-token blocks of a WikiText-2 stream (the shipped excerpt, or a text
+file / a folder holding `train.txt`), mixed with synthetic pass-key sequences (`passkey`) whose needles lie
+anywhere in the block, so that retrieval across the windows is part of what the student learns from the teacher.
+"""
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .conversion import is_new_parameter, load_source
+from .data import CORPUS_FILES, load_text_dataset, pack_blocks, tokenize_dataset
+from .passkey import passkey_blocks
+from .training import PerplexityTrainer, training_arguments
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in nats, from logits `[..., vocab]` (computed in float32)."""
+    student = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class DistillationTrainer(PerplexityTrainer):
+    """A `PerplexityTrainer` whose loss is `distillation_kl` against a frozen `teacher` of the same vocabulary."""
+
+    def __init__(self, *args, teacher: PreTrainedModel, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        # The loss is a mean per batch: Trainer divides it by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {name: value for name, value in inputs.items() if name != "labels"}
+        self.teacher.to(inputs["input_ids"].device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        outputs = model(**inputs)
+        loss = distillation_kl(outputs.logits, teacher_logits)
+        return (loss, outputs) if return_outputs else loss
+
+
+def text_blocks(
+    tokenizer: PreTrainedTokenizerBase, block_size: int, text_file: str | Path, max_blocks: int | None = None
+) -> list[list[int]]:
+    """`block_size`-token blocks of a text file's token stream (`data.pack_blocks`), at most `max_blocks`."""
+    blocks = pack_blocks(tokenize_dataset(load_text_dataset({"train": text_file}), tokenizer), block_size)["train"]
+    if len(blocks) == 0:
+        raise ValueError(f"{text_file} has fewer tokens than one block of {block_size}; use a smaller block size.")
+    count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    return list(blocks.select(range(count))["input_ids"])
+
+
+def training_text(data: str | Path | None, split: str = "train") -> Path:
+    """The text file of `split` ("train" or "valid"): the shipped excerpt without `data`, `data` itself when it is a
+    file (training only), or `data/<split>.txt`."""
+    if data is None:
+        return Path(CORPUS_FILES["train" if split == "train" else "validation"])
+    path = Path(data)
+    if path.is_file() and split == "train":
+        return path
+    if (path / f"{split}.txt").is_file():
+        return path / f"{split}.txt"
+    raise ValueError(f"No {split} text at {data}: pass a text file or a folder with {split}.txt (WikiText-2's layout).")
+
+
+def uptraining_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    text_file: str | Path,
+    num_blocks: int,
+    passkey_share: float = 0.25,
+    seed: int = 0,
+) -> Dataset:
+    """`num_blocks` blocks: a `passkey_share` of pass-key sequences, the rest WikiText blocks, shuffled."""
+    passkeys = round(num_blocks * passkey_share)
+    blocks = text_blocks(tokenizer, block_size, text_file, num_blocks - passkeys)
+    blocks += passkey_blocks(tokenizer, block_size, passkeys, seed)
+    random.Random(seed).shuffle(blocks)
+    return Dataset.from_dict({"input_ids": blocks})
+
+
+@torch.no_grad()
+def mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, blocks: list[list[int]]) -> float:
+    """`distillation_kl` of the student against the teacher, averaged over `blocks` (one forward pass each)."""
+    student_mode = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    teacher.to(device)
+    total = 0.0
+    for block in blocks:
+        input_ids = torch.tensor([block], device=device)
+        total += distillation_kl(student(input_ids).logits, teacher(input_ids).logits).item()
+    student.train(student_mode)
+    return total / len(blocks)
+
+
+def run_stage(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    dataset: Dataset,
+    output_dir: Path,
+    steps: int,
+    learning_rate: float,
+    only_new_parameters: bool,
+    **arguments,
+) -> DistillationTrainer:
+    """One distillation run of `steps` optimizer steps; with `only_new_parameters`, everything else frozen."""
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(is_new_parameter(name) or not only_new_parameters)
+    args = training_arguments(output_dir, max_steps=steps, learning_rate=learning_rate, **arguments)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=dataset, teacher=teacher)
+    trainer.train()
+    student.requires_grad_(True)
+    return trainer
+
+
+def uptrain(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    dataset: Dataset,
+    output_dir: str | Path,
+    stage1_steps: int = 100,
+    stage2_steps: int = 100,
+    stage1_lr: float = 3e-3,
+    stage2_lr: float = 1e-5,
+    **arguments,
+) -> PreTrainedModel:
+    """Stage 1 (new parameters, `stage1_lr`) then stage 2 (everything, `stage2_lr`), distilling `teacher` into
+    `student` on `dataset` (`input_ids` blocks); a stage of 0 steps is skipped. `arguments` go to
+    `training.training_arguments` (batch_size, gradient_accumulation_steps, warmup_steps, precision, seed, ...).
+    Trainer writes nothing into `output_dir` (no checkpoints); returns the student, trained in place."""
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(
+            f"The teacher has {teacher.config.vocab_size} tokens and the student {student.config.vocab_size}; "
+            "uptrain a converted checkpoint against the source it was converted from."
+        )
+    arguments.setdefault("logging_steps", max(1, min(10, (stage1_steps + stage2_steps) // 10)))
+    stages = ((stage1_steps, stage1_lr, True), (stage2_steps, stage2_lr, False))
+    for steps, learning_rate, only_new_parameters in stages:
+        if steps > 0:
+            run_stage(
+                student, teacher, dataset, Path(output_dir), steps, learning_rate, only_new_parameters, **arguments
+            )
+    return student.eval()
+
+
+def uptrain_main(argv: list[str] | None = None) -> None:
+    """`fastgpt uptrain CHECKPOINT --teacher SOURCE`: distil the source into its converted FastGPT, save to OUTPUT."""
+    from .cli import existing_checkpoint, load_checkpoint, positive_int
+    from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt uptrain",
+        description="Teach a converted FastGPT (fastgpt convert) its new parameters by distilling the source model: "
+        "stage 1 trains only the dynamic layers' gates, memory slots and compressors, stage 2 every parameter at a "
+        "low learning rate, on WikiText-2 blocks and synthetic pass-key sequences. Prints the mean KL to the "
+        "teacher on held-out blocks before and after, and saves the model with its tokenizer to --output.",
+    )
+    parser.add_argument("checkpoint", help="the converted FastGPT checkpoint folder")
+    parser.add_argument("--teacher", required=True, help="the source it was converted from (folder or .gguf file)")
+    parser.add_argument("--output", required=True, help="folder for the uptrained checkpoint (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    parser.add_argument(
+        "--data", help="a text file, or a folder with train.txt and valid.txt (default: the shipped WikiText-2 excerpt)"
+    )
+    parser.add_argument("--block-size", type=positive_int, default=2048, help="tokens per training sequence")
+    parser.add_argument("--blocks", type=positive_int, default=256, help="training sequences in the data set")
+    parser.add_argument("--passkey-share", type=float, default=0.25, help="share of pass-key sequences")
+    parser.add_argument("--stage1-steps", type=int, default=100, help="steps training only the new parameters")
+    parser.add_argument("--stage2-steps", type=int, default=100, help="steps training every parameter")
+    parser.add_argument("--stage1-lr", type=float, default=3e-3)
+    parser.add_argument("--stage2-lr", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--eval-blocks", type=positive_int, default=4, help="held-out blocks for the KL figures")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    checkpoint = existing_checkpoint(parser, args.checkpoint)
+    if not 0 <= args.passkey_share <= 1:
+        parser.error(f"--passkey-share must be in [0, 1], got {args.passkey_share}")
+    output = Path(args.output)
+    refuse_unwritable(output, [checkpoint, Path(args.teacher)])
+    with writer_lock(output):
+        if not args.overwrite:
+            refuse_occupied(output, "pass --overwrite to replace them, or another --output")
+        student, tokenizer = load_checkpoint(checkpoint)
+        teacher, _ = load_source(args.teacher)
+        dataset = uptraining_dataset(
+            tokenizer, args.block_size, training_text(args.data), args.blocks, args.passkey_share, args.seed
+        )
+        held_out = text_blocks(tokenizer, args.block_size, training_text(args.data, "valid"), args.eval_blocks)
+        before = mean_kl(student, teacher, held_out)
+        with staged_folder(output) as staging:
+            uptrain(
+                student,
+                teacher,
+                dataset,
+                staging,
+                args.stage1_steps,
+                args.stage2_steps,
+                args.stage1_lr,
+                args.stage2_lr,
+                batch_size=args.batch_size,
+                gradient_accumulation_steps=args.grad_accum,
+                gradient_checkpointing=args.gradient_checkpointing,
+                precision=args.precision,
+                seed=args.seed,
+            )
+            after = mean_kl(student, teacher, held_out)
+            student.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    print(f"KL to the teacher on {len(held_out)} held-out blocks: {before:.4f} -> {after:.4f} nats/token -> {output}")
