@@ -7,7 +7,7 @@ $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# The local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev,quant,demo]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,quant,demo,edge]"
 	touch $@
 
 .PHONY: demo test test-all
