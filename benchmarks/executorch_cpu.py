@@ -137,8 +137,11 @@ def main() -> None:
     max_cache_len = max(args.contexts) + args.new_tokens
     exporters = {"FastGPT": export_fastgpt, "Llama": export_llama}
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; cache {max_cache_len} positions")
-    print(f"{'preset':>6} {'dtype':>7} {'model':>7} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
-          f"{'peak RSS MiB':>12} {'cache MiB':>9} {'file MiB':>8}", flush=True)
+    print(
+        f"{'preset':>6} {'dtype':>7} {'model':>7} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
+        f"{'peak RSS MiB':>12} {'cache MiB':>9} {'file MiB':>8}",
+        flush=True,
+    )
     for preset in args.presets:
         for dtype in args.dtypes:
             for name, model in build_models(preset, dtype).items():

@@ -50,7 +50,10 @@ def test_float_pte_gives_eager_greedy_tokens_across_windows_blocks_and_wraps(exp
     # dynamic window (16) and many blocks of 4, the windows' rings wrapping many times.
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
     eager = model.generate(
-        prompt[None], attention_mask=torch.ones(1, 40, dtype=torch.long), max_new_tokens=64, min_new_tokens=64,
+        prompt[None],
+        attention_mask=torch.ones(1, 40, dtype=torch.long),
+        max_new_tokens=64,
+        min_new_tokens=64,
         do_sample=False,
     )[0, 40:].tolist()
     pte = PteLanguageModel(files["none"])

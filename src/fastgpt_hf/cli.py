@@ -282,7 +282,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         "checkpoint", help="checkpoint folder (save_pretrained output), or a .pte file written by `fastgpt export`"
     )
     parser.add_argument(
-        "--tokenizer", help="with a .pte: the tokenizer's folder, e.g. the exported checkpoint (default: the shipped one)"
+        "--tokenizer",
+        help="with a .pte: the tokenizer's folder, e.g. the exported checkpoint (default: the shipped one)",
     )
     parser.add_argument("--prompt", default=" = Robert Boulter = \n", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)

@@ -28,7 +28,6 @@ file is then about a quarter of the float one. XNNPACK runs the int8 matmuls. `q
 same scheme to an eager model, which is what the exported one is compared with.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -125,9 +124,7 @@ class ExportedMethod(nn.Module):
         return getattr(self.owner, self.method)(*args)
 
 
-def export_methods(
-    wrapper: FastGPTWithStaticCache, prefill_chunk: int
-) -> dict[str, torch.export.ExportedProgram]:
+def export_methods(wrapper: FastGPTWithStaticCache, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """`torch.export` of `prefill` (`[1, prefill_chunk]` ids), `decode` (`[1, 1]`) and `reset`, the cache zero
     before each (export runs the code once)."""
     examples = {

@@ -46,9 +46,9 @@ class PteLanguageModel:
         chunk = self.prefill_chunk
         whole = input_ids.shape[0] - input_ids.shape[0] % chunk
         for start in range(0, whole, chunk):
-            logits.append(self.methods["prefill"].execute([input_ids[None, start : start + chunk]])[0][0].clone())
+            logits.append(self.methods["prefill"].execute([input_ids[None, start : start + chunk]])[0][0])
         for position in range(whole, input_ids.shape[0]):
-            logits.append(self.methods["decode"].execute([input_ids[None, position : position + 1]])[0][0].clone())
+            logits.append(self.methods["decode"].execute([input_ids[None, position : position + 1]])[0][0])
         return torch.cat(logits).float()
 
     def check_length(self, total_length: int, what: str) -> None:
