@@ -73,9 +73,9 @@ def export_fastgpt(model, path: Path, max_cache_len: int, prefill_chunk: int) ->
 
 def measure(path: str, context: int, new_tokens: int) -> dict:
     """Prefill and decode tokens/s of one file at one context, and this process's peak RSS (run in a child)."""
-    from executorch.runtime import Runtime
+    from fastgpt_hf.run_executorch import load_program
 
-    program = Runtime.get().load_program(path)
+    program = load_program(path)
     methods = {name: program.load_method(name) for name in program.method_names if name in ("prefill", "decode")}
     chunk = int(program.load_method("get_prefill_chunk").execute([])[0])
     takes_position = program.metadata("decode").num_inputs() == 2  # Llama: (input_ids, cache_position)

@@ -156,10 +156,11 @@ def lower_to_executorch(programs: dict[str, torch.export.ExportedProgram], const
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    decompositions = torch.export.default_decompositions()
-    decompositions[torch.ops.aten.lerp.Tensor] = lerp_without_strided_copy
+    # Only lerp beforehand: the lowering decomposes the rest itself, keeping what XNNPACK takes whole (linear,
+    # whose int8 weights a decomposed `permute + addmm` would hand it transposed).
+    lerp_only = {torch.ops.aten.lerp.Tensor: lerp_without_strided_copy}
     edge = to_edge_transform_and_lower(
-        {name: program.run_decompositions(decompositions) for name, program in programs.items()},
+        {name: program.run_decompositions(lerp_only) for name, program in programs.items()},
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constants,
@@ -168,6 +169,8 @@ def lower_to_executorch(programs: dict[str, torch.export.ExportedProgram], const
         ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True, alloc_graph_input=False),
             emit_mutable_buffer_names=True,
+            # Fuses the int8 embedding's dequantize + gather into ExecuTorch's `embedding_byte` kernel.
+            do_quant_fusion_and_const_prop=True,
         )
     )
 

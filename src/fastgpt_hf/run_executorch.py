@@ -14,17 +14,23 @@ import torch.nn.functional as F
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 
+def load_program(path: str | Path):
+    """ExecuTorch's `Program` of a `.pte` file, with the kernels of its int8 embedding registered."""
+    import executorch.kernels.quantized  # noqa: F401  (registers `quantized_decomposed::embedding_byte`)
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(path)
+
+
 class PteLanguageModel:
     """The methods of a FastGPT `.pte` file (see `export_executorch`) and what its constant methods say."""
 
     def __init__(self, path: str | Path):
-        from executorch.runtime import Runtime
-
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path} is not a file; pass a .pte written by `fastgpt export`.")
         self.path = path
-        self.program = Runtime.get().load_program(path)
+        self.program = load_program(path)
         missing = {"prefill", "decode", "reset", "get_max_cache_len"} - set(self.program.method_names)
         if missing:
             raise ValueError(f"{path} has no method {sorted(missing)}; it was not written by `fastgpt export`.")
