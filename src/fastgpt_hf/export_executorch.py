@@ -52,7 +52,11 @@ def quantize_for_edge(model: PreTrainedModel) -> PreTrainedModel:
     precise = set(FastGPTPreTrainedModel._keep_in_fp32_modules)
     is_embedding = lambda module, name: isinstance(module, nn.Embedding)  # noqa: E731
     is_quantized_linear = lambda module, name: isinstance(module, nn.Linear) and name.split(".")[-1] not in precise  # noqa: E731
-    # The embedding first: quantizing it replaces its Parameter, which unties the output head from it.
+    # A tied output head gets its own copy: ExecuTorch fuses the embedding's dequantize into `embedding_byte` only
+    # where nothing else reads the dequantized table.
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=is_embedding)
     linear_config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     quantize_(model, linear_config, filter_fn=is_quantized_linear)
