@@ -57,6 +57,8 @@ def quantize_for_edge(model: PreTrainedModel) -> PreTrainedModel:
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
+    # padding_idx changes only gradients, and an `embedding` call that passes it is not fused.
+    model.get_input_embeddings().padding_idx = None
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=is_embedding)
     linear_config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     quantize_(model, linear_config, filter_fn=is_quantized_linear)
