@@ -94,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's settings; with `--long`, `LONG_RUN`'s values unless given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="run folder")
-    parser.add_argument("--long", action="store_true", help="train on 20x the tokens (~10 minutes on 2 cores) for a better sample")
+    parser.add_argument(
+        "--long", action="store_true", help="train on 20x the tokens (~10 minutes on 2 cores) for a better sample"
+    )
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per step")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (and perplexity window)")

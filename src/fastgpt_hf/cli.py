@@ -1,10 +1,10 @@
-"""The `fastgpt` console script: train, eval, generate, bench, info, quantize, card, push, serve, convert, uptrain.
+"""The `fastgpt` console script; `DESCRIPTION` lists its commands.
 
-`train`, `eval`, `generate`, `bench` and `info` live here; `quantize` dispatches to `fastgpt_hf.quantization`,
-`card` and `push` to `fastgpt_hf.model_card`, `serve` to `fastgpt_hf.serving_http`, `convert` to
-`fastgpt_hf.conversion` and `uptrain` to `fastgpt_hf.uptraining`. Every subcommand explains itself with `--help`; a
-missing file, an unknown preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit status 2,
-not a traceback; Ctrl-C ends with exit status 130 (`train` first saves a checkpoint to resume from).
+`train`, `eval`, `generate`, `bench`, `info` and `export` live here; `quantize` dispatches to
+`fastgpt_hf.quantization`, `card` and `push` to `fastgpt_hf.model_card`, `serve` to `fastgpt_hf.serving_http`,
+`convert` to `fastgpt_hf.conversion` and `uptrain` to `fastgpt_hf.uptraining`. Every subcommand explains itself with
+`--help`; a missing file, an unknown preset or a bad value ends with one `fastgpt <command>: error: ...` line and exit
+status 2, not a traceback; Ctrl-C ends with exit status 130 (`train` first saves a checkpoint to resume from).
 """
 
 import argparse
@@ -17,16 +17,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs: `fastgpt --help` stays fast
     from transformers import Trainer, TrainingArguments
 
-COMMANDS = ("train", "eval", "generate", "bench", "info", "quantize", "card", "push", "serve", "convert", "uptrain")
+COMMANDS = (
+    "train",
+    "eval",
+    "generate",
+    "bench",
+    "info",
+    "quantize",
+    "export",
+    "card",
+    "push",
+    "serve",
+    "convert",
+    "uptrain",
+)
 DESCRIPTION = """FastGPT: train, evaluate, sample from and benchmark FastGPT causal LMs.
 
 commands:
   train      train a model from a preset on local text (default: the shipped WikiText-2 excerpt)
   eval       strided perplexity of a checkpoint on a text file, per token and per WikiText word
-  generate   continue a prompt with a checkpoint
+  generate   continue a prompt with a checkpoint (or an exported .pte file)
   bench      generation speed and cache size at several prompt lengths, FastGPT beside Llama
   info       a preset's or checkpoint's layers, their attention sparsity and its parameters (no weights)
   quantize   write an int8 copy of a checkpoint (fastgpt_hf.quantization)
+  export     write a checkpoint as an ExecuTorch .pte file for phones (fastgpt_hf.export_executorch)
   card       write a model card for a checkpoint (fastgpt_hf.model_card)
   push       upload a checkpoint to the Hugging Face Hub (fastgpt_hf.model_card)
   serve      an OpenAI-compatible server with continuous batching (fastgpt_hf.serving_http)
@@ -282,7 +296,13 @@ def generate_main(argv: list[str] | None = None) -> None:
         prog="fastgpt generate",
         description="Continue a prompt with a checkpoint through model.generate (greedy unless --sample).",
     )
-    parser.add_argument("checkpoint", help="checkpoint folder (save_pretrained output)")
+    parser.add_argument(
+        "checkpoint", help="checkpoint folder (save_pretrained output), or a .pte file written by `fastgpt export`"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="with a .pte: the tokenizer's folder, e.g. the exported checkpoint (default: the shipped one)",
+    )
     parser.add_argument("--prompt", default=" = Robert Boulter = \n", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -290,6 +310,9 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=positive_int, default=50, help="with --sample")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.checkpoint.endswith(".pte"):
+        generate_from_pte(parser, args)
+        return
     checkpoint = existing_checkpoint(parser, args.checkpoint)
     import torch
 
@@ -301,6 +324,72 @@ def generate_main(argv: list[str] | None = None) -> None:
         **inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
     )
     print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+
+def generate_from_pte(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`fastgpt generate OUT.pte --tokenizer CHECKPOINT`: the prompt and its continuation, streamed as the
+    ExecuTorch runtime decodes each token (`run_executorch`)."""
+    existing_file(parser, args.checkpoint)
+    import torch
+    from transformers import TextStreamer
+
+    from .data import load_tokenizer
+    from .run_executorch import PteLanguageModel, generate_tokens
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = PteLanguageModel(args.checkpoint)
+    if len(tokenizer) > model.vocab_size:
+        raise ValueError(
+            f"{args.checkpoint} has a vocabulary of {model.vocab_size} tokens but the tokenizer has {len(tokenizer)}; "
+            "pass the tokenizer of the exported checkpoint with --tokenizer."
+        )
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    streamer.put(prompt)
+    tokens = generate_tokens(
+        model,
+        prompt,
+        args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        eos_token_id=tokenizer.eos_token_id,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    for token in tokens:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """`fastgpt export CHECKPOINT OUT.pte`: the model and its bounded cache as an ExecuTorch program (XNNPACK)."""
+    from .export_executorch import DEFAULT_MAX_CACHE_LEN, DEFAULT_PREFILL_CHUNK, QUANTIZATIONS
+
+    parser = argparse.ArgumentParser(
+        prog="fastgpt export",
+        description="Export a float FastGPT checkpoint with its static cache (prefill, decode and reset methods) to "
+        "an ExecuTorch .pte file lowered to XNNPACK; run it with `fastgpt generate OUT.pte --tokenizer CHECKPOINT`. "
+        "Needs `pip install 'fastgpt_hf[edge]'`.",
+    )
+    parser.add_argument("checkpoint", help="float checkpoint folder (save_pretrained output)")
+    parser.add_argument("output", help="the .pte file to write")
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS, default="none", help="int8-dynamic: int8 weights and activations"
+    )
+    parser.add_argument(
+        "--max-cache-len", type=positive_int, default=DEFAULT_MAX_CACHE_LEN, help="longest prompt + new tokens"
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill call"
+    )
+    args = parser.parse_args(argv)
+    checkpoint = existing_checkpoint(parser, args.checkpoint)
+    if not args.output.endswith(".pte"):
+        parser.error(f"the output must be a .pte file, got {args.output}")
+    from .export_executorch import export_checkpoint
+
+    path = export_checkpoint(checkpoint, args.output, args.quantize, args.max_cache_len, args.prefill_chunk)
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB ({args.quantize}, max cache {args.max_cache_len} tokens)")
 
 
 def bench_main(argv: list[str] | None = None) -> None:
@@ -440,6 +529,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "bench": bench_main,
     "info": info_main,
     "quantize": delegated("quantization", "quantize_main"),
+    "export": export_main,
     "card": delegated("model_card", "card_main"),
     "push": delegated("model_card", "push_main"),
     "serve": delegated("serving_http", "serve_main"),

@@ -1,0 +1,167 @@
+"""FastGPT's ExecuTorch `.pte` against a same-shape Llama exported the same way, on the CPU (XNNPACK).
+
+For each preset and dtype, both random-weight models are exported once with a static cache of
+max(--contexts) + --new-tokens positions, prefill chunks of --prefill-chunk tokens, lowered to XNNPACK, and
+(`int8`) quantized by `export_executorch.quantize_for_edge`. FastGPT goes through `fastgpt_hf.export_executorch`;
+Llama through Transformers' own exportable static cache (`TorchExportableModuleWithStaticCache`), its `forward`
+exported twice (prefill `[1, chunk]`, decode `[1, 1]`) and lowered by the same `lower_to_executorch`, so both files
+run the same way: prompt chunks through `prefill`, then one token per `decode`.
+
+Each (file, context) is measured in a fresh process: prefill tokens/s over a random prompt of `context` tokens,
+decode tokens/s over --new-tokens greedy steps after it, and the process's peak resident set (which includes
+Python, torch and the runtime). Cache MiB is the bytes of the file's mutable buffers. Wall-clock figures: note the
+machine's load beside them.
+
+    python benchmarks/executorch_cpu.py --presets small --contexts 512 2048 --dtypes float32 int8
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class LlamaStep(nn.Module):
+    """Transformers' exportable Llama (`forward(input_ids, cache_position)`) with positional inputs."""
+
+    def __init__(self, exportable: nn.Module):
+        super().__init__()
+        self.exportable = exportable
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.exportable(input_ids=input_ids, cache_position=cache_position)
+
+
+def export_llama(model, path: Path, max_cache_len: int, prefill_chunk: int) -> int:
+    """Write the Llama `.pte`; returns its cache bytes."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    from fastgpt_hf.export_executorch import lower_to_executorch
+
+    model.generation_config.cache_implementation = "static"
+    step = LlamaStep(TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len))
+    examples = {"prefill": prefill_chunk, "decode": 1}
+    with torch.no_grad():
+        programs = {
+            method: torch.export.export(
+                step, (torch.zeros(1, length, dtype=torch.long), torch.arange(length)), strict=True
+            )
+            for method, length in examples.items()
+        }
+    constants = {"get_max_cache_len": max_cache_len, "get_prefill_chunk": prefill_chunk}
+    path.write_bytes(lower_to_executorch(programs, constants).buffer)
+    return sum(buffer.numel() * buffer.element_size() for buffer in step.exportable.buffers())
+
+
+def export_fastgpt(model, path: Path, max_cache_len: int, prefill_chunk: int) -> int:
+    """Write the FastGPT `.pte` (already quantized if wanted); returns its cache bytes."""
+    from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
+    from fastgpt_hf.export_executorch import cache_tensors, export_model
+
+    export_model(model, path, "none", max_cache_len, prefill_chunk)
+    cache = FastGPTStaticCache(model.config, max_cache_len)
+    cache.early_initialization(1, model.config.num_key_value_heads, model.config.head_dim, torch.float32, "cpu")
+    return sum(tensor.numel() * tensor.element_size() for tensor in cache_tensors(cache).values())
+
+
+def measure(path: str, context: int, new_tokens: int) -> dict:
+    """Prefill and decode tokens/s of one file at one context, and this process's peak RSS (run in a child)."""
+    from fastgpt_hf.run_executorch import load_program
+
+    program = load_program(path)
+    methods = {name: program.load_method(name) for name in program.method_names if name in ("prefill", "decode")}
+    chunk = int(program.load_method("get_prefill_chunk").execute([])[0])
+    takes_position = program.metadata("decode").num_inputs() == 2  # Llama: (input_ids, cache_position)
+    if "reset" in program.method_names:
+        program.load_method("reset").execute([])
+
+    def run(method: str, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        inputs = [tokens[None]]
+        if takes_position:
+            inputs.append(torch.arange(position, position + tokens.shape[0]))
+        return methods[method].execute(inputs)[0]
+
+    prompt = torch.randint(0, 1000, (context,), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for begin in range(0, context, chunk):
+        logits = run("prefill", prompt[begin : begin + chunk], begin)
+    prefill_seconds = time.perf_counter() - start
+    token = logits[0, -1].argmax()[None]
+    start = time.perf_counter()
+    for step in range(new_tokens):
+        token = run("decode", token, context + step)[0, -1].argmax()[None]
+    decode_seconds = time.perf_counter() - start
+    return {
+        "prefill_tokens_per_second": context / prefill_seconds,
+        "decode_tokens_per_second": new_tokens / decode_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def build_models(preset: str, dtype: str):
+    from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+    from fastgpt_hf.export_executorch import quantize_for_edge
+    from fastgpt_hf.training import llama_peer
+
+    torch.manual_seed(0)
+    fastgpt = FastGPTForCausalLM(FastGPTConfig.from_preset(preset)).eval()
+    llama = llama_peer(fastgpt.config).eval()
+    if dtype == "int8":
+        quantize_for_edge(fastgpt)
+        quantize_for_edge(llama)
+    return {"FastGPT": fastgpt, "Llama": llama}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "int8"], default=["float32", "int8"])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prefill-chunk", type=int, default=128)
+    parser.add_argument("--output-dir", default="runs/executorch_bench")
+    parser.add_argument("--measure", nargs=3, metavar=("PTE", "CONTEXT", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], int(args.measure[1]), int(args.measure[2]))))
+        return
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    max_cache_len = max(args.contexts) + args.new_tokens
+    exporters = {"FastGPT": export_fastgpt, "Llama": export_llama}
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; cache {max_cache_len} positions")
+    print(
+        f"{'preset':>6} {'dtype':>7} {'model':>7} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
+        f"{'peak RSS MiB':>12} {'cache MiB':>9} {'file MiB':>8}",
+        flush=True,
+    )
+    for preset in args.presets:
+        for dtype in args.dtypes:
+            for name, model in build_models(preset, dtype).items():
+                path = output / f"{name.lower()}-{preset}-{dtype}-{max_cache_len}.pte"
+                cache_bytes = exporters[name](model, path, max_cache_len, args.prefill_chunk)
+                del model
+                for context in args.contexts:
+                    command = [sys.executable, __file__, "--measure", str(path), str(context), str(args.new_tokens)]
+                    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+                    row = {"preset": preset, "dtype": dtype, "model": name, "context": context, **result}
+                    row.update(cache_mib=cache_bytes / 2**20, file_mib=path.stat().st_size / 2**20)
+                    print(
+                        f"{preset:>6} {dtype:>7} {name:>7} {context:>7} {row['prefill_tokens_per_second']:>13.1f} "
+                        f"{row['decode_tokens_per_second']:>12.1f} {row['peak_rss_mib']:>12.0f} "
+                        f"{row['cache_mib']:>9.1f} {row['file_mib']:>8.1f}  (load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
+                    with open(output / "results.jsonl", "a", encoding="utf-8") as results:
+                        results.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
