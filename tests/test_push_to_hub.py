@@ -54,6 +54,7 @@ CHECKPOINT_FILES = {
     "attention_flex.py",
     "attention_masks.py",
     "attention_sdpa.py",
+    "generation_fast_path.py",
 }
 
 
