@@ -150,7 +150,8 @@ def prefill_table(fastgpt, llama, shapes, peak: float, backends, settings) -> li
     ]
     best = {}
     for batch, length in shapes:
-        input_ids = torch.randint(0, fastgpt.config.vocab_size, (batch, length), device="cuda")
+        # Drawn on the CPU: a failed CUDA-graph capture above leaves the CUDA generator unusable.
+        input_ids = torch.randint(0, fastgpt.config.vocab_size, (batch, length)).cuda()
         llama_results = best_prefill(llama, input_ids, backends, settings)
         ours_results = best_prefill(fastgpt, input_ids, backends, settings)
         if not llama_results or not ours_results:
@@ -279,7 +280,8 @@ def training_table(fastgpt, llama, shapes, peak: float, settings) -> list[str]:
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for batch, length in shapes:
-        input_ids = torch.randint(0, fastgpt.config.vocab_size, (batch, length), device="cuda")
+        # Drawn on the CPU: a failed CUDA-graph capture above leaves the CUDA generator unusable.
+        input_ids = torch.randint(0, fastgpt.config.vocab_size, (batch, length)).cuda()
         llama_results, ours_results = (
             best_training(llama, input_ids, settings),
             best_training(fastgpt, input_ids, settings),
