@@ -71,6 +71,26 @@ def test_compiled_unpadded_model_matches_reference():
     assert relative_error(logits, reference, attention_mask) < RELATIVE_TOLERANCE[torch.bfloat16]
 
 
+def test_unpadded_prefill_replays_from_a_cuda_graph():
+    """An unpadded bf16 forward without a cache reads nothing back to the host while a CUDA graph is captured (the
+    token-id check stands aside), so its replay gives the eager logits: the setting `bench_prefill.py` times."""
+    model = tiny_model("mixed", "sdpa", dtype=torch.bfloat16, initializer_range=0.05, **LONG_WINDOWS).cuda()
+    input_ids = left_padded_batch(1000)[0].cuda()
+    with torch.no_grad():
+        eager = model(input_ids, use_cache=False).logits
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(input_ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(input_ids, use_cache=False).logits
+        captured.zero_()
+        graph.replay()
+    torch.testing.assert_close(captured, eager)
+
+
 @pytest.mark.parametrize(
     ("query_length", "key_length", "window"),
     [(300, 300, 64), (1000, 1000, 192), (40, 300, 64), (200, 260, 64), (1, 100, 64)],

@@ -589,10 +589,13 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a ValueError naming an id of `input_ids` `[B, T]` outside [0, vocab_size), where the embedding would
     raise an IndexError (CPU) or a device-side assert (CUDA).
 
-    One min/max reduction. Not in compiled code, and on an accelerator not for one-token steps: reading a decode
-    step's id would synchronise with the device at every step, and generate() feeds back ids the model chose among
-    its `vocab_size` logits after checking the prompt here."""
+    One min/max reduction. Not in compiled code nor while a CUDA graph is captured (reading a value back would end
+    the capture), and on an accelerator not for one-token steps: reading a decode step's id would synchronise with
+    the device at every step, and generate() feeds back ids the model chose among its `vocab_size` logits after
+    checking the prompt here."""
     if is_torchdynamo_compiling() or input_ids.device.type == "meta":
+        return
+    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     if input_ids.device.type != "cpu" and input_ids.shape[1] == 1:
         return
