@@ -197,15 +197,18 @@ class CompressedBlocks:
         self.open_value_sums = torch.zeros_like(self.open_key_sums)
         self.open_blocks = torch.zeros(batch, dtype=torch.long, device=key_states.device)
 
+    # The block state's attributes, in `block_buffers()` order.
+    BLOCK_STATE = (
+        "compressed_keys",
+        "compressed_values",
+        "block_counts",
+        "open_key_sums",
+        "open_value_sums",
+        "open_blocks",
+    )
+
     def block_buffers(self) -> list[torch.Tensor]:
-        return [
-            self.compressed_keys,
-            self.compressed_values,
-            self.block_counts,
-            self.open_key_sums,
-            self.open_value_sums,
-            self.open_blocks,
-        ]
+        return [getattr(self, name) for name in self.BLOCK_STATE]
 
     def activate_past_recording(self) -> None:
         """Keep what `crop` needs to roll the blocks back to this point (Transformers calls this before assisted
@@ -336,14 +339,8 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
 
     def set_block_buffers(self, buffers: list[torch.Tensor]) -> None:
         """Replace the block state, in `block_buffers()` order."""
-        (
-            self.compressed_keys,
-            self.compressed_values,
-            self.block_counts,
-            self.open_key_sums,
-            self.open_value_sums,
-            self.open_blocks,
-        ) = buffers
+        for name, buffer in zip(self.BLOCK_STATE, buffers, strict=True):
+            setattr(self, name, buffer)
 
 
 class StaticRolledLayer(StaticLayer):

@@ -67,13 +67,12 @@ def quantize_for_edge(model: PreTrainedModel) -> PreTrainedModel:
 
 def cache_tensors(cache: FastGPTStaticCache) -> dict[str, torch.Tensor]:
     """Every tensor of the cache by a buffer name: `layers.N.keys`, `.values`, `.slot_is_real`,
-    `.cumulative_length` and, for dynamic layers, `.block_key_sums`, `.block_value_sums`, `.block_counts`,
-    `.compressed_keys`, `.compressed_values`."""
+    `.cumulative_length` and, for dynamic layers, the block state (`CompressedBlocks.BLOCK_STATE`)."""
     tensors = {}
     for index, layer in enumerate(cache.layers):
         names = ["keys", "values", "slot_is_real", "cumulative_length"]
         if isinstance(layer, StaticCompressedLayer):
-            names += ["block_key_sums", "block_value_sums", "block_counts", "compressed_keys", "compressed_values"]
+            names += list(layer.BLOCK_STATE)
         for name in names:
             tensors[f"layer_{index}_{name}"] = getattr(layer, name)
     return tensors

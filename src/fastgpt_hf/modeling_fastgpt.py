@@ -355,7 +355,11 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         `quantization.load_dynamic_range` (where the package is installed), so that `pipeline(...)` opens it too; it
         stays a float32 CPU model whatever loading options are passed."""
         quantization = optional_package_module("quantization")
-        if quantization is not None and quantization.is_dynamic_range_folder(pretrained_model_name_or_path):
+        if (
+            quantization is not None
+            and pretrained_model_name_or_path is not None  # None: a config-only load (Transformers' tests do it)
+            and quantization.is_dynamic_range_folder(pretrained_model_name_or_path)
+        ):
             return quantization.load_dynamic_range(pretrained_model_name_or_path)
         return strict_from_pretrained(
             super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs
