@@ -7,6 +7,7 @@ import torch
 
 import fastgpt_hf  # noqa: F401  (registers the Auto classes)
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.cli import main
 from fastgpt_hf.data import CORPUS_FILES
 
 STACKS = {
@@ -63,3 +64,14 @@ def write_text_files(folder: Path) -> dict[str, Path]:
         files[split] = folder / f"{split}.txt"
         files[split].write_text(text, encoding="utf-8")
     return files
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `fastgpt *argv`."""
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

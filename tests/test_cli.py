@@ -14,24 +14,13 @@ import torch
 from transformers import TrainerCallback
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM, data, quantization, training
-from fastgpt_hf.cli import COMMANDS, main
+from fastgpt_hf.cli import COMMANDS
 from fastgpt_hf.data import evaluate_perplexity, load_tokenizer
 from fastgpt_hf.output_folders import writer_lock
 
-from .conftest import tiny_model, write_text_files
+from .conftest import run_cli, tiny_model, write_text_files
 
 HAS_MODEL_CARD = importlib.util.find_spec("fastgpt_hf.model_card") is not None
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of `fastgpt *argv`."""
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def test_top_level_help_lists_every_command(capsys):

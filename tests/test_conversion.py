@@ -26,9 +26,10 @@ from transformers import (
 )
 
 from fastgpt_hf import FastGPTForCausalLM
-from fastgpt_hf.cli import main
 from fastgpt_hf.conversion import GATE_BIAS, convert, converted_model, load_source
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
+
+from .conftest import run_cli
 
 CHAT_TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
@@ -159,16 +160,6 @@ def test_unmappable_sources_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"missing from the checkpoint: model\.layers\.1\.mlp\.up_proj\.weight"):
         convert(tmp_path / "llama", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def test_convert_then_uptrain_lowers_the_kl_to_the_source(tmp_path, capsys):
