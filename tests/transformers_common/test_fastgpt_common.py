@@ -1,4 +1,4 @@
-"""Transformers' own common model tests (`ModelTesterMixin`, vendored from the 5.24.0 source distribution: NOTICE)
+"""Transformers' own common model tests (`ModelTesterMixin`, vendored from the 5.25.0 source distribution: NOTICE)
 run against FastGPT, on a config whose three layers are one of each kind and whose windows and blocks the test
 inputs cross (7 tokens; windows of 4, blocks of 2).
 
