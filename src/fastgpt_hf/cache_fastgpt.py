@@ -210,9 +210,10 @@ class CompressedBlocks:
     def block_buffers(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.BLOCK_STATE]
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         """Keep what `crop` needs to roll the blocks back to this point (Transformers calls this before assisted
-        decoding); `crop` moves the point forward."""
+        decoding); `crop` moves the point forward. `recurrent_states_to_keep` is for linear-attention layers
+        (Transformers passes it to every layer); the block state is rolled back by replay, so it needs none."""
         self.record_past = True
         self.start_rollback_point()
 
