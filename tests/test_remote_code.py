@@ -121,7 +121,7 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
         assert torch.equal(outputs[source]["logits"], expected_logits), source
         assert torch.equal(outputs[source]["generated"], expected_tokens), source
     resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_fastgpt.py", "strict_loading.py"} <= resaved
+    assert {"config.json", "model.safetensors", "modeling_fastgpt.py", "checkpoints.py", "input_checks.py"} <= resaved
     assert "README.md" not in resaved
 
 

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from .checkpoints import loading_problems
 from .configuration_fastgpt import DYNAMIC, FULL, FastGPTConfig
 from .modeling_fastgpt import FastGPTForCausalLM
 from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
-from .strict_loading import loading_problems
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Config fields copied as they are (Llama's names; Mistral and Qwen2 use the same ones).

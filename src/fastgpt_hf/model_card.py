@@ -15,8 +15,8 @@ Uploads send only what a model repository needs (`MODEL_REPO_FILES`, `MODEL_REPO
 `training_args.bin` or `checkpoint-N/` folders beside the weights stay home unless `fastgpt push --include` names
 them, and the files left out are reported.
 
-This module is not part of the code copied beside the weights: `FastGPTPreTrainedModel.save_pretrained` and
-`push_to_hub` import it lazily and do without it when the package is absent.
+This module is not part of the code copied beside the weights: `FastGPTCheckpointMixin.save_pretrained` and
+`push_to_hub` (`checkpoints`) import it lazily and do without it when the package is absent.
 """
 
 import argparse
@@ -47,6 +47,8 @@ if TYPE_CHECKING:  # both import heavier libraries (datasets) than a card needs;
     from .data import Perplexity
 
 CARD_TAGS = ["fastgpt", "custom_code", "efficient-attention", "sliding-window-attention", "long-context"]
+# The card's pipeline tag, by the Auto class of the model's task (`checkpoint_auto_classes`).
+PIPELINE_TAGS = {"AutoModelForCausalLM": "text-generation", "AutoModelForImageTextToText": "image-text-to-text"}
 SPARSITY_LENGTH = 4096  # DESIGN.md section 3 quotes the stages' sparsity at this length
 # Config values the template prints under the layer table.
 CARD_CONFIG_FIELDS = (
@@ -182,9 +184,10 @@ def speed_results(speeds: "list[GenerationSpeed]", new_tokens: int, device: str)
 
 
 def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
-    """One row per layer for the card's layer table: index, type, window, global branch, sparsity."""
-    config = model.config
-    sparsities = model.attention_sparsity(sparsity_length)
+    """One row per layer of the (language) model for the card's layer table: index, type, window, global branch,
+    sparsity."""
+    config = model.config.get_text_config(decoder=True)
+    sparsities = model.get_decoder().attention_sparsity(sparsity_length)
     windows = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window}
     global_branch = f"{config.num_memory_tokens} memory slots + 1 entry per {config.compress_block_size} positions"
     return [
@@ -199,6 +202,15 @@ def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
     ]
 
 
+def model_description(model: PreTrainedModel) -> str:
+    """What the card's first sentence calls `model`: a causal language model, or a captioning model and its
+    vision encoder."""
+    if model.config.get_text_config(decoder=True) is model.config:
+        return "FastGPT causal language model"
+    vision_type = model.config.vision_config.model_type
+    return f"FastGPT captioning model (a FastGPT language model reading a `{vision_type}` vision encoder's features)"
+
+
 def build_model_card(
     model: PreTrainedModel,
     model_id: str,
@@ -207,12 +219,14 @@ def build_model_card(
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> ModelCard:
-    """The README.md card of a FastGPT `model` published as `model_id` (a Hub repo id or a folder name)."""
-    config = model.config
+    """The README.md card of a FastGPT `model` (text or captioning) published as `model_id` (a Hub repo id or a
+    folder name)."""
+    config = model.config.get_text_config(decoder=True)
+    auto_class = next(name for name in model.checkpoint_auto_classes if name != "AutoModel")
     card_data = ModelCardData(
         model_name=model_id,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=PIPELINE_TAGS[auto_class],
         license=license,
         datasets=["wikitext"] if datasets is None else datasets,
         tags=[*CARD_TAGS, *(tag for tag in tags or [] if tag not in CARD_TAGS)],
@@ -224,6 +238,8 @@ def build_model_card(
         card_data,
         template_str=template,
         model_id=model_id,
+        description=model_description(model),
+        auto_class=auto_class,
         results=results or [],
         num_parameters=f"{model.num_parameters():,}",
         fastgpt_hf_version=FASTGPT_HF_VERSION,

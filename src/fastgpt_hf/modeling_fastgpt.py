@@ -9,10 +9,7 @@ generation). Without `position_ids`, positions count real tokens (`cumsum(attent
 does), so that a left-padded row gets the positions, windows and compression blocks it would get alone.
 """
 
-import importlib
-import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 from torch import nn
@@ -43,13 +40,13 @@ from .attention_sdpa import sdpa_windowed_attention
 from .cache_fastgpt import (
     FastGPTDynamicCache,
     FastGPTStaticCache,
-    check_cache,
     check_positions_follow_cache,
     update_with_key_mask,
 )
+from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
 from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
-from .strict_loading import strict_from_pretrained
+from .input_checks import check_inputs, check_position_ids
 
 # Backends of windowed causal attention, one signature (see `attention_masks`): the model never branches on them.
 WINDOWED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -294,7 +291,7 @@ class FastGPTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class FastGPTPreTrainedModel(PreTrainedModel):
+class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
     config: FastGPTConfig
     config_class = FastGPTConfig
     base_model_prefix = "model"
@@ -305,6 +302,7 @@ class FastGPTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_record_outputs = {"hidden_states": FastGPTDecoderLayer, "attentions": FastGPTAttention}
+    checkpoint_auto_classes = {"AutoModel": "FastGPTModel", "AutoModelForCausalLM": "FastGPTForCausalLM"}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -345,80 +343,6 @@ class FastGPTPreTrainedModel(PreTrainedModel):
                 scored = scored_by_position
             fractions.append(1.0 - scored.sum().item() / seq_len**2)
         return fractions
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict: missing, unexpected or (unless `ignore_mismatched_sizes=True`)
-        mis-shaped tensors raise a `ValueError` naming them (`strict_loading`) instead of random initialisation.
-
-        A folder written by `fastgpt quantize --scheme dynamic-range` loads through the package's
-        `quantization.load_dynamic_range` (where the package is installed), so that `pipeline(...)` opens it too; it
-        stays a float32 CPU model whatever loading options are passed."""
-        quantization = optional_package_module("quantization")
-        if (
-            quantization is not None
-            and pretrained_model_name_or_path is not None  # None: a config-only load (Transformers' tests do it)
-            and quantization.is_dynamic_range_folder(pretrained_model_name_or_path)
-        ):
-            return quantization.load_dynamic_range(pretrained_model_name_or_path)
-        return strict_from_pretrained(
-            super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained` (code and `auto_map` included), plus a README.md model card when the
-        folder has none and the fastgpt_hf package is installed (the card generator does not travel with the code).
-
-        With `push_to_hub=True` (and `repo_id`, `token`, `private`, `commit_message`, ... as in Transformers) the
-        files of the folder that a model repository needs are then uploaded (`model_card.upload_checkpoint`, which
-        warns about the rest): Transformers' own push would replace the card with a generic one."""
-        model_card = optional_model_card_module()
-        hub_options = {}
-        if push_to_hub and model_card is not None:
-            hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-            hub_options.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        if self.is_remote_code():  # the code is copied: map both model classes it holds, not only this one
-            self.config.auto_map = {
-                **getattr(self.config, "auto_map", {}),
-                "AutoModel": "modeling_fastgpt.FastGPTModel",
-                "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
-            }
-        super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub and not hub_options, **kwargs)
-        if model_card is None or not kwargs.get("is_main_process", True):
-            return
-        if not os.path.exists(os.path.join(save_directory, "README.md")):
-            model_card.write_model_card(self, save_directory, model_id=hub_options.get("repo_id"))
-        if hub_options:
-            model_card.upload_checkpoint(save_directory, **hub_options)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """`PreTrainedModel.push_to_hub` with the FastGPT model card as README.md when the package is installed."""
-        model_card = optional_model_card_module()
-        if model_card is None:
-            return super().push_to_hub(repo_id, **kwargs)
-        return model_card.push_model(self, repo_id, **kwargs)
-
-
-# What `save_pretrained(..., push_to_hub=True)` passes on to the upload (`model_card.upload_checkpoint`).
-HUB_OPTIONS = ("repo_id", "private", "token", "commit_message", "commit_description", "revision", "create_pr")
-
-
-def optional_model_card_module() -> ModuleType | None:
-    """fastgpt_hf's `model_card` module, or None where this file runs as a checkpoint's copied code without it."""
-    return optional_package_module("model_card")
-
-
-def optional_package_module(name: str) -> ModuleType | None:
-    """The module `name` of fastgpt_hf, or None where this file runs as a checkpoint's copied code without it.
-
-    Imported by name, not by an import statement, so that Transformers does not copy it beside the weights.
-    """
-    try:
-        return importlib.import_module(f".{name}", __package__)
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.{name}":
-            raise
-        return None
 
 
 class FastGPTModel(FastGPTPreTrainedModel):
@@ -533,102 +457,6 @@ class FastGPTModel(FastGPTPreTrainedModel):
         if padding_mask is None:
             return (torch.arange(query_length, device=device) + past_length)[None]
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
-
-
-def check_inputs(
-    input_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    cache: Cache | None,
-    config: FastGPTConfig,
-) -> None:
-    """Raise a ValueError naming the argument, the shape given and the shape expected, unless the inputs fit: exactly
-    one of input_ids `[B, T]` (torch.long or torch.int) and inputs_embeds `[B, T, hidden_size]`, B and T at least 1;
-    a cache built for this model holding B rows (`check_cache`); attention_mask `[B, cached + T]`, or with the static
-    cache, which flags its real slots itself, `[B, T]` for the new tokens (generate()'s compiled decode passes that).
-
-    Token ids must lie in [0, vocab_size) (`check_token_ids`: one min/max, skipped where it would synchronise a
-    decode step). Otherwise shapes and dtypes only, no tensor value is read: in compiled code this costs nothing, and
-    there the static cache's 0-d counter is not read either (reading it would synchronize), so its mask must be the
-    new tokens'."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None and (input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int)):
-        raise ValueError(
-            "input_ids must be token ids of shape (batch, tokens) and dtype torch.long or torch.int (one sequence: "
-            f"input_ids[None]); got shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}."
-        )
-    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != config.hidden_size):
-        raise ValueError(
-            f"inputs_embeds must have shape (batch, tokens, hidden_size) = (batch, tokens, {config.hidden_size}); "
-            f"got {tuple(inputs_embeds.shape)}."
-        )
-    name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
-    batch_size, query_length = tokens.shape[:2]
-    if batch_size == 0 or query_length == 0:
-        raise ValueError(
-            f"{name} has shape {tuple(tokens.shape)}, an empty input: give at least one row of at least one token "
-            "(e.g. a BOS token)."
-        )
-    if input_ids is not None:
-        check_token_ids(input_ids, config.vocab_size)
-    if cache is not None:
-        check_cache(cache, config, batch_size)
-    if attention_mask is None:
-        return
-    static_cache = isinstance(cache, FastGPTStaticCache)
-    if static_cache and is_torchdynamo_compiling():  # the cache's counter stays unread
-        lengths = (query_length,)
-    else:
-        every_token = query_length + (0 if cache is None else int(cache.get_seq_length()))
-        lengths = (every_token, query_length) if static_cache else (every_token,)
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
-        raise ValueError(
-            f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, {lengths[0]}), 1 for "
-            f"tokens and 0 for padding; got shape {tuple(attention_mask.shape)}."
-        )
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise a ValueError naming an id of `input_ids` `[B, T]` outside [0, vocab_size), where the embedding would
-    raise an IndexError (CPU) or a device-side assert (CUDA).
-
-    One min/max reduction. Not in compiled code nor while a CUDA graph is captured (reading a value back would end
-    the capture), and on an accelerator not for one-token steps: reading a decode step's id would synchronise with
-    the device at every step, and generate() feeds back ids the model chose among its `vocab_size` logits after
-    checking the prompt here."""
-    if is_torchdynamo_compiling() or input_ids.device.type == "meta":
-        return
-    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if input_ids.device.type != "cpu" and input_ids.shape[1] == 1:
-        return
-    lowest, highest = (int(value) for value in torch.aminmax(input_ids))
-    if lowest < 0 or highest >= vocab_size:
-        bad_id = lowest if lowest < 0 else highest
-        raise ValueError(
-            f"input_ids holds token id {bad_id}, outside this model's vocabulary [0, {vocab_size}) "
-            f"(config.vocab_size = {vocab_size}). Encode the text with the model's own tokenizer; after adding tokens "
-            "to a tokenizer, call model.resize_token_embeddings(len(tokenizer))."
-        )
-
-
-def check_position_ids(position_ids: torch.Tensor, batch_size: int, past_length: int, query_length: int) -> None:
-    """Raise a ValueError unless `position_ids` is `[B or 1, T]` and counts tokens from 0: a token's position is at
-    most its index among the cached and new tokens (left padding makes it smaller). The dynamic layers' blocks are
-    sized by the tokens seen, so a larger position has no block."""
-    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != query_length:
-        raise ValueError(
-            f"position_ids must have shape (batch, new tokens) = ({batch_size}, {query_length}); got "
-            f"{tuple(position_ids.shape)} (generate() derives them from attention_mask, which must then cover every "
-            "token so far)."
-        )
-    lowest, highest = (int(value) for value in torch.aminmax(position_ids))
-    if lowest < 0 or highest >= past_length + query_length:
-        raise ValueError(
-            f"position_ids must be in [0, {past_length + query_length}): positions count the tokens so far from 0 "
-            f"({past_length} cached + {query_length} new); got values from {lowest} to {highest}."
-        )
 
 
 class FastGPTGenerationMixin(GenerationMixin):

@@ -13,7 +13,6 @@ and decodes with FastGPT's own cache (`FastGPTGenerationMixin`).
 """
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -30,9 +29,10 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt_vl import FastGPTVLConfig
-from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel, check_inputs
-from .strict_loading import strict_from_pretrained
+from .input_checks import check_inputs
+from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel
 
 
 class FastGPTVLProjector(nn.Module):
@@ -63,7 +63,7 @@ def pool_frame_patches(patch_features: torch.Tensor, pool_size: int) -> torch.Te
     return nn.functional.avg_pool2d(grid_features, pool_size).flatten(2).transpose(1, 2)
 
 
-class FastGPTVLPreTrainedModel(PreTrainedModel):
+class FastGPTVLPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
     config: FastGPTVLConfig
     config_class = FastGPTVLConfig
     base_model_prefix = "model"
@@ -72,19 +72,15 @@ class FastGPTVLPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["FastGPTDecoderLayer"]
     _supports_sdpa = True
     _supports_flex_attn = True
+    checkpoint_auto_classes = {
+        "AutoModel": "FastGPTVLModel",
+        "AutoModelForImageTextToText": "FastGPTForConditionalGeneration",
+    }
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         """Both sub-models read their config's attention implementation at every call."""
         return True
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict as the text model's: a missing, unexpected or mis-shaped tensor
-        (language model, projector or vision encoder) raises a `ValueError` naming it (`strict_loading`)."""
-        return strict_from_pretrained(
-            super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs
-        )
 
 
 class FastGPTVLModel(FastGPTVLPreTrainedModel):

@@ -39,7 +39,7 @@ EXEMPTIONS: dict[str, str] = {
     },
     "test_model_weights_reload_no_missing_tied_weights": (
         "It loads a checkpoint with every tensor removed and expects random weights; FastGPT's from_pretrained is "
-        "strict by design and raises a ValueError naming every missing tensor (strict_loading.py, "
+        "strict by design and raises a ValueError naming every missing tensor (checkpoints.py, "
         "tests/test_strict_loading.py). Transformers has no such model to compare."
     ),
 }
