@@ -64,6 +64,23 @@ def test_card_body_lists_each_layer_with_window_and_sparsity():
         assert section in text
 
 
+def test_captioning_model_is_saved_with_the_card_of_its_task(tmp_path):
+    """The captioning model saves through the same mixin: a card whose task, loading class and layer table are the
+    captioner's (its language model's layers)."""
+    from .test_multimodal import build_model, tiny_processor
+
+    model = build_model(tiny_processor())
+    model.save_pretrained(tmp_path / "captioner")
+    card = ModelCard.load(tmp_path / "captioner" / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.model_name == "captioner"
+    assert "captioning model" in card.text and "`siglip_vision_model`" in card.text
+    assert 'AutoModelForImageTextToText.from_pretrained("captioner", trust_remote_code=True)' in card.text
+    sparsities = model.model.language_model.attention_sparsity(4096)
+    for index, layer_type in enumerate(model.config.text_config.layer_types):
+        assert f"| {index} | `{layer_type}` |" in card.text and f"| {sparsities[index]:.1%} |" in card.text
+
+
 def test_save_pretrained_writes_a_card_only_where_none_exists(tmp_path):
     model = tiny_model("mixed", dtype=torch.float32)
     model.save_pretrained(tmp_path / "fastgpt-tiny")

@@ -44,7 +44,7 @@ torch.save(outputs, outputs_file)
 LOAD_CAPTIONER_WITHOUT_PACKAGE = """
 import importlib.util, sys, torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 folder, prompt, outputs_file, *picture_files = sys.argv[1:]
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -54,9 +54,12 @@ inputs = processor(images=images, text=[prompt, prompt + " a"], padding=True, re
 with torch.no_grad():
     logits = model(**inputs).logits
 generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+base_model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+model.save_pretrained("resaved")  # the copied code saves too, without the package's card generator
 torch.save({
     "package_importable": importlib.util.find_spec("fastgpt_hf") is not None,
-    "modules": [type(model).__module__, type(processor).__module__],
+    "modules": [type(model).__module__, type(processor).__module__, type(base_model).__module__],
+    "base_model_class": type(base_model).__name__,
     "input_ids": inputs["input_ids"],
     "logits": logits,
     "generated": generated,
@@ -77,21 +80,40 @@ def venv_without_package(folder: Path) -> Path:
     return folder / "bin" / "python"
 
 
-def test_copied_code_is_a_closed_set_of_relative_imports(tmp_path):
-    model = tiny_model("mixed", dtype=torch.float32)
+# Per saved model class: the module copied for it and the auto_map its checkpoint gets (every class it holds).
+COPIED_CODE = {
+    "causal_lm": (
+        "modeling_fastgpt",
+        {
+            "AutoConfig": "configuration_fastgpt.FastGPTConfig",
+            "AutoModel": "modeling_fastgpt.FastGPTModel",
+            "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
+        },
+    ),
+    "captioner": (
+        "modeling_fastgpt_vl",
+        {
+            "AutoConfig": "configuration_fastgpt_vl.FastGPTVLConfig",
+            "AutoModel": "modeling_fastgpt_vl.FastGPTVLModel",
+            "AutoModelForImageTextToText": "modeling_fastgpt_vl.FastGPTForConditionalGeneration",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", COPIED_CODE)
+def test_copied_code_is_a_closed_set_of_relative_imports(tmp_path, kind):
+    model = tiny_model("mixed", dtype=torch.float32) if kind == "causal_lm" else build_model(tiny_processor())
     model.save_pretrained(tmp_path)
+    module, expected_auto_map = COPIED_CODE[kind]
     copied = sorted(path.name for path in tmp_path.glob("*.py"))
-    needed = {Path(name).name for name in get_relative_import_files(tmp_path / "modeling_fastgpt.py")}
-    assert set(copied) == needed | {"modeling_fastgpt.py"}
+    needed = {Path(name).name for name in get_relative_import_files(tmp_path / f"{module}.py")}
+    assert set(copied) == needed | {f"{module}.py"}
+    assert {"checkpoints.py", "input_checks.py", "modeling_fastgpt.py"} <= set(copied)
     assert "model_card.py" not in copied  # the card generator stays in the package
     for name in copied:
         assert "fastgpt_hf" not in get_imports(tmp_path / name), f"{name} imports fastgpt_hf absolutely"
-    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map == {
-        "AutoConfig": "configuration_fastgpt.FastGPTConfig",
-        "AutoModel": "modeling_fastgpt.FastGPTModel",
-        "AutoModelForCausalLM": "modeling_fastgpt.FastGPTForCausalLM",
-    }
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == expected_auto_map
 
 
 @pytest.mark.timeout(300)
@@ -145,6 +167,10 @@ def test_captioner_and_its_processor_load_in_a_fresh_venv_without_the_package(tm
     outputs = torch.load(tmp_path / "outputs.pt")
     assert not outputs["package_importable"]
     assert all(module.startswith("transformers_modules.") for module in outputs["modules"])
+    assert outputs["base_model_class"] == "FastGPTVLModel"
+    resaved = {path.name for path in (tmp_path / "resaved").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_fastgpt_vl.py", "checkpoints.py"} <= resaved
+    assert "README.md" not in resaved
     images = [Image.open(tmp_path / name) for name in picture_files]
     inputs = processor(images=images, text=[PROMPT, PROMPT + " a"], padding=True, return_tensors="pt")
     assert torch.equal(outputs["input_ids"], inputs["input_ids"])

@@ -115,3 +115,16 @@ def test_captioning_checkpoint_missing_a_language_model_tensor_is_named(tmp_path
     with pytest.raises(ValueError, match=rf"missing from the checkpoint: {name}\n") as error:
         AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert "FastGPTForConditionalGeneration" in str(error.value)
+
+
+def test_captioning_checkpoint_of_another_major_minor_version_is_refused(tmp_path):
+    """The captioner's config records the version in its text_config, which is checked as the text model's."""
+    from .test_multimodal import build_model, tiny_processor
+
+    build_model(tiny_processor()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["text_config"]["fastgpt_hf_version"] == FASTGPT_HF_VERSION
+    config["text_config"]["fastgpt_hf_version"] = "0.2.0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"written by fastgpt_hf 0\.2\.0, .*trust_remote_code=True"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path)
