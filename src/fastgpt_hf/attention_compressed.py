@@ -12,6 +12,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import or_masks
+
+from .attention_masks import complete_block_function, compressed_visibility, dense_mask, memory_slot_function
 
 # Mask entries (batch x queries x keys) per sdpa call of the global branch: bounds each call's mask, and its scores
 # (times the heads) where a backend materializes them, while a long prefill makes a few large calls, not many small
@@ -74,12 +77,6 @@ def add_block_statistics(
         additions = states.to(sums.dtype) if is_real is None else states.to(sums.dtype) * weight[:, None, :, None]
         sums.index_put_(index, additions, accumulate=True)
     return block_ids, index
-
-
-def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`[B, T, C]` bool: block c is complete at each query position `[B, T]` and holds a real token."""
-    last_positions = torch.arange(counts.shape[1], device=positions.device) * block_size + block_size - 1
-    return (last_positions <= positions[:, :, None]) & (counts[:, None, :] > 0)
 
 
 def indexed_block_means(
@@ -152,8 +149,7 @@ def global_branch_attention(
     outputs = []
     for start in range(0, query_length, queries_per_call):
         positions = query_positions[:, start : start + queries_per_call]
-        block_visible = block_visibility(positions, block_counts, block_size)
-        visible = F.pad(block_visible, (memory_keys.shape[0], 0), value=True)[:, None]  # [B, 1, chunk, M + C]
+        visible = compressed_visibility(positions, block_counts, block_size, memory_keys.shape[0])  # [B, 1, t, M + C]
         outputs.append(
             F.scaled_dot_product_attention(
                 query_states[:, :, start : start + queries_per_call],
@@ -202,10 +198,12 @@ def indexed_global_visibility(
 def build_indexed_global_visibility(
     query_length: int, num_memory_tokens: int, block_size: int, device: torch.device
 ) -> torch.Tensor:
+    """Every block is full: the rule of `attention_masks` without its non-empty-block piece."""
     positions = torch.arange(query_length, device=device)[None]
-    full_blocks = torch.full((1, query_length // block_size), block_size, device=device)
-    block_visible = block_visibility(positions, full_blocks, block_size)
-    return F.pad(block_visible, (num_memory_tokens, 0), value=True)[:, None]
+    rule = or_masks(
+        memory_slot_function(num_memory_tokens), complete_block_function(positions, block_size, num_memory_tokens)
+    )
+    return dense_mask(rule, 1, query_length, num_memory_tokens + query_length // block_size, device)
 
 
 cached_indexed_global_visibility = functools.lru_cache(maxsize=8)(build_indexed_global_visibility)

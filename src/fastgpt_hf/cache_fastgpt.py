@@ -44,7 +44,7 @@ from transformers.cache_utils import (
 )
 
 from .attention_compressed import add_block_statistics
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 
 # The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
 BlockCompressor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -76,7 +76,7 @@ class CompressedBlocks:
     `[B, K, D]`, `open_blocks` `[B]`. A closed block keeps its entry only.
 
     A token joining the open block recomputes that block's entry, so a one-token step compresses one block per row;
-    the open block's entry is never seen before its last token writes it (`block_visibility`). A step of several
+    the open block's entry is never seen before its last token writes it (`attention_masks.compressed_mask_function`). A step of several
     tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
     a block before its open one, whose sums are gone (`check_positions_follow_cache`).
 
@@ -588,10 +588,11 @@ class FastGPTDynamicCache(DynamicCache):
     def __init__(self, config: FastGPTConfig, offloading: bool = False):
         layers = []
         for layer_type in config.layer_types:
-            if layer_type == SLIDING:
-                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
-            elif layer_type == DYNAMIC:
-                layers.append(DynamicCompressedLayer(config.dynamic_window, config.compress_block_size))
+            window = config.attention_window(layer_type)
+            if layer_type == DYNAMIC:
+                layers.append(DynamicCompressedLayer(window, config.compress_block_size))
+            elif window is not None:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
         # DynamicCache's own constructor knows only Transformers' layer kinds: build the layers here instead.
@@ -611,9 +612,9 @@ class FastGPTStaticCache(StaticCache):
     ):
         layers = []
         for layer_type in config.layer_types:
-            window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len}
+            window = config.attention_window(layer_type) or max_cache_len
             # The past a query can see beside itself; with the newest slot the buffers hold min(window, max_cache_len).
-            kept_length = min(window[layer_type], max_cache_len) - 1
+            kept_length = min(window, max_cache_len) - 1
             if layer_type == DYNAMIC:
                 layers.append(
                     StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size, dynamic_length)

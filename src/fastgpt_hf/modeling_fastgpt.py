@@ -47,7 +47,7 @@ from .cache_fastgpt import (
     check_positions_follow_cache,
     update_with_key_mask,
 )
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
 from .strict_loading import strict_from_pretrained
 
@@ -145,7 +145,7 @@ class FastGPTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: None}[self.layer_type]
+        self.sliding_window = config.attention_window(self.layer_type)
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
@@ -188,7 +188,7 @@ class FastGPTAttention(nn.Module):
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         attn_output, attn_weights = windowed_attention(
-            rotary_query, all_keys, all_values, key_is_real, self.window, self.scaling, dropout
+            rotary_query, all_keys, all_values, key_is_real, self.sliding_window, self.scaling, dropout
         )
         if self.layer_type == DYNAMIC:
             query_is_real = None if attention_mask is None else attention_mask[:, -input_shape[1] :]
@@ -336,13 +336,10 @@ class FastGPTPreTrainedModel(PreTrainedModel):
         scored_by_position = torch.arange(1, seq_len + 1, dtype=torch.float64)
         fractions = []
         for layer_type in config.layer_types:
-            if layer_type == SLIDING:
-                scored = scored_by_position.clamp(max=config.sliding_window)
-            elif layer_type == DYNAMIC:
-                local = scored_by_position.clamp(max=config.dynamic_window)
-                scored = local + config.num_memory_tokens + scored_by_position // config.compress_block_size
-            else:
-                scored = scored_by_position
+            window = config.attention_window(layer_type)
+            scored = scored_by_position if window is None else scored_by_position.clamp(max=window)
+            if layer_type == DYNAMIC:
+                scored = scored + config.num_memory_tokens + scored_by_position // config.compress_block_size
             fractions.append(1.0 - scored.sum().item() / seq_len**2)
         return fractions
 
