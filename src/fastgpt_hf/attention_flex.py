@@ -9,6 +9,7 @@ what the CPU tests use to check this mask.
 """
 
 import functools
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 

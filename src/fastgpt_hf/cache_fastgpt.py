@@ -76,8 +76,8 @@ class CompressedBlocks:
     `[B, K, D]`, `open_blocks` `[B]`. A closed block keeps its entry only.
 
     A token joining the open block recomputes that block's entry, so a one-token step compresses one block per row;
-    the open block's entry is never seen before its last token writes it (`attention_masks.compressed_mask_function`). A step of several
-    tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
+    the open block's entry is never seen before its last token writes it (`attention_masks.complete_block_function`).
+    A step of several tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
     a block before its open one, whose sums are gone (`check_positions_follow_cache`).
 
     Rollback (assisted and prompt-lookup decoding): after `activate_past_recording` the layer keeps the open-block
