@@ -77,8 +77,8 @@ class CompressedBlocks:
 
     A token joining the open block recomputes that block's entry, so a one-token step compresses one block per row;
     the open block's entry is never seen before its last token writes it (`attention_masks.complete_block_function`).
-    A step of several tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
-    a block before its open one, whose sums are gone (`check_positions_follow_cache`).
+    A step of several tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions
+    must not go back to a block before its open one, whose sums are gone (`check_positions_follow_cache`).
 
     Rollback (assisted and prompt-lookup decoding): after `activate_past_recording` the layer keeps the open-block
     state as of the last `crop` and the pre-rotary keys and values added since; `crop(-k)` returns to that state and
