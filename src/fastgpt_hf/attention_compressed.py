@@ -22,31 +22,6 @@ from .attention_masks import complete_block_function, compressed_visibility, den
 MASK_ENTRIES_PER_CALL = 2**22
 
 
-def block_statistics(
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    positions: torch.Tensor,
-    is_real: torch.Tensor | None,
-    block_size: int,
-    num_blocks: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block sums of keys and values and per-block real-token counts.
-
-    Args:
-        key_states, value_states: `[B, K, T, D]`, keys before rotary.
-        positions: `[B, T]` absolute positions; is_real: `[B, T]` bool or None (all real).
-        num_blocks: C, blocks [0, C) covered; every real position must be below C * block_size.
-    Returns:
-        key sums `[B, K, C, D]`, value sums `[B, K, C, D]` (float32 or float64), counts `[B, C]` of the same dtype.
-    """
-    batch, kv_heads, _, head_dim = key_states.shape
-    sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-    key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
-    value_sums, counts = torch.zeros_like(key_sums), key_sums.new_zeros(batch, num_blocks)
-    add_block_statistics(key_sums, value_sums, counts, key_states, value_states, positions, is_real, block_size)
-    return key_sums, value_sums, counts
-
-
 def add_block_statistics(
     key_sums: torch.Tensor,
     value_sums: torch.Tensor,
@@ -88,7 +63,7 @@ def indexed_block_means(
     Args:
         key_states, value_states: `[B, K, T, D]`, keys before rotary.
     Returns:
-        `[B, K, T // b, D]` means, float32 (float64 for float64 models), as `block_statistics`' sums over counts.
+        `[B, K, T // b, D]` means, float32 (float64 for float64 models), as the block state's sums over counts.
     """
     blocks = key_states.shape[2] // block_size
     mean_dtype = torch.promote_types(key_states.dtype, torch.float32)

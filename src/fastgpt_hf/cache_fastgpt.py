@@ -287,6 +287,18 @@ class CompressedBlocks:
             self.rollback_blocks(-tokens_to_remove)
 
 
+class OnePassBlocks(CompressedBlocks):
+    """The block state of one forward pass without a cache (training, scoring): the blocks of its T positions (a
+    real position never exceeds its token's index, so T / b blocks, rounded up, cover them), made for the pass and
+    dropped after it. The global branch thus runs the caches' code with or without a cache."""
+
+    def __init__(self, compress_block_size: int):
+        self.compress_block_size = compress_block_size
+
+    def ensure_blocks(self, key_states: torch.Tensor) -> None:
+        self.allocate_blocks(key_states, -(-key_states.shape[2] // self.compress_block_size))
+
+
 class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
     """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus the block state, which grows by one
     entry per block. Croppable like Transformers' `DynamicSlidingWindowLayer`: after `activate_past_recording` the
@@ -703,6 +715,7 @@ __all__ = [
     "FastGPTDynamicCache",
     "FastGPTRowCache",
     "FastGPTStaticCache",
+    "OnePassBlocks",
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",

@@ -32,7 +32,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention_compressed import (
-    block_statistics,
     global_branch_attention,
     indexed_block_means,
     indexed_global_branch_attention,
@@ -43,6 +42,7 @@ from .attention_sdpa import sdpa_windowed_attention
 from .cache_fastgpt import (
     FastGPTDynamicCache,
     FastGPTStaticCache,
+    OnePassBlocks,
     check_cache,
     check_positions_follow_cache,
     update_with_key_mask,
@@ -276,17 +276,11 @@ class FastGPTDynamicAttention(FastGPTAttention):
                 dropout,
             )
         positions = position_ids.expand(query_states.shape[0], -1)
-        if cache is None:
-            # Real positions never exceed the token's index, so these blocks cover every position.
-            num_blocks = -(-query_states.shape[2] // block_size)
-            sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
-            key_sums, value_sums, counts = sums
-            denominator = counts.clamp(min=1)[:, None, :, None]
-            block_keys, block_values = self.compress_blocks(key_sums / denominator, value_sums / denominator)
-        else:
-            block_keys, block_values, counts = cache.layers[self.layer_idx].add_and_compress(
-                key_states, value_states, positions, query_is_real, self.compress_blocks
-            )
+        # Without a cache the pass's blocks live for this call only; with one, in the cache: the same code.
+        blocks = OnePassBlocks(block_size) if cache is None else cache.layers[self.layer_idx]
+        block_keys, block_values, counts = blocks.add_and_compress(
+            key_states, value_states, positions, query_is_real, self.compress_blocks
+        )
         return global_branch_attention(
             query_states,
             positions,
