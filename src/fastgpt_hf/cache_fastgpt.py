@@ -611,6 +611,9 @@ class FastGPTDynamicCache(DynamicCache):
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=False)
         self.layer_signature = layer_signature(config)
 
+    def check_room(self, past_length: int, query_length: int) -> None:
+        """Nothing to check: the dynamic cache grows with the input."""
+
 
 class FastGPTStaticCache(StaticCache):
     """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile.
@@ -636,6 +639,15 @@ class FastGPTStaticCache(StaticCache):
         Cache.__init__(self, layers=layers, offloading=offloading)
         self.max_cache_len = max_cache_len
         self.layer_signature = layer_signature(config)
+
+    def check_room(self, past_length: int, query_length: int) -> None:
+        """Raise a ValueError if `query_length` more tokens after `past_length` exceed `max_cache_len`."""
+        if past_length + query_length > self.max_cache_len:
+            raise ValueError(
+                f"The static cache holds {self.max_cache_len} positions and has seen {past_length}; {query_length} "
+                "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
+                "or a larger max_new_tokens)."
+            )
 
 
 class FastGPTRowCache(FastGPTStaticCache):

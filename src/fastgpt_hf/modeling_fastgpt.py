@@ -546,12 +546,8 @@ class FastGPTModel(FastGPTPreTrainedModel):
                 f"Input reaches {total_length} positions ({past_length} cached + {query_length} new), "
                 f"more than max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
             )
-        if isinstance(cache, FastGPTStaticCache) and total_length > cache.max_cache_len:
-            raise ValueError(
-                f"The static cache holds {cache.max_cache_len} positions and has seen {past_length}; {query_length} "
-                "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
-                "or a larger max_new_tokens)."
-            )
+        if cache is not None:
+            cache.check_room(past_length, query_length)
         return past_length
 
     @staticmethod
