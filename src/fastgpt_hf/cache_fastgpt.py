@@ -1,10 +1,12 @@
 """Generation state of FastGPT: what each layer kind keeps between decoding steps (DESIGN.md section 4).
 
-Two caches, both built from `config.layer_types` (`generate()` builds them by itself):
+Two caches, both built from `config.layer_types` and each layer's window (`config.attention_window`), as
+Transformers builds its own from `layer_types` (`generate()` builds them by itself):
 
 `FastGPTDynamicCache` (the default; memory grows only where the layer kind needs it):
-- `full_attention`: Transformers' `DynamicLayer`, every key and value.
-- `sliding_attention`: Transformers' `DynamicSlidingWindowLayer`, the last `sliding_window - 1` keys and values.
+- `full_attention`: `DynamicFullLayer` (Transformers' `DynamicLayer`), every key and value.
+- `sliding_attention`: `DynamicSlidingLayer` (Transformers' `DynamicSlidingWindowLayer`), the last
+  `sliding_window - 1` keys and values.
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values, the running sums of
   the pre-rotary keys and values of the open block, and one compressed entry (and real-token count) per block
   (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
@@ -14,14 +16,14 @@ Every layer keeps its last N + 1 keys and values, the newest in the last slot an
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
 
-Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
-kept past followed by the T new tokens, so queries are the last T of the S returned keys. The past is in time order,
-except in the static cache's one-token step, where every real past key is within the query's window and its order
-does not matter. Which returned keys are real tokens: the dynamic cache reads it off the 2D attention mask
-(`kept_key_mask`); the static cache keeps a flag per slot (never-written slots and padding are False), so a compiled
-decode step needs only the new tokens' mask and reads no Python int in tensor code: one CUDA graph serves every
-step. `update_with_key_mask` gives both. The dynamic cache counts lengths in Python ints, the static cache in a
-device tensor.
+One `update` contract for every layer (what the windowed backends in `attention_masks` expect): it takes the new
+keys, values and the 2D attention mask, and returns the kept past followed by the T new tokens, so queries are the
+last T of the S returned keys. The past is in time order, except in the static cache's one-token step, where every
+real past key is within the query's window and its order does not matter, and which returned keys are real tokens:
+the dynamic cache reads it off the 2D attention mask (`kept_key_mask`); the static cache keeps a flag per slot
+(never-written slots and padding are False), so a compiled decode step needs only the new tokens' mask and reads no
+Python int in tensor code: one CUDA graph serves every step. The dynamic cache counts lengths in Python ints, the
+static cache in a device tensor.
 
 Rollback (`crop(-k)`, which assisted, prompt-lookup and speculative decoding call after each verification): every
 layer of the dynamic cache can forget its last k tokens once `activate_past_recording` was called (`generate()`
@@ -66,6 +68,26 @@ def kept_key_mask(
         return (torch.arange(key_length, device=device) >= key_length - seen_length)[None]
     # Padding by S on the left and keeping the last S needs no branch on the (compiled: symbolic) lengths.
     return F.pad(attention_mask, (key_length, 0), value=0)[:, -key_length:]
+
+
+class KeyMaskFromAttentionMask:
+    """The update contract of every FastGPT cache layer, for Transformers' dynamic layers: `update` returns the keys
+    and values and which of the keys are real tokens, read off the 2D attention mask (`kept_key_mask`)."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        seen_length = self.get_seq_length() + key_states.shape[2]
+        all_keys, all_values = super().update(key_states, value_states)
+        return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+
+
+class DynamicFullLayer(KeyMaskFromAttentionMask, DynamicLayer):
+    """Cache of a `full_attention` layer: Transformers' `DynamicLayer`, every key and value."""
+
+
+class DynamicSlidingLayer(KeyMaskFromAttentionMask, DynamicSlidingWindowLayer):
+    """Cache of a `sliding_attention` layer: Transformers' `DynamicSlidingWindowLayer`, the last window - 1."""
 
 
 class CompressedBlocks:
@@ -299,7 +321,7 @@ class OnePassBlocks(CompressedBlocks):
         self.allocate_blocks(key_states, -(-key_states.shape[2] // self.compress_block_size))
 
 
-class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
+class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingLayer):
     """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus the block state, which grows by one
     entry per block. Croppable like Transformers' `DynamicSlidingWindowLayer`: after `activate_past_recording` the
     window keeps every token until the next `crop` and the blocks record what `rollback_blocks` replays."""
@@ -387,23 +409,19 @@ class StaticRolledLayer(StaticLayer):
                     torch._dynamo.maybe_mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)
 
     def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        *args,
-        is_real: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `[B, K, T, D]` keys and values (`is_real` `[B, T]`, None: all real); return the kept past and
-        them, queries last. `returned_key_is_real` then says which of the returned keys are real tokens."""
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append `[B, K, T, D]` keys and values; return the kept past and them, queries last, and which returned
+        keys are real tokens (module docstring). `attention_mask` `[B, past + T]` or `[B, T]` (None: all real)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if is_real is None:
+        if attention_mask is None:
             is_real = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=self.device)
+        else:
+            is_real = attention_mask[:, -key_states.shape[2] :].bool()
         if key_states.shape[2] == 1:
-            self.push_one(key_states, value_states, is_real.bool())
-            self.returned_key_is_real = self.slot_is_real
-            return self.keys, self.values
+            self.push_one(key_states, value_states, is_real)
+            return self.keys, self.values, self.slot_is_real
         newest_slot = torch.full((1,), self.ring_length, dtype=torch.long, device=self.device)
         past_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])
         if not torch.compiler.is_compiling():
@@ -413,14 +431,16 @@ class StaticRolledLayer(StaticLayer):
         self.cumulative_length.add_(key_states.shape[2])
         all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
         all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
-        self.returned_key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real.bool()], dim=1)
+        key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real], dim=1)
         # The last min(S, N + 1) returned tokens go to the ring, oldest first, and the newest to slot N.
         stored = min(all_keys.shape[2], self.max_cache_len)
         stored_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])[-stored:]
         self.keys.index_copy_(2, stored_order, all_keys[:, :, -stored:])
         self.values.index_copy_(2, stored_order, all_values[:, :, -stored:])
-        self.slot_is_real.index_copy_(1, stored_order, self.returned_key_is_real[:, -stored:])
-        return all_keys, all_values
+        self.slot_is_real.index_copy_(1, stored_order, key_is_real[:, -stored:])
+        # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
+        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
+        return all_keys, all_values, None if only_new_real_tokens else key_is_real
 
     def ring_slots(self, tokens_seen: torch.Tensor) -> torch.Tensor:
         """The ring's slots oldest first, after `tokens_seen` tokens (the newest of them in slot N)."""
@@ -510,6 +530,10 @@ class StaticRolledLayer(StaticLayer):
         """Every tensor indexed by batch."""
         return [self.keys, self.values, self.slot_is_real]
 
+    def state_names(self) -> list[str]:
+        """The attributes holding the layer's state (ExecuTorch export registers them as buffers)."""
+        return ["keys", "values", "slot_is_real", "cumulative_length"]
+
 
 class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
     """Static cache of a `dynamic_attention` layer: the rolled window plus the block state of every block."""
@@ -536,29 +560,8 @@ class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
     def batch_buffers(self) -> list[torch.Tensor]:
         return [*super().batch_buffers(), *self.block_buffers()]
 
-
-def update_with_key_mask(
-    cache: Cache,
-    layer_idx: int,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Store `[B, K, T, D]` keys and values in a layer of either cache; return all S keys, values and which are real.
-
-    `attention_mask` `[B, past + T]` (or, with the static cache, `[B, T]` for the new tokens only) or None.
-    Returns keys and values `[B, K, S, D]` (queries are the last T) and `[B or 1, S]` bool or None (all real).
-    """
-    layer = cache.layers[layer_idx]
-    new_is_real = None if attention_mask is None else attention_mask[:, -key_states.shape[2] :]
-    if isinstance(layer, StaticRolledLayer):
-        all_keys, all_values = cache.update(key_states, value_states, layer_idx, is_real=new_is_real)
-        # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
-        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
-        return all_keys, all_values, None if only_new_real_tokens else layer.returned_key_is_real
-    seen_length = layer.get_seq_length() + key_states.shape[2]
-    all_keys, all_values = cache.update(key_states, value_states, layer_idx)
-    return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+    def state_names(self) -> list[str]:
+        return [*super().state_names(), *self.BLOCK_STATE]
 
 
 def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
@@ -594,7 +597,32 @@ def layer_signature(config: FastGPTConfig) -> tuple:
     return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
 
 
-class FastGPTDynamicCache(DynamicCache):
+class KeyMaskCache:
+    """`update` of both FastGPT caches: one contract for every layer kind (module docstring)."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store `[B, K, T, D]` keys and values in layer `layer_idx`; return its keys and values `[B, K, S, D]`
+        (queries are the last T) and which keys are real, `[B or 1, S]` bool or None (all real).
+
+        `attention_mask` `[B, past + T]` (the static cache also takes `[B, T]`, the new tokens') or None. Offloading
+        as in Transformers' `Cache.update`: the next offloaded layer is prefetched, this one offloaded after."""
+        if self.offloading:
+            torch.cuda.default_stream(key_states.device).wait_stream(self.prefetch_stream)
+            self.prefetch_stream.wait_stream(torch.cuda.default_stream(key_states.device))
+            self.prefetch(layer_idx + 1, self.only_non_sliding)
+        returned = self.layers[layer_idx].update(key_states, value_states, attention_mask)
+        if self.offloading:
+            self.offload(layer_idx, self.only_non_sliding)
+        return returned
+
+
+class FastGPTDynamicCache(KeyMaskCache, DynamicCache):
     """A `DynamicCache` whose layers follow `config.layer_types`; `generate()` builds it by itself."""
 
     def __init__(self, config: FastGPTConfig, offloading: bool = False):
@@ -604,9 +632,9 @@ class FastGPTDynamicCache(DynamicCache):
             if layer_type == DYNAMIC:
                 layers.append(DynamicCompressedLayer(window, config.compress_block_size))
             elif window is not None:
-                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+                layers.append(DynamicSlidingLayer(sliding_window=window))
             else:
-                layers.append(DynamicLayer())
+                layers.append(DynamicFullLayer())
         # DynamicCache's own constructor knows only Transformers' layer kinds: build the layers here instead.
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=False)
         self.layer_signature = layer_signature(config)
@@ -615,7 +643,7 @@ class FastGPTDynamicCache(DynamicCache):
         """Nothing to check: the dynamic cache grows with the input."""
 
 
-class FastGPTStaticCache(StaticCache):
+class FastGPTStaticCache(KeyMaskCache, StaticCache):
     """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile.
 
     `dynamic_length=True` marks the dimensions that follow `max_cache_len` (full layers' slots, dynamic layers'
@@ -724,6 +752,8 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
 
 __all__ = [
     "DynamicCompressedLayer",
+    "DynamicFullLayer",
+    "DynamicSlidingLayer",
     "FastGPTDynamicCache",
     "FastGPTRowCache",
     "FastGPTStaticCache",
@@ -733,5 +763,4 @@ __all__ = [
     "check_cache",
     "check_positions_follow_cache",
     "kept_key_mask",
-    "update_with_key_mask",
 ]

@@ -45,7 +45,6 @@ from .cache_fastgpt import (
     OnePassBlocks,
     check_cache,
     check_positions_follow_cache,
-    update_with_key_mask,
 )
 from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
@@ -196,9 +195,7 @@ class FastGPTAttention(nn.Module):
         if cache is None:
             all_keys, all_values, key_is_real = rotary_key, value_states, attention_mask
         else:
-            all_keys, all_values, key_is_real = update_with_key_mask(
-                cache, self.layer_idx, rotary_key, value_states, attention_mask
-            )
+            all_keys, all_values, key_is_real = cache.update(rotary_key, value_states, self.layer_idx, attention_mask)
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         return windowed_attention(
