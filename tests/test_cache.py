@@ -185,7 +185,10 @@ def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, Static
         cached_keys, cached_values, _ = layer.update(keys, values)
         output = cached_keys[:, :, -1] + cached_values[:, :, -1]
         if dynamic:
-            output = output + layer.add_and_compress(keys, values, positions, None, compress)[0][:, :, 0]
+            means = layer.add_to_blocks(keys, values, positions, None)
+            output = (
+                output + layer.write_entries(*compress(means.key_means, means.value_means), means.written)[0][:, :, 0]
+            )
         return output
 
     torch._dynamo.reset()

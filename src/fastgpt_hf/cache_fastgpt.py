@@ -32,7 +32,7 @@ replay their recorded tokens onto the block state of the last crop. The static c
 every position (`max_cache_len` at most each window); elsewhere crop raises a ValueError that says so.
 """
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,16 @@ from transformers.cache_utils import (
 from .attention_compressed import add_block_statistics
 from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 
-# The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
-BlockCompressor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+class BlockMeans(NamedTuple):
+    """The block means a step changed (`CompressedBlocks.add_to_blocks`), which the attention compresses and hands
+    back to `write_entries`: key and value means `[B, K, N, D]` in float32 (float64), and `written`, where their
+    entries go: `[B]` (N = 1, a one-token step: each row's open block) or `[B, C]` bool (N = C, every block; True
+    where the entry is recomputed)."""
+
+    key_means: torch.Tensor
+    value_means: torch.Tensor
+    written: torch.Tensor
 
 
 def kept_key_mask(
@@ -110,24 +118,42 @@ class CompressedBlocks:
     compress_block_size: int
     record_past: bool = False
 
-    def add_and_compress(
+    def add_to_blocks(
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> BlockMeans:
         """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`, `is_real` `[B, T]` or None) to their
-        blocks and recompress the blocks they joined. Returns compressed keys, values `[B, K, C, D]` and counts
-        `[B, C]`. Call after `update`, so that the blocks cover every position seen."""
+        blocks; return the means of the blocks whose entries change, for the attention to compress and hand to
+        `write_entries`. Call after `update`, so that the blocks cover every position seen."""
         self.ensure_blocks(key_states)
         if self.record_past:
             self.recorded_tokens.append((key_states, value_states, positions, is_real))
         if key_states.shape[2] == 1:
-            self.add_one_token(key_states, value_states, positions, is_real, compress)
-        else:
-            self.add_tokens(key_states, value_states, positions, is_real, compress)
+            return self.add_one_token(key_states, value_states, positions, is_real)
+        # Every block from each row's open block on is recomputed; the closed ones before it keep their entries.
+        block_index = torch.arange(self.block_counts.shape[1], device=self.open_blocks.device)
+        recomputed = block_index >= self.open_blocks[:, None]  # [B, C]
+        key_sums, value_sums = self.add_tokens(key_states, value_states, positions, is_real)
+        denominator = self.block_counts.clamp(min=1)[:, None, :, None]
+        return BlockMeans(key_sums / denominator, value_sums / denominator, recomputed)
+
+    def write_entries(
+        self, key_entries: torch.Tensor, value_entries: torch.Tensor, written: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the compressed entries of `add_to_blocks`' means (`BlockMeans.written` says where), in place;
+        return every compressed key and value `[B, K, C, D]` and the blocks' real-token counts `[B, C]`."""
+        for buffer, entries in ((self.compressed_keys, key_entries), (self.compressed_values, value_entries)):
+            entries = entries.to(buffer.dtype)
+            if written.dim() == 1:  # one block per row
+                batch, kv_heads = buffer.shape[:2]
+                rows = torch.arange(batch, device=buffer.device)[:, None, None]
+                heads = torch.arange(kv_heads, device=buffer.device)[None, :, None]
+                buffer.index_put_((rows, heads, written[:, None, None]), entries)  # [B, K, 1]
+            else:
+                buffer.copy_(torch.where(written[:, None, :, None], entries, buffer))
         return self.compressed_keys, self.compressed_values, self.block_counts
 
     def add_one_token(
@@ -136,11 +162,9 @@ class CompressedBlocks:
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor,
-    ) -> None:
-        """One token per row (`[B, K, 1, D]`): add it to its row's open block, or open its block with it, and
-        recompress that block alone, in place (a compiled decode step loops over no blocks)."""
-        batch, kv_heads = key_states.shape[:2]
+    ) -> BlockMeans:
+        """One token per row (`[B, K, 1, D]`): add it to its row's open block, or open its block with it; the mean
+        of that block alone changes (a compiled decode step loops over no blocks)."""
         blocks = positions[:, 0] // self.compress_block_size  # [B]
         real = torch.ones_like(blocks, dtype=torch.bool) if is_real is None else is_real[:, 0].bool()
         opens_block = real & (blocks != self.open_blocks)
@@ -149,14 +173,12 @@ class CompressedBlocks:
         kept = (~opens_block).to(weight.dtype)[:, None, None]  # [B, 1, 1]: 0 drops the closed block's sums
         for sums, states in ((self.open_key_sums, key_states), (self.open_value_sums, value_states)):
             sums.copy_(sums * kept + states[:, :, 0].to(sums.dtype) * weight[:, None, None])
-        rows = torch.arange(batch, device=blocks.device)
+        rows = torch.arange(blocks.shape[0], device=blocks.device)
         self.block_counts.index_put_((rows, self.open_blocks), weight.to(self.block_counts.dtype), accumulate=True)
         counts = self.block_counts[rows, self.open_blocks].clamp(min=1)[:, None, None, None]  # [B, 1, 1, 1]
-        keys, values = compress(self.open_key_sums[:, :, None] / counts, self.open_value_sums[:, :, None] / counts)
-        heads = torch.arange(kv_heads, device=blocks.device)
-        index = (rows[:, None, None], heads[None, :, None], self.open_blocks[:, None, None])  # [B, K, 1]
-        self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
-        self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
+        return BlockMeans(
+            self.open_key_sums[:, :, None] / counts, self.open_value_sums[:, :, None] / counts, self.open_blocks
+        )
 
     def add_tokens(
         self,
@@ -164,12 +186,10 @@ class CompressedBlocks:
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor | None,
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Any number of tokens per row: sum every block over `[B, K, C, D]` for this step (each row's open block
-        starting from its running sums), recompress the blocks from each row's open block on (none with
-        `compress=None`: a rollback's replay, whose closed blocks keep the entries they had) and keep the sums of
-        the new open blocks."""
+        starting from its running sums) and keep the sums of the new open blocks. Returns the step's key and value
+        sums `[B, K, C, D]` (a rollback's replay drops them: its closed blocks keep the entries they had)."""
         batch, kv_heads, _, head_dim = key_states.shape
         num_blocks = self.block_counts.shape[1]
         key_sums = self.open_key_sums.new_zeros(batch, kv_heads, num_blocks, head_dim)
@@ -188,21 +208,11 @@ class CompressedBlocks:
             is_real,
             self.compress_block_size,
         )
-        if compress is not None:
-            denominator = self.block_counts.clamp(min=1)[:, None, :, None]
-            keys, values = compress(key_sums / denominator, value_sums / denominator)
-            block_index = torch.arange(num_blocks, device=key_sums.device)
-            recompressed = (block_index >= self.open_blocks[:, None])[:, None, :, None]  # [B, 1, C, 1]
-            self.compressed_keys.copy_(
-                torch.where(recompressed, keys.to(self.compressed_keys.dtype), self.compressed_keys)
-            )
-            self.compressed_values.copy_(
-                torch.where(recompressed, values.to(self.compressed_values.dtype), self.compressed_values)
-            )
         # Padding tokens sit in block 0 (`add_block_statistics`), below every open block.
         self.open_blocks.copy_(torch.maximum(self.open_blocks, block_ids.amax(dim=1)))
         self.open_key_sums.copy_(key_sums[rows, heads, self.open_blocks[:, None]])
         self.open_value_sums.copy_(value_sums[rows, heads, self.open_blocks[:, None]])
+        return key_sums, value_sums
 
     def ensure_blocks(self, key_states: torch.Tensor) -> None:
         """Make room for every block of the positions seen."""
@@ -267,7 +277,7 @@ class CompressedBlocks:
                 for buffer, saved in zip((open_key_sums, open_value_sums, open_blocks), saved_open, strict=True):
                     buffer.copy_(saved)
             if replay is not None:
-                self.add_tokens(*replay, compress=None)
+                self.add_tokens(*replay)
         self.start_rollback_point()
 
     def recorded_tokens_kept(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:

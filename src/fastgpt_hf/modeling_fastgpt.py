@@ -275,8 +275,9 @@ class FastGPTDynamicAttention(FastGPTAttention):
         positions = position_ids.expand(query_states.shape[0], -1)
         # Without a cache the pass's blocks live for this call only; with one, in the cache: the same code.
         blocks = OnePassBlocks(block_size) if cache is None else cache.layers[self.layer_idx]
-        block_keys, block_values, counts = blocks.add_and_compress(
-            key_states, value_states, positions, query_is_real, self.compress_blocks
+        means = blocks.add_to_blocks(key_states, value_states, positions, query_is_real)
+        block_keys, block_values, counts = blocks.write_entries(
+            *self.compress_blocks(means.key_means, means.value_means), means.written
         )
         return global_branch_attention(
             query_states,
