@@ -16,7 +16,6 @@ from fastgpt_hf.cache_fastgpt import (
     FastGPTStaticCache,
     StaticCompressedLayer,
     StaticRolledLayer,
-    update_with_key_mask,
 )
 
 from .conftest import STACKS, left_padded_batch, tiny_model
@@ -141,7 +140,7 @@ def test_first_static_prefill_attends_to_its_own_tokens_only():
     for mask, expected_mask in ((None, None), (attention_mask, attention_mask.bool())):
         cache = FastGPTStaticCache(model.config, max_cache_len=LENGTH)
         for layer_idx in range(len(cache.layers)):
-            keys, _, key_is_real = update_with_key_mask(cache, layer_idx, key_states, key_states, mask)
+            keys, _, key_is_real = cache.update(key_states, key_states, layer_idx, mask)
             assert torch.equal(keys, key_states)
             assert key_is_real is None if expected_mask is None else torch.equal(key_is_real, expected_mask)
 
@@ -158,8 +157,8 @@ def test_compiled_prefill_update_stores_what_eager_stores(past_tokens):
         if past_tokens:
             layer.update(past, past)
         torch._dynamo.reset()
-        keys, _ = update(new, new)
-        returned.append((keys.shape[2], keys[:, :, layer.returned_key_is_real[0]]))
+        keys, _, key_is_real = update(new, new)
+        returned.append((keys.shape[2], keys if key_is_real is None else keys[:, :, key_is_real[0]]))  # None: all real
     (eager_length, eager_keys), (compiled_length, compiled_keys) = returned
     assert (eager_length, compiled_length) == (min(past_tokens, 16) + 6, 16 + 6)
     assert torch.equal(eager_keys, compiled_keys)
@@ -183,10 +182,13 @@ def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, Static
         return compressor(key_means), compressor(value_means)
 
     def decode_update(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        cached_keys, cached_values = layer.update(keys, values)
+        cached_keys, cached_values, _ = layer.update(keys, values)
         output = cached_keys[:, :, -1] + cached_values[:, :, -1]
         if dynamic:
-            output = output + layer.add_and_compress(keys, values, positions, None, compress)[0][:, :, 0]
+            means = layer.add_to_blocks(keys, values, positions, None)
+            output = (
+                output + layer.write_entries(*compress(means.key_means, means.value_means), means.written)[0][:, :, 0]
+            )
         return output
 
     torch._dynamo.reset()

@@ -12,36 +12,14 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import or_masks
+
+from .attention_masks import complete_block_function, compressed_visibility, dense_mask, memory_slot_function
 
 # Mask entries (batch x queries x keys) per sdpa call of the global branch: bounds each call's mask, and its scores
 # (times the heads) where a backend materializes them, while a long prefill makes a few large calls, not many small
 # launch-bound ones (32K tokens of the `1b` preset at batch 1: 5 calls per layer; 1,024 queries a call made 32).
 MASK_ENTRIES_PER_CALL = 2**22
-
-
-def block_statistics(
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    positions: torch.Tensor,
-    is_real: torch.Tensor | None,
-    block_size: int,
-    num_blocks: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block sums of keys and values and per-block real-token counts.
-
-    Args:
-        key_states, value_states: `[B, K, T, D]`, keys before rotary.
-        positions: `[B, T]` absolute positions; is_real: `[B, T]` bool or None (all real).
-        num_blocks: C, blocks [0, C) covered; every real position must be below C * block_size.
-    Returns:
-        key sums `[B, K, C, D]`, value sums `[B, K, C, D]` (float32 or float64), counts `[B, C]` of the same dtype.
-    """
-    batch, kv_heads, _, head_dim = key_states.shape
-    sum_dtype = torch.promote_types(key_states.dtype, torch.float32)
-    key_sums = key_states.new_zeros(batch, kv_heads, num_blocks, head_dim, dtype=sum_dtype)
-    value_sums, counts = torch.zeros_like(key_sums), key_sums.new_zeros(batch, num_blocks)
-    add_block_statistics(key_sums, value_sums, counts, key_states, value_states, positions, is_real, block_size)
-    return key_sums, value_sums, counts
 
 
 def add_block_statistics(
@@ -76,12 +54,6 @@ def add_block_statistics(
     return block_ids, index
 
 
-def block_visibility(positions: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`[B, T, C]` bool: block c is complete at each query position `[B, T]` and holds a real token."""
-    last_positions = torch.arange(counts.shape[1], device=positions.device) * block_size + block_size - 1
-    return (last_positions <= positions[:, :, None]) & (counts[:, None, :] > 0)
-
-
 def indexed_block_means(
     key_states: torch.Tensor, value_states: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +63,7 @@ def indexed_block_means(
     Args:
         key_states, value_states: `[B, K, T, D]`, keys before rotary.
     Returns:
-        `[B, K, T // b, D]` means, float32 (float64 for float64 models), as `block_statistics`' sums over counts.
+        `[B, K, T // b, D]` means, float32 (float64 for float64 models), as the block state's sums over counts.
     """
     blocks = key_states.shape[2] // block_size
     mean_dtype = torch.promote_types(key_states.dtype, torch.float32)
@@ -152,8 +124,7 @@ def global_branch_attention(
     outputs = []
     for start in range(0, query_length, queries_per_call):
         positions = query_positions[:, start : start + queries_per_call]
-        block_visible = block_visibility(positions, block_counts, block_size)
-        visible = F.pad(block_visible, (memory_keys.shape[0], 0), value=True)[:, None]  # [B, 1, chunk, M + C]
+        visible = compressed_visibility(positions, block_counts, block_size, memory_keys.shape[0])  # [B, 1, t, M + C]
         outputs.append(
             F.scaled_dot_product_attention(
                 query_states[:, :, start : start + queries_per_call],
@@ -202,10 +173,12 @@ def indexed_global_visibility(
 def build_indexed_global_visibility(
     query_length: int, num_memory_tokens: int, block_size: int, device: torch.device
 ) -> torch.Tensor:
+    """Every block is full: the rule of `attention_masks` without its non-empty-block piece."""
     positions = torch.arange(query_length, device=device)[None]
-    full_blocks = torch.full((1, query_length // block_size), block_size, device=device)
-    block_visible = block_visibility(positions, full_blocks, block_size)
-    return F.pad(block_visible, (num_memory_tokens, 0), value=True)[:, None]
+    rule = or_masks(
+        memory_slot_function(num_memory_tokens), complete_block_function(positions, block_size, num_memory_tokens)
+    )
+    return dense_mask(rule, 1, query_length, num_memory_tokens + query_length // block_size, device)
 
 
 cached_indexed_global_visibility = functools.lru_cache(maxsize=8)(build_indexed_global_visibility)

@@ -9,10 +9,11 @@ what the CPU tests use to check this mask.
 """
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .attention_masks import windowed_mask_function
 
 
 @functools.cache
@@ -38,7 +39,7 @@ def flex_windowed_attention(
     if key_is_real is None and not torch.compiler.is_compiling():
         block_mask = unpadded_block_mask(window, query_length, key_length, query.device)
     else:
-        visible = windowed_mask_mod(window, key_length - query_length, key_is_real)
+        visible = windowed_mask_function(window, key_is_real, key_length - query_length)
         mask_batch = batch if key_is_real is not None else None
         block_mask = create_block_mask(
             visible, mask_batch, None, query_length, key_length, device=query.device, _compile=query.is_cuda
@@ -50,26 +51,11 @@ def flex_windowed_attention(
     return output.transpose(1, 2), None
 
 
-def windowed_mask_mod(window: int | None, query_offset: int, key_is_real: torch.Tensor | None) -> Callable:
-    """flex_attention's mask_mod of the rule in `attention_masks`, query t at key index `query_offset + t`."""
-
-    def visible(batch_index, head_index, query_index, key_index):
-        query_position = query_index + query_offset
-        seen = key_index <= query_position
-        if window is not None:
-            seen = seen & (query_position - key_index < window)
-        if key_is_real is not None:
-            seen = seen & (key_is_real[batch_index, key_index] | (key_index == query_position))
-        return seen
-
-    return visible
-
-
 @functools.lru_cache(maxsize=16)
 def unpadded_block_mask(window: int | None, query_length: int, key_length: int, device: torch.device) -> BlockMask:
     """The block mask of an unpadded call, built once per window and shape and shared by every layer of that window
     and every later call of that shape: building one costs far more than the kernel at a few thousand tokens.
     Compiled code builds its own, which inductor folds into the graph."""
-    visible = windowed_mask_mod(window, key_length - query_length, None)
+    visible = windowed_mask_function(window, None, key_length - query_length)
     on_cuda = device.type == "cuda"
     return create_block_mask(visible, None, None, query_length, key_length, device=device, _compile=on_cuda)

@@ -2,12 +2,15 @@
 
 Written for reading, not speed: it recomputes a whole `FastGPTForCausalLM` forward from the model's weights,
 building each layer's full score matrices from DESIGN.md's rules with explicit n x n masks and the block-averaging
-matrix P of the compressed branch (`Q (P K)^T`). It shares no attention code with the model.
+matrix P of the compressed branch (`Q (P K)^T`). It shares no attention code with the model; its masks are
+composed from the same mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
 """
 
 import torch
+from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, sliding_window_overlay
 
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING
+from .attention_masks import compressed_visibility, dense_mask
+from .configuration_fastgpt import DYNAMIC
 
 
 def reference_logits(
@@ -84,11 +87,13 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
     query = heads(normed @ layer["self_attn.q_proj.weight"].T, head_dim)
     key = heads(normed @ layer["self_attn.k_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
     value = heads(normed @ layer["self_attn.v_proj.weight"].T, head_dim).repeat_interleave(groups, dim=1)
-    length = normed.shape[1]
-    i = torch.arange(length, device=normed.device)[:, None]  # query index
-    j = torch.arange(length, device=normed.device)[None, :]  # key index
-    window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: length}[layer_type]
-    local_allowed = (j <= i) & (i - j < window) & is_real[:, None, None, :]  # [B, 1, T, T]
+    batch, length = is_real.shape
+    # DESIGN.md's rule as written there: causal, within the window, never a padding key (no own-key exception).
+    rule = [causal_mask_function, padding_mask_function(is_real)]
+    window = config.attention_window(layer_type)
+    if window is not None:
+        rule.append(sliding_window_overlay(window))
+    local_allowed = dense_mask(and_masks(*rule), batch, length, length, normed.device)  # [B, 1, T, T]
     local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
     output = masked_softmax_attention(local_scores, local_allowed, value)  # [B, H, T, D]
     if layer_type == DYNAMIC:
@@ -96,15 +101,13 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
         gate = torch.sigmoid(normed @ layer["self_attn.mix_gate.weight"].T + layer["self_attn.mix_gate.bias"])
         gate = gate.transpose(1, 2)[..., None]  # [B, H, T, 1]
         output = gate * output + (1 - gate) * global_output
-    batch = normed.shape[0]
     return output.transpose(1, 2).reshape(batch, length, -1) @ layer["self_attn.o_proj.weight"].T
 
 
 def compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale) -> torch.Tensor:
     """Pre-rotary query over [memory slots; compress(P K)] with P the block-averaging matrix; `[B, H, T, D]`."""
     block_size, groups = config.compress_block_size, config.num_attention_heads // config.num_key_value_heads
-    batch, _, length, _ = query.shape
-    device = query.device
+    batch, device = query.shape[0], query.device
     num_blocks = int(position_ids.max()) // block_size + 1
     block_of = position_ids // block_size  # [B, T]
     block_index = torch.arange(num_blocks, device=device)
@@ -119,8 +122,5 @@ def compressed_global_attention(config, layer, query, key, value, position_ids, 
     memory_values = layer["self_attn.memory_v"].repeat_interleave(groups, dim=1).transpose(0, 1)
     keys = torch.cat([memory_keys.expand(batch, -1, -1, -1), block_keys], dim=2)
     values = torch.cat([memory_values.expand(batch, -1, -1, -1), block_values], dim=2)
-    block_end = block_index * block_size + block_size - 1  # [C]
-    block_allowed = (block_end[None, None, :] <= position_ids[:, :, None]) & (counts[:, None, :] > 0)  # [B, T, C]
-    memory_allowed = torch.ones(batch, length, config.num_memory_tokens, dtype=torch.bool, device=device)
-    allowed = torch.cat([memory_allowed, block_allowed], dim=-1)[:, None]  # [B, 1, T, M + C]
+    allowed = compressed_visibility(position_ids, counts, block_size, config.num_memory_tokens)  # [B, 1, T, M + C]
     return masked_softmax_attention(query @ keys.transpose(-1, -2) * scale, allowed, values)

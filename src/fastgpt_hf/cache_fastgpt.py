@@ -1,10 +1,12 @@
 """Generation state of FastGPT: what each layer kind keeps between decoding steps (DESIGN.md section 4).
 
-Two caches, both built from `config.layer_types` (`generate()` builds them by itself):
+Two caches, both built from `config.layer_types` and each layer's window (`config.attention_window`), as
+Transformers builds its own from `layer_types` (`generate()` builds them by itself):
 
 `FastGPTDynamicCache` (the default; memory grows only where the layer kind needs it):
-- `full_attention`: Transformers' `DynamicLayer`, every key and value.
-- `sliding_attention`: Transformers' `DynamicSlidingWindowLayer`, the last `sliding_window - 1` keys and values.
+- `full_attention`: `DynamicFullLayer` (Transformers' `DynamicLayer`), every key and value.
+- `sliding_attention`: `DynamicSlidingLayer` (Transformers' `DynamicSlidingWindowLayer`), the last
+  `sliding_window - 1` keys and values.
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values, the running sums of
   the pre-rotary keys and values of the open block, and one compressed entry (and real-token count) per block
   (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
@@ -14,14 +16,14 @@ Every layer keeps its last N + 1 keys and values, the newest in the last slot an
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
 
-Layout contract of every layer's `update` (what the windowed backends in `attention_masks` expect): it returns the
-kept past followed by the T new tokens, so queries are the last T of the S returned keys. The past is in time order,
-except in the static cache's one-token step, where every real past key is within the query's window and its order
-does not matter. Which returned keys are real tokens: the dynamic cache reads it off the 2D attention mask
-(`kept_key_mask`); the static cache keeps a flag per slot (never-written slots and padding are False), so a compiled
-decode step needs only the new tokens' mask and reads no Python int in tensor code: one CUDA graph serves every
-step. `update_with_key_mask` gives both. The dynamic cache counts lengths in Python ints, the static cache in a
-device tensor.
+One `update` contract for every layer (what the windowed backends in `attention_masks` expect): it takes the new
+keys, values and the 2D attention mask, and returns the kept past followed by the T new tokens, so queries are the
+last T of the S returned keys. The past is in time order, except in the static cache's one-token step, where every
+real past key is within the query's window and its order does not matter, and which returned keys are real tokens:
+the dynamic cache reads it off the 2D attention mask (`kept_key_mask`); the static cache keeps a flag per slot
+(never-written slots and padding are False), so a compiled decode step needs only the new tokens' mask and reads no
+Python int in tensor code: one CUDA graph serves every step. The dynamic cache counts lengths in Python ints, the
+static cache in a device tensor.
 
 Rollback (`crop(-k)`, which assisted, prompt-lookup and speculative decoding call after each verification): every
 layer of the dynamic cache can forget its last k tokens once `activate_past_recording` was called (`generate()`
@@ -30,7 +32,7 @@ replay their recorded tokens onto the block state of the last crop. The static c
 every position (`max_cache_len` at most each window); elsewhere crop raises a ValueError that says so.
 """
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +46,18 @@ from transformers.cache_utils import (
 )
 
 from .attention_compressed import add_block_statistics
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 
-# The attention's compressors: key and value block means `[B, K, C, D]` -> their compressed entries.
-BlockCompressor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+class BlockMeans(NamedTuple):
+    """The block means a step changed (`CompressedBlocks.add_to_blocks`), which the attention compresses and hands
+    back to `write_entries`: key and value means `[B, K, N, D]` in float32 (float64), and `written`, where their
+    entries go: `[B]` (N = 1, a one-token step: each row's open block) or `[B, C]` bool (N = C, every block; True
+    where the entry is recomputed)."""
+
+    key_means: torch.Tensor
+    value_means: torch.Tensor
+    written: torch.Tensor
 
 
 def kept_key_mask(
@@ -68,6 +78,26 @@ def kept_key_mask(
     return F.pad(attention_mask, (key_length, 0), value=0)[:, -key_length:]
 
 
+class KeyMaskFromAttentionMask:
+    """The update contract of every FastGPT cache layer, for Transformers' dynamic layers: `update` returns the keys
+    and values and which of the keys are real tokens, read off the 2D attention mask (`kept_key_mask`)."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        seen_length = self.get_seq_length() + key_states.shape[2]
+        all_keys, all_values = super().update(key_states, value_states)
+        return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+
+
+class DynamicFullLayer(KeyMaskFromAttentionMask, DynamicLayer):
+    """Cache of a `full_attention` layer: Transformers' `DynamicLayer`, every key and value."""
+
+
+class DynamicSlidingLayer(KeyMaskFromAttentionMask, DynamicSlidingWindowLayer):
+    """Cache of a `sliding_attention` layer: Transformers' `DynamicSlidingWindowLayer`, the last window - 1."""
+
+
 class CompressedBlocks:
     """Block state of a `dynamic_attention` layer, shared by both caches (DESIGN.md section 4): one compressed entry
     per block, `compressed_keys` / `compressed_values` `[B, K, C, D]` in the keys' dtype, each block's real-token
@@ -76,9 +106,9 @@ class CompressedBlocks:
     `[B, K, D]`, `open_blocks` `[B]`. A closed block keeps its entry only.
 
     A token joining the open block recomputes that block's entry, so a one-token step compresses one block per row;
-    the open block's entry is never seen before its last token writes it (`block_visibility`). A step of several
-    tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions must not go back to
-    a block before its open one, whose sums are gone (`check_positions_follow_cache`).
+    the open block's entry is never seen before its last token writes it (`attention_masks.complete_block_function`).
+    A step of several tokens sums every block over `[B, K, C, D]` for the time of the step only. A row's positions
+    must not go back to a block before its open one, whose sums are gone (`check_positions_follow_cache`).
 
     Rollback (assisted and prompt-lookup decoding): after `activate_past_recording` the layer keeps the open-block
     state as of the last `crop` and the pre-rotary keys and values added since; `crop(-k)` returns to that state and
@@ -88,24 +118,42 @@ class CompressedBlocks:
     compress_block_size: int
     record_past: bool = False
 
-    def add_and_compress(
+    def add_to_blocks(
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> BlockMeans:
         """Add the new tokens (pre-rotary `[B, K, T, D]`, positions `[B, T]`, `is_real` `[B, T]` or None) to their
-        blocks and recompress the blocks they joined. Returns compressed keys, values `[B, K, C, D]` and counts
-        `[B, C]`. Call after `update`, so that the blocks cover every position seen."""
+        blocks; return the means of the blocks whose entries change, for the attention to compress and hand to
+        `write_entries`. Call after `update`, so that the blocks cover every position seen."""
         self.ensure_blocks(key_states)
         if self.record_past:
             self.recorded_tokens.append((key_states, value_states, positions, is_real))
         if key_states.shape[2] == 1:
-            self.add_one_token(key_states, value_states, positions, is_real, compress)
-        else:
-            self.add_tokens(key_states, value_states, positions, is_real, compress)
+            return self.add_one_token(key_states, value_states, positions, is_real)
+        # Every block from each row's open block on is recomputed; the closed ones before it keep their entries.
+        block_index = torch.arange(self.block_counts.shape[1], device=self.open_blocks.device)
+        recomputed = block_index >= self.open_blocks[:, None]  # [B, C]
+        key_sums, value_sums = self.add_tokens(key_states, value_states, positions, is_real)
+        denominator = self.block_counts.clamp(min=1)[:, None, :, None]
+        return BlockMeans(key_sums / denominator, value_sums / denominator, recomputed)
+
+    def write_entries(
+        self, key_entries: torch.Tensor, value_entries: torch.Tensor, written: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the compressed entries of `add_to_blocks`' means (`BlockMeans.written` says where), in place;
+        return every compressed key and value `[B, K, C, D]` and the blocks' real-token counts `[B, C]`."""
+        for buffer, entries in ((self.compressed_keys, key_entries), (self.compressed_values, value_entries)):
+            entries = entries.to(buffer.dtype)
+            if written.dim() == 1:  # one block per row
+                batch, kv_heads = buffer.shape[:2]
+                rows = torch.arange(batch, device=buffer.device)[:, None, None]
+                heads = torch.arange(kv_heads, device=buffer.device)[None, :, None]
+                buffer.index_put_((rows, heads, written[:, None, None]), entries)  # [B, K, 1]
+            else:
+                buffer.copy_(torch.where(written[:, None, :, None], entries, buffer))
         return self.compressed_keys, self.compressed_values, self.block_counts
 
     def add_one_token(
@@ -114,11 +162,9 @@ class CompressedBlocks:
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor,
-    ) -> None:
-        """One token per row (`[B, K, 1, D]`): add it to its row's open block, or open its block with it, and
-        recompress that block alone, in place (a compiled decode step loops over no blocks)."""
-        batch, kv_heads = key_states.shape[:2]
+    ) -> BlockMeans:
+        """One token per row (`[B, K, 1, D]`): add it to its row's open block, or open its block with it; the mean
+        of that block alone changes (a compiled decode step loops over no blocks)."""
         blocks = positions[:, 0] // self.compress_block_size  # [B]
         real = torch.ones_like(blocks, dtype=torch.bool) if is_real is None else is_real[:, 0].bool()
         opens_block = real & (blocks != self.open_blocks)
@@ -127,14 +173,12 @@ class CompressedBlocks:
         kept = (~opens_block).to(weight.dtype)[:, None, None]  # [B, 1, 1]: 0 drops the closed block's sums
         for sums, states in ((self.open_key_sums, key_states), (self.open_value_sums, value_states)):
             sums.copy_(sums * kept + states[:, :, 0].to(sums.dtype) * weight[:, None, None])
-        rows = torch.arange(batch, device=blocks.device)
+        rows = torch.arange(blocks.shape[0], device=blocks.device)
         self.block_counts.index_put_((rows, self.open_blocks), weight.to(self.block_counts.dtype), accumulate=True)
         counts = self.block_counts[rows, self.open_blocks].clamp(min=1)[:, None, None, None]  # [B, 1, 1, 1]
-        keys, values = compress(self.open_key_sums[:, :, None] / counts, self.open_value_sums[:, :, None] / counts)
-        heads = torch.arange(kv_heads, device=blocks.device)
-        index = (rows[:, None, None], heads[None, :, None], self.open_blocks[:, None, None])  # [B, K, 1]
-        self.compressed_keys.index_put_(index, keys.to(self.compressed_keys.dtype))
-        self.compressed_values.index_put_(index, values.to(self.compressed_values.dtype))
+        return BlockMeans(
+            self.open_key_sums[:, :, None] / counts, self.open_value_sums[:, :, None] / counts, self.open_blocks
+        )
 
     def add_tokens(
         self,
@@ -142,12 +186,10 @@ class CompressedBlocks:
         value_states: torch.Tensor,
         positions: torch.Tensor,
         is_real: torch.Tensor | None,
-        compress: BlockCompressor | None,
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Any number of tokens per row: sum every block over `[B, K, C, D]` for this step (each row's open block
-        starting from its running sums), recompress the blocks from each row's open block on (none with
-        `compress=None`: a rollback's replay, whose closed blocks keep the entries they had) and keep the sums of
-        the new open blocks."""
+        starting from its running sums) and keep the sums of the new open blocks. Returns the step's key and value
+        sums `[B, K, C, D]` (a rollback's replay drops them: its closed blocks keep the entries they had)."""
         batch, kv_heads, _, head_dim = key_states.shape
         num_blocks = self.block_counts.shape[1]
         key_sums = self.open_key_sums.new_zeros(batch, kv_heads, num_blocks, head_dim)
@@ -166,21 +208,11 @@ class CompressedBlocks:
             is_real,
             self.compress_block_size,
         )
-        if compress is not None:
-            denominator = self.block_counts.clamp(min=1)[:, None, :, None]
-            keys, values = compress(key_sums / denominator, value_sums / denominator)
-            block_index = torch.arange(num_blocks, device=key_sums.device)
-            recompressed = (block_index >= self.open_blocks[:, None])[:, None, :, None]  # [B, 1, C, 1]
-            self.compressed_keys.copy_(
-                torch.where(recompressed, keys.to(self.compressed_keys.dtype), self.compressed_keys)
-            )
-            self.compressed_values.copy_(
-                torch.where(recompressed, values.to(self.compressed_values.dtype), self.compressed_values)
-            )
         # Padding tokens sit in block 0 (`add_block_statistics`), below every open block.
         self.open_blocks.copy_(torch.maximum(self.open_blocks, block_ids.amax(dim=1)))
         self.open_key_sums.copy_(key_sums[rows, heads, self.open_blocks[:, None]])
         self.open_value_sums.copy_(value_sums[rows, heads, self.open_blocks[:, None]])
+        return key_sums, value_sums
 
     def ensure_blocks(self, key_states: torch.Tensor) -> None:
         """Make room for every block of the positions seen."""
@@ -245,7 +277,7 @@ class CompressedBlocks:
                 for buffer, saved in zip((open_key_sums, open_value_sums, open_blocks), saved_open, strict=True):
                     buffer.copy_(saved)
             if replay is not None:
-                self.add_tokens(*replay, compress=None)
+                self.add_tokens(*replay)
         self.start_rollback_point()
 
     def recorded_tokens_kept(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -287,7 +319,19 @@ class CompressedBlocks:
             self.rollback_blocks(-tokens_to_remove)
 
 
-class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingWindowLayer):
+class OnePassBlocks(CompressedBlocks):
+    """The block state of one forward pass without a cache (training, scoring): the blocks of its T positions (a
+    real position never exceeds its token's index, so T / b blocks, rounded up, cover them), made for the pass and
+    dropped after it. The global branch thus runs the caches' code with or without a cache."""
+
+    def __init__(self, compress_block_size: int):
+        self.compress_block_size = compress_block_size
+
+    def ensure_blocks(self, key_states: torch.Tensor) -> None:
+        self.allocate_blocks(key_states, -(-key_states.shape[2] // self.compress_block_size))
+
+
+class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingLayer):
     """Cache of a `dynamic_attention` layer: a sliding window of keys/values plus the block state, which grows by one
     entry per block. Croppable like Transformers' `DynamicSlidingWindowLayer`: after `activate_past_recording` the
     window keeps every token until the next `crop` and the blocks record what `rollback_blocks` replays."""
@@ -375,23 +419,19 @@ class StaticRolledLayer(StaticLayer):
                     torch._dynamo.maybe_mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)
 
     def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        *args,
-        is_real: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `[B, K, T, D]` keys and values (`is_real` `[B, T]`, None: all real); return the kept past and
-        them, queries last. `returned_key_is_real` then says which of the returned keys are real tokens."""
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append `[B, K, T, D]` keys and values; return the kept past and them, queries last, and which returned
+        keys are real tokens (module docstring). `attention_mask` `[B, past + T]` or `[B, T]` (None: all real)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if is_real is None:
+        if attention_mask is None:
             is_real = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=self.device)
+        else:
+            is_real = attention_mask[:, -key_states.shape[2] :].bool()
         if key_states.shape[2] == 1:
-            self.push_one(key_states, value_states, is_real.bool())
-            self.returned_key_is_real = self.slot_is_real
-            return self.keys, self.values
+            self.push_one(key_states, value_states, is_real)
+            return self.keys, self.values, self.slot_is_real
         newest_slot = torch.full((1,), self.ring_length, dtype=torch.long, device=self.device)
         past_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])
         if not torch.compiler.is_compiling():
@@ -401,14 +441,16 @@ class StaticRolledLayer(StaticLayer):
         self.cumulative_length.add_(key_states.shape[2])
         all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
         all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
-        self.returned_key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real.bool()], dim=1)
+        key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real], dim=1)
         # The last min(S, N + 1) returned tokens go to the ring, oldest first, and the newest to slot N.
         stored = min(all_keys.shape[2], self.max_cache_len)
         stored_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])[-stored:]
         self.keys.index_copy_(2, stored_order, all_keys[:, :, -stored:])
         self.values.index_copy_(2, stored_order, all_values[:, :, -stored:])
-        self.slot_is_real.index_copy_(1, stored_order, self.returned_key_is_real[:, -stored:])
-        return all_keys, all_values
+        self.slot_is_real.index_copy_(1, stored_order, key_is_real[:, -stored:])
+        # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
+        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
+        return all_keys, all_values, None if only_new_real_tokens else key_is_real
 
     def ring_slots(self, tokens_seen: torch.Tensor) -> torch.Tensor:
         """The ring's slots oldest first, after `tokens_seen` tokens (the newest of them in slot N)."""
@@ -498,6 +540,10 @@ class StaticRolledLayer(StaticLayer):
         """Every tensor indexed by batch."""
         return [self.keys, self.values, self.slot_is_real]
 
+    def state_names(self) -> list[str]:
+        """The attributes holding the layer's state (ExecuTorch export registers them as buffers)."""
+        return ["keys", "values", "slot_is_real", "cumulative_length"]
+
 
 class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
     """Static cache of a `dynamic_attention` layer: the rolled window plus the block state of every block."""
@@ -524,29 +570,8 @@ class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
     def batch_buffers(self) -> list[torch.Tensor]:
         return [*super().batch_buffers(), *self.block_buffers()]
 
-
-def update_with_key_mask(
-    cache: Cache,
-    layer_idx: int,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Store `[B, K, T, D]` keys and values in a layer of either cache; return all S keys, values and which are real.
-
-    `attention_mask` `[B, past + T]` (or, with the static cache, `[B, T]` for the new tokens only) or None.
-    Returns keys and values `[B, K, S, D]` (queries are the last T) and `[B or 1, S]` bool or None (all real).
-    """
-    layer = cache.layers[layer_idx]
-    new_is_real = None if attention_mask is None else attention_mask[:, -key_states.shape[2] :]
-    if isinstance(layer, StaticRolledLayer):
-        all_keys, all_values = cache.update(key_states, value_states, layer_idx, is_real=new_is_real)
-        # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
-        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
-        return all_keys, all_values, None if only_new_real_tokens else layer.returned_key_is_real
-    seen_length = layer.get_seq_length() + key_states.shape[2]
-    all_keys, all_values = cache.update(key_states, value_states, layer_idx)
-    return all_keys, all_values, kept_key_mask(attention_mask, seen_length, all_keys.shape[2], all_keys.device)
+    def state_names(self) -> list[str]:
+        return [*super().state_names(), *self.BLOCK_STATE]
 
 
 def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
@@ -582,24 +607,53 @@ def layer_signature(config: FastGPTConfig) -> tuple:
     return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
 
 
-class FastGPTDynamicCache(DynamicCache):
+class KeyMaskCache:
+    """`update` of both FastGPT caches: one contract for every layer kind (module docstring)."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store `[B, K, T, D]` keys and values in layer `layer_idx`; return its keys and values `[B, K, S, D]`
+        (queries are the last T) and which keys are real, `[B or 1, S]` bool or None (all real).
+
+        `attention_mask` `[B, past + T]` (the static cache also takes `[B, T]`, the new tokens') or None. Offloading
+        as in Transformers' `Cache.update`: the next offloaded layer is prefetched, this one offloaded after."""
+        if self.offloading:
+            torch.cuda.default_stream(key_states.device).wait_stream(self.prefetch_stream)
+            self.prefetch_stream.wait_stream(torch.cuda.default_stream(key_states.device))
+            self.prefetch(layer_idx + 1, self.only_non_sliding)
+        returned = self.layers[layer_idx].update(key_states, value_states, attention_mask)
+        if self.offloading:
+            self.offload(layer_idx, self.only_non_sliding)
+        return returned
+
+
+class FastGPTDynamicCache(KeyMaskCache, DynamicCache):
     """A `DynamicCache` whose layers follow `config.layer_types`; `generate()` builds it by itself."""
 
     def __init__(self, config: FastGPTConfig, offloading: bool = False):
         layers = []
         for layer_type in config.layer_types:
-            if layer_type == SLIDING:
-                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
-            elif layer_type == DYNAMIC:
-                layers.append(DynamicCompressedLayer(config.dynamic_window, config.compress_block_size))
+            window = config.attention_window(layer_type)
+            if layer_type == DYNAMIC:
+                layers.append(DynamicCompressedLayer(window, config.compress_block_size))
+            elif window is not None:
+                layers.append(DynamicSlidingLayer(sliding_window=window))
             else:
-                layers.append(DynamicLayer())
+                layers.append(DynamicFullLayer())
         # DynamicCache's own constructor knows only Transformers' layer kinds: build the layers here instead.
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=False)
         self.layer_signature = layer_signature(config)
 
+    def check_room(self, past_length: int, query_length: int) -> None:
+        """Nothing to check: the dynamic cache grows with the input."""
 
-class FastGPTStaticCache(StaticCache):
+
+class FastGPTStaticCache(KeyMaskCache, StaticCache):
     """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile.
 
     `dynamic_length=True` marks the dimensions that follow `max_cache_len` (full layers' slots, dynamic layers'
@@ -611,9 +665,9 @@ class FastGPTStaticCache(StaticCache):
     ):
         layers = []
         for layer_type in config.layer_types:
-            window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: max_cache_len}
+            window = config.attention_window(layer_type) or max_cache_len
             # The past a query can see beside itself; with the newest slot the buffers hold min(window, max_cache_len).
-            kept_length = min(window[layer_type], max_cache_len) - 1
+            kept_length = min(window, max_cache_len) - 1
             if layer_type == DYNAMIC:
                 layers.append(
                     StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size, dynamic_length)
@@ -623,6 +677,15 @@ class FastGPTStaticCache(StaticCache):
         Cache.__init__(self, layers=layers, offloading=offloading)
         self.max_cache_len = max_cache_len
         self.layer_signature = layer_signature(config)
+
+    def check_room(self, past_length: int, query_length: int) -> None:
+        """Raise a ValueError if `query_length` more tokens after `past_length` exceed `max_cache_len`."""
+        if past_length + query_length > self.max_cache_len:
+            raise ValueError(
+                f"The static cache holds {self.max_cache_len} positions and has seen {past_length}; {query_length} "
+                "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
+                "or a larger max_new_tokens)."
+            )
 
 
 class FastGPTRowCache(FastGPTStaticCache):
@@ -699,13 +762,15 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
 
 __all__ = [
     "DynamicCompressedLayer",
+    "DynamicFullLayer",
+    "DynamicSlidingLayer",
     "FastGPTDynamicCache",
     "FastGPTRowCache",
     "FastGPTStaticCache",
+    "OnePassBlocks",
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",
     "check_positions_follow_cache",
     "kept_key_mask",
-    "update_with_key_mask",
 ]

@@ -163,6 +163,12 @@ class FastGPTConfig(PreTrainedConfig):
             raise ValueError(f"Unknown FastGPT preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
+    def attention_window(self, layer_type: str) -> int | None:
+        """Keys a query of a `layer_type` layer sees in its windowed attention, itself included (a dynamic layer:
+        its local branch); None for a full layer, which sees every earlier key. The one place that maps a layer
+        kind to its window: the attention, the caches, the reference and the reports all ask here."""
+        return {SLIDING: self.sliding_window, DYNAMIC: self.dynamic_window, FULL: None}[layer_type]
+
     def validate_layer_type(self):
         """Every entry a known kind (or alias), one entry per layer."""
         unknown = sorted({kind for kind in self.layer_types if kind not in LAYER_TYPES})

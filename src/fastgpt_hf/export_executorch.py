@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .cache_fastgpt import FastGPTStaticCache, StaticCompressedLayer
+from .cache_fastgpt import FastGPTStaticCache
 from .modeling_fastgpt import FastGPTPreTrainedModel
 
 QUANTIZATIONS = ("none", "int8-dynamic")
@@ -70,10 +70,7 @@ def cache_tensors(cache: FastGPTStaticCache) -> dict[str, torch.Tensor]:
     `.cumulative_length` and, for dynamic layers, the block state (`CompressedBlocks.BLOCK_STATE`)."""
     tensors = {}
     for index, layer in enumerate(cache.layers):
-        names = ["keys", "values", "slot_is_real", "cumulative_length"]
-        if isinstance(layer, StaticCompressedLayer):
-            names += list(layer.BLOCK_STATE)
-        for name in names:
+        for name in layer.state_names():
             tensors[f"layer_{index}_{name}"] = getattr(layer, name)
     return tensors
 

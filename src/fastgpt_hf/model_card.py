@@ -37,7 +37,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION, SLIDING
+from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION
 from .quantization import DYNAMIC_RANGE_CONFIG, SCHEMES, load_checkpoint_model, precise_module_names
 
 logger = logging.get_logger(__name__)
@@ -188,13 +188,12 @@ def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
     sparsity."""
     config = model.config.get_text_config(decoder=True)
     sparsities = model.get_decoder().attention_sparsity(sparsity_length)
-    windows = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window}
     global_branch = f"{config.num_memory_tokens} memory slots + 1 entry per {config.compress_block_size} positions"
     return [
         {
             "index": index,
             "type": layer_type,
-            "window": windows.get(layer_type, "all"),
+            "window": config.attention_window(layer_type) or "all",
             "global_branch": global_branch if layer_type == DYNAMIC else "",
             "sparsity": f"{sparsity:.1%}",
         }

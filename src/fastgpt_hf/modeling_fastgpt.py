@@ -29,7 +29,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention_compressed import (
-    block_statistics,
     global_branch_attention,
     indexed_block_means,
     indexed_global_branch_attention,
@@ -40,11 +39,11 @@ from .attention_sdpa import sdpa_windowed_attention
 from .cache_fastgpt import (
     FastGPTDynamicCache,
     FastGPTStaticCache,
+    OnePassBlocks,
     check_positions_follow_cache,
-    update_with_key_mask,
 )
 from .checkpoints import FastGPTCheckpointMixin
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, FastGPTConfig
 from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
 from .input_checks import check_inputs, check_position_ids
 
@@ -130,7 +129,8 @@ class FastGPTMLP(nn.Module):
 
 
 class FastGPTAttention(nn.Module):
-    """Grouped-query attention of one layer kind: sliding, full, or dynamic (sliding mixed with a global branch)."""
+    """Grouped-query attention of a sliding or full layer, as Gemma 3 writes it: `self.sliding_window` is the
+    layer's window (`config.attention_window`), None for a full layer; one code path for both."""
 
     def __init__(self, config: FastGPTConfig, layer_idx: int):
         super().__init__()
@@ -142,19 +142,12 @@ class FastGPTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.window = {SLIDING: config.sliding_window, DYNAMIC: config.dynamic_window, FULL: None}[self.layer_type]
+        self.sliding_window = config.attention_window(self.layer_type)
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
-        if self.layer_type == DYNAMIC:
-            memory_shape = (config.num_memory_tokens, config.num_key_value_heads, self.head_dim)
-            self.memory_k = nn.Parameter(torch.zeros(memory_shape))
-            self.memory_v = nn.Parameter(torch.zeros(memory_shape))
-            self.compress_k = nn.Linear(self.head_dim, self.head_dim)
-            self.compress_v = nn.Linear(self.head_dim, self.head_dim)
-            self.mix_gate = nn.Linear(config.hidden_size, config.num_attention_heads, bias=True)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -169,36 +162,87 @@ class FastGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states `[B, T, hidden]`; attention_mask `[B, past + T]` (static cache: or `[B, T]`) bool or None;
         position_ids `[B, T]`; positions_are_indices: no cache, nothing padded and position_ids[:, t] == t (the
-        model's default positions), which lets the global branch skip its scatter and share one mask."""
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, K, T, D]
+        model's default positions), which lets the dynamic layers' global branch skip its scatter."""
+        query_states, key_states, value_states = self.project(hidden_states)
+        attn_output, attn_weights = self.windowed_attention(
+            query_states, key_states, value_states, position_embeddings, attention_mask, cache
+        )
+        return self.output(attn_output, hidden_states.shape[:-1]), attn_weights
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, T, hidden]` -> query `[B, H, T, D]`, key and value `[B, K, T, D]`, before rotary."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        return query_states, key_states, value_states
+
+    def windowed_attention(
+        self,
+        query_states: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotary, the cache, then the backend of `config._attn_implementation` over `self.sliding_window`:
+        `[B, T, H, D]` and the weights (eager) or None."""
         rotary_query, rotary_key = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
         if cache is None:
             all_keys, all_values, key_is_real = rotary_key, value_states, attention_mask
         else:
-            all_keys, all_values, key_is_real = update_with_key_mask(
-                cache, self.layer_idx, rotary_key, value_states, attention_mask
-            )
+            all_keys, all_values, key_is_real = cache.update(rotary_key, value_states, self.layer_idx, attention_mask)
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
-        attn_output, attn_weights = windowed_attention(
-            rotary_query, all_keys, all_values, key_is_real, self.window, self.scaling, dropout
+        return windowed_attention(
+            rotary_query, all_keys, all_values, key_is_real, self.sliding_window, self.scaling, dropout
         )
-        if self.layer_type == DYNAMIC:
-            query_is_real = None if attention_mask is None else attention_mask[:, -input_shape[1] :]
-            global_output = self.global_branch(
-                query_states, key_states, value_states, position_ids, query_is_real, cache, positions_are_indices
-            )
-            gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(attn_output.dtype)
-            gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
-            attn_output = torch.lerp(global_output, attn_output, gate)  # gate * local + (1 - gate) * global
-        # Contiguous as in Llama: the gate mix keeps sdpa's transposed strides, which a row-sharded o_proj
-        # (a DTensor declared with contiguous strides) cannot view.
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
+
+    def output(self, attn_output: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """`[B, T, H, D]` -> `o_proj` -> `[B, T, hidden]`. Contiguous as in Llama: the gate mix keeps sdpa's
+        transposed strides, which a row-sharded o_proj (a DTensor declared with contiguous strides) cannot view."""
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class FastGPTDynamicAttention(FastGPTAttention):
+    """A `dynamic_attention` layer: the windowed attention of its class (window `dynamic_window`) mixed by a gate
+    with a global branch over memory slots and compressed blocks (DESIGN.md section 2). The global branch runs the
+    same code with or without a cache (`global_branch`)."""
+
+    def __init__(self, config: FastGPTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        memory_shape = (config.num_memory_tokens, config.num_key_value_heads, self.head_dim)
+        self.memory_k = nn.Parameter(torch.zeros(memory_shape))
+        self.memory_v = nn.Parameter(torch.zeros(memory_shape))
+        self.compress_k = nn.Linear(self.head_dim, self.head_dim)
+        self.compress_v = nn.Linear(self.head_dim, self.head_dim)
+        self.mix_gate = nn.Linear(config.hidden_size, config.num_attention_heads, bias=True)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+        positions_are_indices: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `FastGPTAttention.forward`; the output per head is `gate * local + (1 - gate) * global`."""
+        query_states, key_states, value_states = self.project(hidden_states)
+        local_output, attn_weights = self.windowed_attention(
+            query_states, key_states, value_states, position_embeddings, attention_mask, cache
+        )
+        query_is_real = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1] :]
+        global_output = self.global_branch(
+            query_states, key_states, value_states, position_ids, query_is_real, cache, positions_are_indices
+        )
+        gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(local_output.dtype)
+        gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
+        attn_output = torch.lerp(global_output, local_output, gate)  # gate * local + (1 - gate) * global
+        return self.output(attn_output, hidden_states.shape[:-1]), attn_weights
 
     def global_branch(
         self,
@@ -226,17 +270,12 @@ class FastGPTAttention(nn.Module):
                 dropout,
             )
         positions = position_ids.expand(query_states.shape[0], -1)
-        if cache is None:
-            # Real positions never exceed the token's index, so these blocks cover every position.
-            num_blocks = -(-query_states.shape[2] // block_size)
-            sums = block_statistics(key_states, value_states, positions, query_is_real, block_size, num_blocks)
-            key_sums, value_sums, counts = sums
-            denominator = counts.clamp(min=1)[:, None, :, None]
-            block_keys, block_values = self.compress_blocks(key_sums / denominator, value_sums / denominator)
-        else:
-            block_keys, block_values, counts = cache.layers[self.layer_idx].add_and_compress(
-                key_states, value_states, positions, query_is_real, self.compress_blocks
-            )
+        # Without a cache the pass's blocks live for this call only; with one, in the cache: the same code.
+        blocks = OnePassBlocks(block_size) if cache is None else cache.layers[self.layer_idx]
+        means = blocks.add_to_blocks(key_states, value_states, positions, query_is_real)
+        block_keys, block_values, counts = blocks.write_entries(
+            *self.compress_blocks(means.key_means, means.value_means), means.written
+        )
         return global_branch_attention(
             query_states,
             positions,
@@ -263,7 +302,8 @@ class FastGPTAttention(nn.Module):
 class FastGPTDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: FastGPTConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = FastGPTAttention(config, layer_idx)
+        attention_class = FastGPTDynamicAttention if config.layer_types[layer_idx] == DYNAMIC else FastGPTAttention
+        self.self_attn = attention_class(config, layer_idx)
         self.mlp = FastGPTMLP(config)
         self.input_layernorm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -316,7 +356,7 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         the compressors at the identity (a block's entry starts as its mean key / value), and the gate at 0.5.
         """
         super()._init_weights(module)
-        if isinstance(module, FastGPTAttention) and module.layer_type == DYNAMIC:
+        if isinstance(module, FastGPTDynamicAttention):
             std = self.config.initializer_range * self.config.hidden_size**0.5
             init.normal_(module.memory_k, mean=0.0, std=std)
             init.normal_(module.memory_v, mean=0.0, std=std)
@@ -334,13 +374,10 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         scored_by_position = torch.arange(1, seq_len + 1, dtype=torch.float64)
         fractions = []
         for layer_type in config.layer_types:
-            if layer_type == SLIDING:
-                scored = scored_by_position.clamp(max=config.sliding_window)
-            elif layer_type == DYNAMIC:
-                local = scored_by_position.clamp(max=config.dynamic_window)
-                scored = local + config.num_memory_tokens + scored_by_position // config.compress_block_size
-            else:
-                scored = scored_by_position
+            window = config.attention_window(layer_type)
+            scored = scored_by_position if window is None else scored_by_position.clamp(max=window)
+            if layer_type == DYNAMIC:
+                scored = scored + config.num_memory_tokens + scored_by_position // config.compress_block_size
             fractions.append(1.0 - scored.sum().item() / seq_len**2)
         return fractions
 
@@ -431,12 +468,8 @@ class FastGPTModel(FastGPTPreTrainedModel):
                 f"Input reaches {total_length} positions ({past_length} cached + {query_length} new), "
                 f"more than max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
             )
-        if isinstance(cache, FastGPTStaticCache) and total_length > cache.max_cache_len:
-            raise ValueError(
-                f"The static cache holds {cache.max_cache_len} positions and has seen {past_length}; {query_length} "
-                "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
-                "or a larger max_new_tokens)."
-            )
+        if cache is not None:
+            cache.check_room(past_length, query_length)
         return past_length
 
     @staticmethod
