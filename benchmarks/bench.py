@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             except ModuleNotFoundError as error:
                 if error.name.partition(".")[0] in ("fastgpt_hf", "timing", "floors", "models"):
                     raise
-                print(f"bench.py {name}: skipped: {error} (an optional dependency, or a module not here)", file=sys.stderr)
+                print(
+                    f"bench.py {name}: skipped: {error} (an optional dependency, or a module not here)", file=sys.stderr
+                )
                 return SKIPPED
             subparser.description = module.__doc__
             module.add_arguments(subparser)

@@ -80,4 +80,3 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n**{prompt}**\n")
         for name, answer in by_model.items():
             print(f"- {name}: {' '.join(answer.split())}")
-

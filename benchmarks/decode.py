@@ -37,22 +37,21 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
 import argparse
 import os
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 
+import floors
+import models
 import torch
+from timing import call_ms, first_call_seconds, median_ms, times_ms
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig, GenerationConfig
 
-import floors
-import models
 from fastgpt_hf.configuration_fastgpt import LAYER_TYPES
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
-from timing import call_ms, first_call_seconds, median_ms, times_ms
 
 SETTINGS = ("default", "dynamic", "static", "static-autotune")
 DEFAULT_SETTINGS = ("default", "static")
@@ -66,8 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_model_arguments(parser, preset="1b")
     parser.add_argument("--shapes", nargs="+", default=["1x2048"], help="BATCHxCONTEXT, e.g. 1x2048 32x8192")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=SETTINGS)
-    parser.add_argument("--weights", nargs="+", default=["bf16"], choices=("bf16", "int8"),
-                        help="bf16: --dtype's weights (bf16 on a GPU); int8: torchao weight-only Linear layers")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=["bf16"],
+        choices=("bf16", "int8"),
+        help="bf16: --dtype's weights (bf16 on a GPU); int8: torchao weight-only Linear layers",
+    )
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
     parser.add_argument("--ops", action="store_true", help="operators and ms of one eager step, per layer kind")

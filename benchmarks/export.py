@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from timing import call_ms
 from torch import nn
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -32,7 +33,6 @@ from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
 from fastgpt_hf.export_executorch import cache_tensors, export_model, lower_to_executorch, quantize_for_edge
 from fastgpt_hf.run_executorch import load_program
 from fastgpt_hf.training import llama_peer
-from timing import call_ms
 
 BENCH = Path(__file__).with_name("bench.py")
 
@@ -166,4 +166,3 @@ def run(args: argparse.Namespace) -> None:
                     )
                     with open(output / "results.jsonl", "a", encoding="utf-8") as results:
                         results.write(json.dumps(row) + "\n")
-

@@ -12,11 +12,11 @@ datasheet peaks of the GPUs the figures come from, and the floors they give.
 """
 
 import torch
+from timing import median_ms
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
 from fastgpt_hf.quantization import weight_bytes
-from timing import median_ms
 
 # Dense bf16 tensor-core TFLOP/s and memory GB/s from NVIDIA's datasheets (SXM parts), by a word of the device name.
 DATASHEET_PEAKS = {
@@ -56,7 +56,9 @@ def device_header(device: torch.device | str, dtype: torch.dtype) -> tuple[str, 
     """A line naming the device, torch and the measured (and datasheet) rates; the copy GB/s and matmul TFLOP/s."""
     name, bandwidth, rate = device_name(device), copy_bandwidth_gbs(device), matmul_tflops(device, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    line = f"device: {name}, torch {torch.__version__}; copy {bandwidth:.0f} GB/s, {dtype_name} matmul {rate:.1f} TFLOP/s"
+    line = (
+        f"device: {name}, torch {torch.__version__}; copy {bandwidth:.0f} GB/s, {dtype_name} matmul {rate:.1f} TFLOP/s"
+    )
     peaks = datasheet_peaks(name)
     if peaks is not None:
         line += f" (datasheet {peaks['memory_gbs']:.0f} GB/s, bf16 {peaks['bf16_tflops']:.0f} TFLOP/s)"

@@ -16,10 +16,10 @@
 
 import argparse
 
-import torch
-
 import floors
 import models
+import torch
+
 from fastgpt_hf import FastGPTConfig
 from fastgpt_hf.benchmarking import cache_bytes
 from fastgpt_hf.presets import PRESETS
@@ -84,9 +84,13 @@ def measured_table(pair: dict, shapes: list[tuple[int, int]]) -> list[str]:
     ]
     print("\n".join(rows), flush=True)
     for batch, context in shapes:
-        (llama, llama_peak), (ours, our_peak) = (prefilled_cache_bytes(model, batch, context) for model in pair.values())
+        (llama, llama_peak), (ours, our_peak) = (
+            prefilled_cache_bytes(model, batch, context) for model in pair.values()
+        )
         peaks = "-" if llama_peak is None else f"{llama_peak:.1f} / {our_peak:.1f}"
-        rows.append(f"| {batch} x {context} | {llama / 2**20:.1f} | {ours / 2**20:.1f} | {ours / llama:.3f} | {peaks} |")
+        rows.append(
+            f"| {batch} x {context} | {llama / 2**20:.1f} | {ours / 2**20:.1f} | {ours / llama:.3f} | {peaks} |"
+        )
         print(rows[-1], flush=True)
         if pair["FastGPT"].device.type == "cuda":
             torch.cuda.empty_cache()

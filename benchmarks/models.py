@@ -38,8 +38,14 @@ def config_override(text: str) -> tuple[str, object]:
 def add_model_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     """--preset, --set, --layers, --layer-kind, --device, --dtype and --threads."""
     parser.add_argument("--preset", default=preset, choices=sorted(PRESETS), help=f"model shape (default {preset})")
-    parser.add_argument("--set", nargs="+", default=[], type=config_override, metavar="KEY=VALUE",
-                        help="config fields over the preset's")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        type=config_override,
+        metavar="KEY=VALUE",
+        help="config fields over the preset's",
+    )
     parser.add_argument("--layers", type=int, help="fewer layers than the preset (its default layer layout of that)")
     parser.add_argument("--layer-kind", choices=LAYER_TYPES, help="every layer of this kind")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one, else cpu")

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from models import DeviceUnavailable
+from timing import synchronize as synchronize_device
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -39,8 +41,6 @@ from fastgpt_hf.pipeline_training import (
     sum_tied_embedding_grads,
     tied_embedding_group,
 )
-from models import DeviceUnavailable
-from timing import synchronize as synchronize_device
 
 MODES = ("single", "ddp", "fsdp2", "tp", "pp")
 PIPELINE_MICROBATCHES = 4
@@ -249,7 +249,9 @@ def table_row(result: dict, single_tokens_per_s: float | None) -> str:
 
 def run(args: argparse.Namespace) -> None:
     if "RANK" not in os.environ:
-        raise SystemExit("bench.py parallel runs under torchrun: torchrun --nproc_per_node N benchmarks/bench.py parallel")
+        raise SystemExit(
+            "bench.py parallel runs under torchrun: torchrun --nproc_per_node N benchmarks/bench.py parallel"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable("--device cuda: this machine has no CUDA device; --device cpu runs it on gloo.")
     device = setup(args.device)
@@ -270,4 +272,3 @@ def run(args: argparse.Namespace) -> None:
         if dist.get_rank() == 0:
             print(table_row(result, single_tokens_per_s), flush=True)
     dist.destroy_process_group()
-

@@ -25,18 +25,18 @@ import argparse
 from collections import Counter
 from collections.abc import Callable
 
+import floors
+import models
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, StaticCache
 
-import floors
-import models
 from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
 from fastgpt_hf.quantization import weight_bytes
-from timing import median_ms
 
 BACKENDS = ("sdpa", "flex_attention", "eager")
 CACHES = ("none", "dynamic", "static")
@@ -160,7 +160,7 @@ def eager_ms(results: dict) -> str:
 
 def prefill_table(pair: dict, shapes, rate: float, backends, settings, repeats) -> list[str]:
     """Both models' fastest prefill per shape, the FLOP floor, then (GPU) where the time goes at the last shape."""
-    llama, fastgpt = pair["Llama"], pair["FastGPT"]
+    fastgpt = pair["FastGPT"]
     device = fastgpt.device
     rows = [
         "| batch x tokens | Llama ms (setting) | FastGPT ms (setting) | FastGPT speed-up | floor ms "
@@ -332,10 +332,24 @@ def new_cache(name: str, model, kind: str, max_cache_len: int):
     if kind == "none":
         return None
     if name == "FastGPT":
-        return FastGPTDynamicCache(model.config) if kind == "dynamic" else FastGPTStaticCache(model.config, max_cache_len)
+        return (
+            FastGPTDynamicCache(model.config) if kind == "dynamic" else FastGPTStaticCache(model.config, max_cache_len)
+        )
     if kind == "dynamic":
         return DynamicCache(config=model.config)
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+def cache_prefill(name: str, model, prompt: torch.Tensor, kind: str) -> Callable[[], None]:
+    """One forward of `prompt` `[1, T]` into a new empty cache of `kind` (sized for T + STATIC_CACHE_ROOM)."""
+    max_cache_len = prompt.shape[1] + STATIC_CACHE_ROOM
+
+    def prefill() -> None:
+        cache = new_cache(name, model, kind, max_cache_len)
+        with torch.no_grad():
+            model(prompt, attention_mask=torch.ones_like(prompt), cache=cache, use_cache=cache is not None)
+
+    return prefill
 
 
 def cache_table(pair: dict, lengths: list[int], caches, backend: str, repeats) -> list[str]:
@@ -348,13 +362,7 @@ def cache_table(pair: dict, lengths: list[int], caches, backend: str, repeats) -
             milliseconds = {}
             for name, model in pair.items():
                 model.set_attn_implementation(backend)
-
-                def prefill(name=name, model=model):
-                    cache = new_cache(name, model, kind, length + STATIC_CACHE_ROOM)
-                    model(prompt, attention_mask=torch.ones_like(prompt), cache=cache, use_cache=cache is not None)
-
-                with torch.no_grad():
-                    milliseconds[name] = median_ms(prefill, prompt.device, repeats or 3, warmup=1)
+                milliseconds[name] = median_ms(cache_prefill(name, model, prompt, kind), prompt.device, repeats or 3, 1)
                 model.set_attn_implementation("sdpa")
             llama, ours = milliseconds["Llama"], milliseconds["FastGPT"]
             rows.append(f"| {length} | {kind} | {llama:.1f} | {ours:.1f} | {llama / ours:.2f}x |")

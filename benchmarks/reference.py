@@ -10,10 +10,10 @@ sliding / dynamic / full stack on a left-padded batch whose length crosses sever
 import argparse
 
 import torch
+from models import DeviceUnavailable
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.attention_reference import reference_logits
-from models import DeviceUnavailable
 
 LAYER_TYPES = ["sliding_attention", "dynamic_attention", "full_attention", "dynamic_attention"]
 

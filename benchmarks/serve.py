@@ -28,12 +28,12 @@ from pathlib import Path
 
 import httpx
 import torch
+from models import DeviceUnavailable
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
 from fastgpt_hf.presets import PRESETS
 from fastgpt_hf.training import llama_peer
-from models import DeviceUnavailable
 
 FASTGPT_COMMAND = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
 
@@ -210,4 +210,3 @@ def run(args: argparse.Namespace) -> None:
         f"{'E2E p50':>9} {'E2E p99':>9} {'tokens':>7}   (milliseconds)"
     )
     print("\n".join(lines))
-

@@ -27,9 +27,7 @@ def call_ms(function: Callable[[], object], device: torch.device | str) -> float
     return (time.perf_counter() - start) * 1e3
 
 
-def times_ms(
-    function: Callable[[], object], device: torch.device | str, repeats: int, warmup: int = 0
-) -> list[float]:
+def times_ms(function: Callable[[], object], device: torch.device | str, repeats: int, warmup: int = 0) -> list[float]:
     """Milliseconds of `repeats` calls after `warmup` untimed ones."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
