@@ -1,7 +1,6 @@
 """Benchmarks: the statistics the demo records, the harness's timing and floor arithmetic, and every subcommand of
 `benchmarks/bench.py` run once at a tiny size, so that a broken subcommand fails here rather than on a GPU."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -246,7 +245,6 @@ def test_quantization_compares_every_scheme_and_qat_with_float32(harness, capsys
     assert table_rows(output, "QAT int8") and table_rows(output, "fp32 +1 steps")
 
 
-@pytest.mark.slow
 def test_convert_compares_source_and_conversion(harness, capsys, tmp_path):
     from fastgpt_hf.conversion import convert
 
@@ -271,7 +269,6 @@ def test_export_measures_both_pte_files(harness, capsys, tmp_path):
     assert [line[2] for line in lines] == ["FastGPT", "Llama"]
 
 
-@pytest.mark.slow
 def test_serve_load_test_answers_every_request(harness, capsys):
     pytest.importorskip("httpx", reason="the serve extra (pip install fastgpt_hf[serve])")
     argv = ["serve", "--preset", "tiny", "--requests", "3", "--concurrency", "2", "--rows", "2", "--prompt-tokens"]
@@ -283,8 +280,9 @@ def test_serve_load_test_answers_every_request(harness, capsys):
     assert line.split()[5:7] == ["3", "3"]  # sent, done
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("torch.distributed") is None, reason="needs torch.distributed")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
+)
 def test_parallel_modes_match_one_device_under_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(BENCHMARKS / "bench.py"), "parallel", "--preset", "tiny", "--device", "cpu", "--dtype", "float32"]
