@@ -73,7 +73,7 @@ def test_compiled_unpadded_model_matches_reference():
 
 def test_unpadded_prefill_replays_from_a_cuda_graph():
     """An unpadded bf16 forward without a cache reads nothing back to the host while a CUDA graph is captured (the
-    token-id check stands aside), so its replay gives the eager logits: the setting `bench_prefill.py` times."""
+    token-id check stands aside), so its replay gives the eager logits: the setting `bench.py prefill` times."""
     model = tiny_model("mixed", "sdpa", dtype=torch.bfloat16, initializer_range=0.05, **LONG_WINDOWS).cuda()
     input_ids = left_padded_batch(1000)[0].cuda()
     with torch.no_grad():

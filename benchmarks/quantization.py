@@ -10,7 +10,7 @@ per model, each against float32 as a ratio:
 Perplexity is WikiText-2 validation (`--valid-file`; the shipped excerpt by default), strided, per token of our
 tokenizer and per WikiText word. Speed is greedy decode tokens/s at batch 1 on this machine's CPU.
 
-    python benchmarks/bench_quantization.py runs/demo/fastgpt --valid-file ../shared/data/wikitext-2/valid.txt
+    python benchmarks/bench.py quantization runs/demo/fastgpt --valid-file ../shared/data/wikitext-2/valid.txt
 """
 
 import argparse
@@ -68,8 +68,7 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="folder of a trained float32 FastGPT (save_pretrained output)")
     parser.add_argument("--valid-file", default=str(data.CORPUS_FILES["validation"]))
     parser.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
@@ -79,7 +78,9 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = data.load_tokenizer(args.checkpoint)
@@ -95,7 +96,3 @@ def main() -> None:
             )
             rows.append(measure(name, model, tokenizer, text, args))
     print_table(rows)
-
-
-if __name__ == "__main__":
-    main()

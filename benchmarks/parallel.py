@@ -1,7 +1,7 @@
 """Parity and training throughput of FastGPT on one device against DDP, FSDP2, TP and PP over all launched devices.
 
-    torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --preset 1b                    # 2 GPUs, NCCL, bf16
-    torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --preset tiny --device cpu     # smoke test, gloo
+    torchrun --nproc_per_node 2 benchmarks/bench.py parallel --preset 1b                    # 2 GPUs, NCCL, bf16
+    torchrun --nproc_per_node 2 benchmarks/bench.py parallel --preset tiny --device cpu     # smoke test, gloo
 
 Every mode loads the same random checkpoint (saved once by rank 0) the way its example does:
 - `single`: one device (rank 0; the others wait), the baseline;
@@ -9,7 +9,7 @@ Every mode loads the same random checkpoint (saved once by rank 0) the way its e
 - `fsdp2`: `from_pretrained(distributed_config=DistributedConfig(fsdp_size=N))`, `fully_shard` per layer;
 - `tp`: `DistributedConfig(tp_plan="auto")`, every rank the whole batch (examples/tensor_parallel.py);
 - `pp`: `DistributedConfig(pp_size=N)` stages under a GPipe schedule of 4 microbatches
-  (examples/pipeline_parallel.py).
+  (`fastgpt_hf.pipeline_training`, as examples/pipeline_parallel.py trains).
 
 Parity (float32, unsplit float32 model on each rank as the reference): the largest absolute difference of the loss,
 of every gradient (gathered from shards) and, for TP, of the logits. Throughput (`--dtype`, AdamW, pure low
@@ -20,23 +20,21 @@ is a mode's tokens/s over (devices x the single device's).
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from models import DeviceUnavailable
+from timing import synchronize as synchronize_device
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import DistributedConfig
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from pipeline_parallel import (  # noqa: E402  (the example's stage, loss, tied embeddings and optimizer)
+from fastgpt_hf.pipeline_training import (
     FastGPTPipelineStage,
     adamw_per_tensor_type,
     causal_lm_loss,
@@ -48,8 +46,7 @@ MODES = ("single", "ddp", "fsdp2", "tp", "pp")
 PIPELINE_MICROBATCHES = 4
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="1b")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="throughput dtype")
@@ -59,7 +56,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parity-seq-len", type=int, default=256)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--timed-steps", type=int, default=5)
-    return parser.parse_args()
 
 
 def setup(device_type: str) -> torch.device:
@@ -94,8 +90,7 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def synchronize(device: torch.device, all_ranks: bool) -> None:
     """Wait for this device's queued work, then (for a multi-rank mode) for every rank's."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize_device(device)
     if all_ranks:
         dist.barrier()
 
@@ -252,8 +247,13 @@ def table_row(result: dict, single_tokens_per_s: float | None) -> str:
     return f"{result['mode']:<7}{result['devices']:>8}{''.join(errors)}{result['tokens_per_s']:>12.0f}{efficiency:>9}"
 
 
-def main() -> None:
-    args = parse_args()
+def run(args: argparse.Namespace) -> None:
+    if "RANK" not in os.environ:
+        raise SystemExit(
+            "bench.py parallel runs under torchrun: torchrun --nproc_per_node N benchmarks/bench.py parallel"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda: this machine has no CUDA device; --device cpu runs it on gloo.")
     device = setup(args.device)
     folder = save_random_model(args.preset)
     vocab_size = FastGPTConfig.from_pretrained(folder).vocab_size
@@ -272,7 +272,3 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(table_row(result, single_tokens_per_s), flush=True)
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

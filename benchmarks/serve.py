@@ -1,8 +1,8 @@
 """Load test of `fastgpt serve` against `transformers serve --continuous-batching` with a Llama of the same shape.
 
-    python benchmarks/serve_load.py --preset small --requests 64 --concurrency 8            # CPU
-    python benchmarks/serve_load.py --preset 1b --device cuda --dtype bfloat16 --compile \\
-        --requests 2000 --concurrency 256 --rows 256                                       # GPU
+    python benchmarks/bench.py serve --preset small --requests 64 --concurrency 8            # CPU
+    python benchmarks/bench.py serve --preset 1b --device cuda --dtype bfloat16 --compile \\
+        --requests 2000 --concurrency 256 --rows 256                                        # GPU
 
 Both servers run as subprocesses on 127.0.0.1 and load random-weight models of the preset's shape with the shipped
 tokenizer, saved to a temporary folder (`transformers serve` loads the local Llama folder: nothing is downloaded).
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from models import DeviceUnavailable
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
@@ -134,8 +135,7 @@ def report_line(name: str, requested: int, measured: dict) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -147,7 +147,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="FastGPT compiles its decode step")
     parser.add_argument("--skip-llama", action="store_true")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda: this machine has no CUDA device; --device cpu runs it on the CPU.")
     prompts = corpus_prompts(args.requests, args.prompt_tokens)
     context = args.prompt_tokens + args.reply_tokens + 16  # room for a prompt that re-encodes a little longer
     print(
@@ -206,7 +210,3 @@ def main() -> None:
         f"{'E2E p50':>9} {'E2E p99':>9} {'tokens':>7}   (milliseconds)"
     )
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """A source model against its FastGPT conversions, same run: WikiText-2 perplexity per word at a long context, pass-key
 retrieval with the needle beyond every window, and greedy chat answers side by side.
 
-    python benchmarks/convert_smollm2_cpu.py SOURCE converted=FOLDER uptrained=FOLDER \
+    python benchmarks/bench.py convert SOURCE converted=FOLDER uptrained=FOLDER \
         [--text /work/shared/data/wikitext-2/test.txt --max-chars 12000 --window 2048 --stride 1024] \
         [--passkey-length 2048 --distances 1536 2000 --trials 2]
 
@@ -26,8 +26,7 @@ from fastgpt_hf.passkey import passkey_accuracy
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying healthy.")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source")
     parser.add_argument("checkpoints", nargs="*", metavar="NAME=FOLDER")
     parser.add_argument("--text", default="/work/shared/data/wikitext-2/test.txt")
@@ -38,7 +37,9 @@ def main() -> None:
     parser.add_argument("--distances", type=int, nargs="+", default=[1536, 2000])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     source, tokenizer = load_source(args.source)
     models = {"source": source}
     for entry in args.checkpoints:
@@ -79,7 +80,3 @@ def main() -> None:
         print(f"\n**{prompt}**\n")
         for name, answer in by_model.items():
             print(f"- {name}: {' '.join(answer.split())}")
-
-
-if __name__ == "__main__":
-    main()

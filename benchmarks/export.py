@@ -12,7 +12,7 @@ decode tokens/s over --new-tokens greedy steps after it, and the process's peak 
 Python, torch and the runtime). Cache MiB is the bytes of the file's mutable buffers. Wall-clock figures: note the
 machine's load beside them.
 
-    python benchmarks/executorch_cpu.py --presets small --contexts 512 2048 --dtypes float32 int8
+    python benchmarks/bench.py export --presets small --contexts 512 2048 --dtypes float32 int8
 """
 
 import argparse
@@ -21,11 +21,20 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import call_ms
 from torch import nn
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
+from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
+from fastgpt_hf.export_executorch import cache_tensors, export_model, lower_to_executorch, quantize_for_edge
+from fastgpt_hf.run_executorch import load_program
+from fastgpt_hf.training import llama_peer
+
+BENCH = Path(__file__).with_name("bench.py")
 
 
 class LlamaStep(nn.Module):
@@ -41,10 +50,6 @@ class LlamaStep(nn.Module):
 
 def export_llama(model, path: Path, max_cache_len: int, prefill_chunk: int) -> int:
     """Write the Llama `.pte`; returns its cache bytes."""
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
-    from fastgpt_hf.export_executorch import lower_to_executorch
-
     model.generation_config.cache_implementation = "static"
     step = LlamaStep(TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len))
     examples = {"prefill": prefill_chunk, "decode": 1}
@@ -62,19 +67,14 @@ def export_llama(model, path: Path, max_cache_len: int, prefill_chunk: int) -> i
 
 def export_fastgpt(model, path: Path, max_cache_len: int, prefill_chunk: int) -> int:
     """Write the FastGPT `.pte` (already quantized if wanted); returns its cache bytes."""
-    from fastgpt_hf.cache_fastgpt import FastGPTStaticCache
-    from fastgpt_hf.export_executorch import cache_tensors, export_model
-
     export_model(model, path, "none", max_cache_len, prefill_chunk)
     cache = FastGPTStaticCache(model.config, max_cache_len)
     cache.early_initialization(1, model.config.num_key_value_heads, model.config.head_dim, torch.float32, "cpu")
     return sum(tensor.numel() * tensor.element_size() for tensor in cache_tensors(cache).values())
 
 
-def measure(path: str, context: int, new_tokens: int) -> dict:
+def measure(path: str, context: int, new_tokens: int, vocab_size: int) -> dict:
     """Prefill and decode tokens/s of one file at one context, and this process's peak RSS (run in a child)."""
-    from fastgpt_hf.run_executorch import load_program
-
     program = load_program(path)
     methods = {name: program.load_method(name) for name in program.method_names if name in ("prefill", "decode")}
     chunk = int(program.load_method("get_prefill_chunk").execute([])[0])
@@ -82,34 +82,33 @@ def measure(path: str, context: int, new_tokens: int) -> dict:
     if "reset" in program.method_names:
         program.load_method("reset").execute([])
 
-    def run(method: str, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    def step(method: str, tokens: torch.Tensor, position: int) -> torch.Tensor:
         inputs = [tokens[None]]
         if takes_position:
             inputs.append(torch.arange(position, position + tokens.shape[0]))
         return methods[method].execute(inputs)[0]
 
-    prompt = torch.randint(0, 1000, (context,), generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    for begin in range(0, context, chunk):
-        logits = run("prefill", prompt[begin : begin + chunk], begin)
-    prefill_seconds = time.perf_counter() - start
-    token = logits[0, -1].argmax()[None]
-    start = time.perf_counter()
-    for step in range(new_tokens):
-        token = run("decode", token, context + step)[0, -1].argmax()[None]
-    decode_seconds = time.perf_counter() - start
+    prompt = torch.randint(0, min(vocab_size, 1000), (context,), generator=torch.Generator().manual_seed(0))
+    state = {}
+
+    def prefill() -> None:
+        for begin in range(0, context, chunk):
+            state["logits"] = step("prefill", prompt[begin : begin + chunk], begin)
+
+    def decode() -> None:
+        token = state["logits"][0, -1].argmax()[None]
+        for position in range(context, context + new_tokens):
+            token = step("decode", token, position)[0, -1].argmax()[None]
+
+    prefill_ms, decode_ms = call_ms(prefill, "cpu"), call_ms(decode, "cpu")
     return {
-        "prefill_tokens_per_second": context / prefill_seconds,
-        "decode_tokens_per_second": new_tokens / decode_seconds,
+        "prefill_tokens_per_second": context / prefill_ms * 1e3,
+        "decode_tokens_per_second": new_tokens / decode_ms * 1e3,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def build_models(preset: str, dtype: str):
-    from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
-    from fastgpt_hf.export_executorch import quantize_for_edge
-    from fastgpt_hf.training import llama_peer
-
     torch.manual_seed(0)
     fastgpt = FastGPTForCausalLM(FastGPTConfig.from_preset(preset)).eval()
     llama = llama_peer(fastgpt.config).eval()
@@ -119,18 +118,21 @@ def build_models(preset: str, dtype: str):
     return {"FastGPT": fastgpt, "Llama": llama}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", nargs="+", default=["small"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "int8"], default=["float32", "int8"])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=128)
     parser.add_argument("--output-dir", default="runs/executorch_bench")
-    parser.add_argument("--measure", nargs=3, metavar=("PTE", "CONTEXT", "NEW_TOKENS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--measure", nargs=4, metavar=("PTE", "CONTEXT", "NEW_TOKENS", "VOCAB_SIZE"), help=argparse.SUPPRESS
+    )
+
+
+def run(args: argparse.Namespace) -> None:
     if args.measure:
-        print(json.dumps(measure(args.measure[0], int(args.measure[1]), int(args.measure[2]))))
+        print(json.dumps(measure(args.measure[0], *(int(value) for value in args.measure[1:]))))
         return
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -147,10 +149,13 @@ def main() -> None:
             for name, model in build_models(preset, dtype).items():
                 path = output / f"{name.lower()}-{preset}-{dtype}-{max_cache_len}.pte"
                 cache_bytes = exporters[name](model, path, max_cache_len, args.prefill_chunk)
+                model_vocab_size = model.config.vocab_size
                 del model
                 for context in args.contexts:
-                    command = [sys.executable, __file__, "--measure", str(path), str(context), str(args.new_tokens)]
-                    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+                    command = [sys.executable, str(BENCH), "export", "--measure", str(path), str(context)]
+                    command += [str(args.new_tokens), str(model_vocab_size)]
+                    child = subprocess.run(command, capture_output=True, text=True, check=True)
+                    result = json.loads(child.stdout.splitlines()[-1])
                     row = {"preset": preset, "dtype": dtype, "model": name, "context": context, **result}
                     row.update(cache_mib=cache_bytes / 2**20, file_mib=path.stat().st_size / 2**20)
                     print(
@@ -161,7 +166,3 @@ def main() -> None:
                     )
                     with open(output / "results.jsonl", "a", encoding="utf-8") as results:
                         results.write(json.dumps(row) + "\n")
-
-
-if __name__ == "__main__":
-    main()

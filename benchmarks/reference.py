@@ -3,13 +3,14 @@
 Prints max |logits - reference| over real tokens and the relative error ||diff|| / ||reference|| for a mixed
 sliding / dynamic / full stack on a left-padded batch whose length crosses several windows and blocks.
 
-    python benchmarks/reference_errors.py            # CPU: float64 and float32
-    python benchmarks/reference_errors.py --cuda     # GPU: float32 and bf16
+    python benchmarks/bench.py reference --device cpu     # float64 and float32
+    python benchmarks/bench.py reference --device cuda    # float32 and bf16
 """
 
 import argparse
 
 import torch
+from models import DeviceUnavailable
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.attention_reference import reference_logits
@@ -43,23 +44,22 @@ def errors(backend: str, dtype: torch.dtype, device: str, length: int) -> tuple[
     return difference.abs().max().item(), (difference.norm() / reference[real].norm()).item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cuda", action="store_true", help="run on the GPU in float32 and bf16")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cpu", help="cuda: float32 and bf16")
     parser.add_argument("--length", type=int, default=1000)
-    args = parser.parse_args()
-    device = "cuda" if args.cuda else "cpu"
-    dtypes = [torch.float32, torch.bfloat16] if args.cuda else [torch.float64, torch.float32]
-    if args.cuda:
+
+
+def run(args: argparse.Namespace) -> None:
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda: this machine has no CUDA device; --device cpu runs it on the CPU.")
+    dtypes = [torch.float32, torch.bfloat16] if on_gpu else [torch.float64, torch.float32]
+    if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"device: {torch.cuda.get_device_name() if args.cuda else 'cpu'}; length {args.length}, left-padded batch")
+    print(f"device: {torch.cuda.get_device_name() if on_gpu else 'cpu'}; length {args.length}, left-padded batch")
     print("| backend | dtype | max abs error | relative error |")
     print("| --- | --- | ---: | ---: |")
     for backend in ("eager", "sdpa", "flex_attention"):
         for dtype in dtypes:
-            max_error, relative = errors(backend, dtype, device, args.length)
-            print(f"| {backend} | {str(dtype).removeprefix('torch.')} | {max_error:.2e} | {relative:.2e} |")
-
-
-if __name__ == "__main__":
-    main()
+            max_error, relative = errors(backend, dtype, args.device, args.length)
+            print(f"| {backend} | {str(dtype).removeprefix('torch.')} | {max_error:.2e} | {relative:.2e} |", flush=True)
