@@ -11,15 +11,16 @@ blocks, MQAR blocks and pass-key blocks, each sequence weighing the same in the 
   pass key (share of samples whose whole answer is predicted), teacher-forced argmax;
 - training throughput (tokens/s of the training steps, evaluations excluded) and the validation perplexity curve.
 
-Writes into `--output`: `runs/<variant>-seed<N>.json` per run, `results.json` (all runs, the settings, the
-summary), `results.md` (mean +- standard deviation over the seeds, the targets of issue 26 checked, the variants
-not run and why) and, where matplotlib is installed, `quality.png` (accuracy against distance, perplexity against
-training tokens). `--report-only` rewrites the last two from `results.json`.
+Writes into `--output`: `settings.json`, `runs/<variant>-seed<N>.json` as each run finishes, then `results.json`
+(settings, runs, summary), `results.md` (mean +- standard deviation over the seeds, the targets of issue 26
+checked, the variants not run and why) and, where matplotlib is installed, `quality.png` (accuracy against
+distance, perplexity against training tokens). `--report-only` summarizes the finished runs again (after a run
+cut short, or elsewhere for the plot).
 
     python benchmarks/quality.py --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
     python benchmarks/quality.py --size gpu --data data/wikitext-2 --output runs/quality-gpu   # one H100
 
-Sizes (`SIZES`): `cpu` (3 layers of width 64, windows 16 / 32) runs every variant x 3 seeds in about 15-20 minutes
+Sizes (`SIZES`): `cpu` (3 layers of width 64, windows 4 / 8) runs every variant x 3 seeds in about 15-20 minutes
 on 2 cores; `gpu` (6 layers of width 256, windows 32 / 64) is sized for about 7 minutes on one H100, the seeds in
 parallel processes; `test` is the unit test's seconds-long run.
 """
@@ -52,8 +53,8 @@ SHAPES = {
     "test": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
              "sliding_window": 4, "dynamic_window": 8, "num_memory_tokens": 2, "compress_block_size": 4},
     "cpu": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "sliding_window": 16, "dynamic_window": 32, "num_memory_tokens": 4,
-            "compress_block_size": 8},
+            "num_key_value_heads": 2, "sliding_window": 4, "dynamic_window": 8, "num_memory_tokens": 4,
+            "compress_block_size": 4},
     "gpu": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
             "num_key_value_heads": 4, "sliding_window": 32, "dynamic_window": 64, "num_memory_tokens": 8,
             "compress_block_size": 16},
@@ -62,8 +63,8 @@ SHAPES = {
 SIZES = {
     "test": {"block_size": 176, "batch_size": 2, "steps": 2, "lr": 3e-3, "num_pairs": 2, "eval_chars": 2_000,
              "curve_blocks": 2, "curve_points": 1, "mqar_trials": 4, "passkey_trials": 2, "workers": 1},
-    "cpu": {"block_size": 576, "batch_size": 8, "steps": 100, "lr": 3e-3, "num_pairs": 4, "eval_chars": 20_000,
-            "curve_blocks": 8, "curve_points": 4, "mqar_trials": 16, "passkey_trials": 16, "workers": 1},
+    "cpu": {"block_size": 192, "batch_size": 4, "steps": 160, "lr": 3e-3, "num_pairs": 4, "eval_chars": 20_000,
+            "curve_blocks": 8, "curve_points": 4, "mqar_trials": 8, "passkey_trials": 8, "workers": 1},
     "gpu": {"block_size": 1152, "batch_size": 16, "steps": 500, "lr": 2e-3, "num_pairs": 8, "eval_chars": None,
             "curve_blocks": 32, "curve_points": 5, "mqar_trials": 64, "passkey_trials": 32, "workers": 3},
 }  # fmt: skip
@@ -82,29 +83,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", help="WikiText-2 folder with train.txt, valid.txt, test.txt (default: the shipped excerpt, no test)"
     )
     parser.add_argument("--output", default="runs/quality", help="output folder")
-    parser.add_argument("--report-only", action="store_true", help="rewrite results.md / quality.png from results.json")
+    parser.add_argument("--eval-chars", type=int, help="characters of each evaluation text (default: the size's)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="summarize the finished runs of --output again (results.*, plot)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
-    if args.report_only:
-        results = json.loads((output / "results.json").read_text(encoding="utf-8"))
-        write_report(results, output)
-        return
-    settings = run_settings(args)
-    print(f"quality harness: {settings['size']} size, {len(args.variants)} variants x seeds {args.seeds}", flush=True)
-    setup = prepare(settings)
-    started = time.perf_counter()
-    workers = min(settings["workers"], len(args.seeds))
-    if workers == 1:
-        records = [record for seed in args.seeds for record in run_seed(seed, setup)]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            records = [record for records in pool.map(run_seed, args.seeds, [setup] * len(args.seeds)) for record in records]
-    settings["wall_seconds"] = time.perf_counter() - started
+    if not args.report_only:
+        settings = run_settings(args)
+        print(f"quality harness: {settings['size']} size, {len(args.variants)} variants x seeds {args.seeds}", flush=True)
+        setup = prepare(settings)
+        (output / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        started = time.perf_counter()
+        workers = min(settings["workers"], len(args.seeds))
+        if workers == 1:
+            for seed in args.seeds:
+                run_seed(seed, setup)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(run_seed, args.seeds, [setup] * len(args.seeds)))
+        settings["wall_seconds"] = time.perf_counter() - started
+        (output / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    write_report(collect(output), output)
+
+
+def collect(output: Path) -> dict:
+    """settings.json and every `runs/*.json` of `output` (a run cut short leaves the finished ones), summarized and
+    written to results.json."""
+    settings = json.loads((output / "settings.json").read_text(encoding="utf-8"))
+    found = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in (output / "runs").glob("*.json")}
+    records = [found[f"{name}-seed{seed}"] for name in settings["variants"] for seed in settings["seeds"]
+               if f"{name}-seed{seed}" in found]  # fmt: skip
+    if not records:
+        raise ValueError(f"{output / 'runs'} holds no finished run; run the harness first.")
     results = {"settings": settings, "runs": records, "summary": summarize(records)}
     (output / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    write_report(results, output)
+    return results
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -113,6 +129,7 @@ def run_settings(args: argparse.Namespace) -> dict:
     settings = {**SIZES[size], "size": size, "variants": args.variants, "seeds": args.seeds, "data": args.data}
     settings["steps"] = args.steps or settings["steps"]
     settings["workers"] = args.workers or settings["workers"]
+    settings["eval_chars"] = args.eval_chars or settings["eval_chars"]
     settings["output"] = str(args.output)
     settings["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     settings["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -147,16 +164,14 @@ def prepare(settings: dict) -> dict:
     return {"settings": settings, "mix": mix, "curve": curve, "texts": texts}
 
 
-def run_seed(seed: int, setup: dict) -> list[dict]:
-    """Every variant at one seed, one after the other; each record is also written to `runs/`."""
-    settings, records = setup["settings"], []
+def run_seed(seed: int, setup: dict) -> None:
+    """Every variant at one seed, one after the other, each record written to `runs/` as soon as it is done."""
+    settings = setup["settings"]
     for name in settings["variants"]:
         record = train_and_evaluate(name, seed, setup)
         path = Path(settings["output"], "runs", f"{name}-seed{seed}.json")
         path.write_text(json.dumps(record, indent=1), encoding="utf-8")
         print(f"{name} seed {seed}: {one_line(record)}", flush=True)
-        records.append(record)
-    return records
 
 
 def train_and_evaluate(name: str, seed: int, setup: dict) -> dict:
@@ -185,6 +200,9 @@ def train_and_evaluate(name: str, seed: int, setup: dict) -> dict:
     history = trainer.state.log_history
     eval_seconds = sum(entry["eval_runtime"] for entry in history if "eval_runtime" in entry)
     model = trainer.model.to(device).eval()
+    # Evaluated as trained: bf16 autocast on CUDA (the perplexity's cross-entropy is float32), float32 on the CPU.
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        perplexity, retrieved = evaluate_texts(model, setup["texts"], block), retrieval(model, settings)
     return {
         "variant": name,
         "seed": seed,
@@ -199,8 +217,8 @@ def train_and_evaluate(name: str, seed: int, setup: dict) -> dict:
             if "eval_perplexity" in entry
         ],
         "final_train_loss": metrics["train_loss"],
-        "perplexity": evaluate_texts(model, setup["texts"], block),
-        **retrieval(model, settings),
+        "perplexity": perplexity,
+        **retrieved,
     }
 
 
@@ -221,15 +239,14 @@ def retrieval(model, settings: dict) -> dict[str, dict[str, float]]:
     mqar_at = {"near": mqar_distances(vocabulary, block, pairs)[0], **settings["distances"]}
     near = passkey_nearest(tokenizer, block)
     passkey_at = {"near": near, **{label: max(near, distance) for label, distance in settings["distances"].items()}}
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-        mqar = {
-            label: mqar_accuracy(model, vocabulary, block, pairs, distance, settings["mqar_trials"], seed=1)
-            for label, distance in mqar_at.items()
-        }
-        passkey = {
-            label: passkey_accuracy(model, tokenizer, block, distance, settings["passkey_trials"], seed=1)
-            for label, distance in passkey_at.items()
-        }
+    mqar = {
+        label: mqar_accuracy(model, vocabulary, block, pairs, distance, settings["mqar_trials"], seed=1)
+        for label, distance in mqar_at.items()
+    }
+    passkey = {
+        label: passkey_accuracy(model, tokenizer, block, distance, settings["passkey_trials"], seed=1)
+        for label, distance in passkey_at.items()
+    }
     return {"mqar": mqar, "passkey": passkey, "mqar_distances": mqar_at, "passkey_distances": passkey_at}
 
 
