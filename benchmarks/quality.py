@@ -65,7 +65,7 @@ SIZES = {
              "curve_blocks": 2, "curve_points": 1, "mqar_trials": 4, "passkey_trials": 2, "workers": 1},
     "cpu": {"block_size": 192, "batch_size": 4, "steps": 160, "lr": 3e-3, "num_pairs": 4, "eval_chars": 20_000,
             "curve_blocks": 8, "curve_points": 4, "mqar_trials": 8, "passkey_trials": 8, "workers": 1},
-    "gpu": {"block_size": 1152, "batch_size": 16, "steps": 500, "lr": 2e-3, "num_pairs": 8, "eval_chars": None,
+    "gpu": {"block_size": 1152, "batch_size": 16, "steps": 300, "lr": 2e-3, "num_pairs": 8, "eval_chars": None,
             "curve_blocks": 32, "curve_points": 5, "mqar_trials": 64, "passkey_trials": 32, "workers": 3},
 }  # fmt: skip
 MQAR_SHARE, PASSKEY_SHARE = 0.25, 0.25
@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if not args.report_only:
         settings = run_settings(args)
-        print(f"quality harness: {settings['size']} size, {len(args.variants)} variants x seeds {args.seeds}", flush=True)
+        print(
+            f"quality harness: {settings['size']} size, {len(args.variants)} variants x seeds {args.seeds}", flush=True
+        )
         setup = prepare(settings)
         (output / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
         started = time.perf_counter()
@@ -159,7 +161,9 @@ def prepare(settings: dict) -> dict:
         texts["test"] = (Path(settings["data"]) / "test.txt").read_text(encoding="utf-8")[: settings["eval_chars"]]
     window = max(shape["sliding_window"], shape["dynamic_window"])
     distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES}
-    settings.update(shape=shape, largest_window=window, distances=distances, mqar_vocabulary_size=len(vocabulary.values))
+    settings.update(
+        shape=shape, largest_window=window, distances=distances, mqar_vocabulary_size=len(vocabulary.values)
+    )
     Path(settings["output"], "runs").mkdir(parents=True, exist_ok=True)
     return {"settings": settings, "mix": mix, "curve": curve, "texts": texts}
 
@@ -299,7 +303,7 @@ def cell(entry: dict, digits: int = 1, scale: float = 1.0) -> str:
 
 
 def markdown_tables(results: dict) -> str:
-    settings, summary = results["settings"], results["summary"]
+    summary = results["summary"]
     splits = [split for split in ("validation", "test") if f"{split}_per_word" in next(iter(summary.values()))]
     header = ["variant", "parameters", "training tokens/s"]
     header += [f"{split} ppl/{unit}" for split in splits for unit in ("word", "token")]
@@ -315,7 +319,9 @@ def markdown_tables(results: dict) -> str:
         lines.append("| variant | " + " | ".join(f"{label} ({distances[label]})" for label in labels) + " |")
         lines.append("| --- |" + " ---: |" * len(labels))
         for name, entry in summary.items():
-            lines.append(f"| `{name}` | " + " | ".join(cell(entry[f"{task}_{label}"], 1, 100) for label in labels) + " |")
+            lines.append(
+                f"| `{name}` | " + " | ".join(cell(entry[f"{task}_{label}"], 1, 100) for label in labels) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -358,7 +364,9 @@ def target_checks(results: dict) -> list[str]:
 def write_report(results: dict, output: Path) -> None:
     settings = results["settings"]
     shape = settings["shape"]
-    evaluated = "" if settings["eval_chars"] is None else f", evaluated on the first {settings['eval_chars']:,} characters"
+    evaluated = (
+        "" if settings["eval_chars"] is None else f", evaluated on the first {settings['eval_chars']:,} characters"
+    )
     lines = [
         f"# Quality harness ({settings['size']} size), {settings['date']}, {settings['device']}",
         "",

@@ -34,7 +34,10 @@ def test_peers_have_the_claimed_layers_and_nothing_frozen():
     llama = variant_model("llama", SHAPE)
     assert isinstance(llama, LlamaForCausalLM) and llama.config.hidden_size == SHAPE["hidden_size"]
     fastgpt = variant_model("fastgpt", SHAPE)
-    assert isinstance(fastgpt, FastGPTForCausalLM) and fastgpt.config.layer_types == [SLIDING] * 2 + [DYNAMIC] * 2 + [FULL] * 2
+    assert (
+        isinstance(fastgpt, FastGPTForCausalLM)
+        and fastgpt.config.layer_types == [SLIDING] * 2 + [DYNAMIC] * 2 + [FULL] * 2
+    )
     assert variant_model("sliding", SHAPE).config.layer_types == [SLIDING] * 6
     dynamic = variant_model("dynamic", SHAPE)
     assert FULL not in dynamic.config.layer_types and dynamic.config.layer_types.count(DYNAMIC) == 4
@@ -43,7 +46,9 @@ def test_peers_have_the_claimed_layers_and_nothing_frozen():
 
 def test_null_memory_is_one_zero_slot_frozen():
     model = variant_model("dynamic-null-memory", SHAPE)
-    assert model.config.num_memory_tokens == 1 and model.config.layer_types == variant_config("dynamic", SHAPE).layer_types
+    assert (
+        model.config.num_memory_tokens == 1 and model.config.layer_types == variant_config("dynamic", SHAPE).layer_types
+    )
     memory = [(name, parameter) for name, parameter in model.named_parameters() if "memory_" in name]
     assert len(memory) == 8 and all(parameter.shape[0] == 1 and not parameter.any() for _, parameter in memory)
     assert frozen_names(model) == {name for name, _ in memory}
@@ -65,7 +70,9 @@ def test_fixed_gate_stays_at_its_initialisation_through_training(tmp_path):
     query_before = model.model.layers[2].self_attn.q_proj.weight.detach().clone()
     blocks = torch.randint(0, SHAPE["vocab_size"], (4, 24)).tolist()
     args = training_arguments(tmp_path, max_steps=2, batch_size=2, precision="fp32", show_progress=False)
-    trainer = SequenceMeanTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks, "labels": blocks}))
+    trainer = SequenceMeanTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    )
     trainer.train()
     assert all(torch.equal(model.get_parameter(name), gate) for name, gate in gates.items())
     assert not torch.equal(model.model.layers[2].self_attn.q_proj.weight, query_before)

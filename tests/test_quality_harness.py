@@ -39,7 +39,9 @@ def test_every_variant_is_in_every_table(tmp_path):
         assert [line.split("`")[1] for line in table] == list(VARIANTS)
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert {run["variant"] for run in results["runs"]} == set(VARIANTS)
-    assert all(run["tokens_per_second"] > 0 and run["perplexity"]["validation"]["per_word"] > 1 for run in results["runs"])
+    assert all(
+        run["tokens_per_second"] > 0 and run["perplexity"]["validation"]["per_word"] > 1 for run in results["runs"]
+    )
     assert "not run: dynamic without memory slots" in report
 
     (tmp_path / "runs" / "llama-seed0.json").unlink()  # as if cut short before the Llama run finished

@@ -56,7 +56,9 @@ def test_sample_answers_are_recoverable_and_placed_at_the_distance(vocabulary, d
         ids = sample.input_ids
         assert len(ids) == len(sample.labels) == LENGTH
         pairs = {ids[key]: ids[key + 1] for key in sample.key_positions}
-        assert len(pairs) == PAIRS and set(pairs) <= set(vocabulary.keys) and set(pairs.values()) <= set(vocabulary.values)
+        assert (
+            len(pairs) == PAIRS and set(pairs) <= set(vocabulary.keys) and set(pairs.values()) <= set(vocabulary.values)
+        )
         assert min(sample.query_positions) > max(sample.key_positions) + 1  # every query after every pair
         for key, query in zip(sample.key_positions, sample.query_positions, strict=True):
             assert ids[query] == ids[key] and sample.labels[query + 1] == ids[query + 1] == pairs[ids[key]]
@@ -111,7 +113,9 @@ class NextTokenOracle(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
         following = torch.roll(input_ids, -1, dims=1)
-        return CausalLMOutput(logits=F.one_hot(torch.zeros_like(following) if self.wrong else following, self.vocab_size).float())
+        return CausalLMOutput(
+            logits=F.one_hot(torch.zeros_like(following) if self.wrong else following, self.vocab_size).float()
+        )
 
 
 def test_mqar_accuracy_scores_the_predictions_at_the_queries(tokenizer, vocabulary):

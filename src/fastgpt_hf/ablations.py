@@ -48,7 +48,9 @@ VARIANTS: dict[str, Variant] = {
         "no_full",
         zeroed=("compress_k", "compress_v"),
     ),
-    "dynamic-fixed-gate": Variant("dynamic, gate (mix_gate) frozen at its initialisation", "no_full", frozen=("mix_gate",)),
+    "dynamic-fixed-gate": Variant(
+        "dynamic, gate (mix_gate) frozen at its initialisation", "no_full", frozen=("mix_gate",)
+    ),
 }
 
 NOT_EXPRESSIBLE: dict[str, str] = {

@@ -94,7 +94,7 @@ def mqar_sample(
     # Pair i's key stands at start + 2i and is asked at start + 2n + gap + 2 * slot(i).
     gap = distance - 2 * num_pairs - min(2 * slot_of[pair] - 2 * pair for pair in range(num_pairs))
     start = len(vocabulary.bos)
-    input_ids = list(vocabulary.bos) + [token for pair in zip(keys, values) for token in pair]
+    input_ids = list(vocabulary.bos) + [token for pair in zip(keys, values, strict=True) for token in pair]
     input_ids += repeated(list(vocabulary.filler), gap)
     queries_start = len(input_ids)
     input_ids += [token for pair in asked for token in (keys[pair], values[pair])]
@@ -141,7 +141,9 @@ def training_mix(
     if num_text > len(text_blocks):
         raise ValueError(f"The mix needs {num_text} text blocks, got {len(text_blocks)}; give more text.")
     rows = [(block, block) for block in text_blocks[:num_text]]
-    rows += [(sample.input_ids, sample.labels) for sample in mqar_samples(vocabulary, length, num_pairs, num_mqar, seed)]
+    rows += [
+        (sample.input_ids, sample.labels) for sample in mqar_samples(vocabulary, length, num_pairs, num_mqar, seed)
+    ]
     rows += [
         (sample.input_ids, answer_labels(sample.input_ids, sample.answer_start))
         for sample in passkey_samples(tokenizer, length, num_passkey, seed)
