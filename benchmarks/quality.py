@@ -416,9 +416,13 @@ def plot(results: dict, path: Path) -> None:
             means = [100 * entry[f"{task}_{label}"]["mean"] for label in distances]
             spreads = [100 * entry[f"{task}_{label}"]["std"] for label in distances]
             axis.errorbar(list(distances.values()), means, yerr=spreads, marker="o", capsize=3, label=name)
-        axis.axvline(results["settings"]["largest_window"], color="grey", linestyle=":")
+        axis.axvline(results["settings"]["largest_window"], color="grey", linestyle=":", label="largest window")
+        if task == "mqar":
+            axis.axhline(
+                100 / results["settings"]["mqar_vocabulary_size"], color="black", linestyle="--", label="chance"
+            )
         axis.set(xscale="log", xlabel="key-to-question distance (tokens)", ylabel="accuracy (%)",
-                 title="MQAR" if task == "mqar" else "pass key")  # fmt: skip
+                 ylim=(-2, 102), title="MQAR" if task == "mqar" else "pass key")  # fmt: skip
     for name, entry in summary.items():
         axes[2].plot([point["tokens"] for point in entry["curve"]], [point["mean"] for point in entry["curve"]],
                      marker="o", label=name)  # fmt: skip
