@@ -47,4 +47,4 @@ def test_every_variant_is_in_every_table(tmp_path):
     (tmp_path / "runs" / "llama-seed0.json").unlink()  # as if cut short before the Llama run finished
     (tmp_path / "results.md").unlink()
     quality.run(parse(quality, ["--report-only", "--output", str(tmp_path)]))
-    assert "`llama`" not in (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| `llama` |" not in (tmp_path / "results.md").read_text(encoding="utf-8")
