@@ -342,6 +342,8 @@ def target_checks(results: dict) -> list[str]:
             if {"fastgpt", "llama"} <= means.keys():
                 gap = 100 * (means["fastgpt"] - means["llama"])
                 verdict = "met" if gap >= -2 else "not met"
+                if means["llama"] <= floor + 0.02:  # the peer does not retrieve either: nothing is compared
+                    verdict = "not informative, Llama is within 2 points of chance"
                 checks.append(f"{task} at {label}: FastGPT within 2 points of Llama: {100 * means['fastgpt']:.1f}% vs "
                               f"{100 * means['llama']:.1f}% ({gap:+.1f} points): {verdict}.")  # fmt: skip
             if "sliding" in means:
