@@ -36,10 +36,14 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def repeated(unit: list[int], count: int) -> list[int]:
+    """The first `count` tokens of `unit` repeated."""
+    return (unit * (count // len(unit) + 1))[:count]
+
+
 def filler_tokens(tokenizer: PreTrainedTokenizerBase, count: int) -> list[int]:
     """The first `count` tokens of the filler sentence repeated."""
-    unit = encode(tokenizer, FILLER)
-    return (unit * (count // len(unit) + 1))[:count]
+    return repeated(encode(tokenizer, FILLER), count)
 
 
 def sample_pieces(tokenizer: PreTrainedTokenizerBase, key: int) -> dict[str, list[int]]:
@@ -79,8 +83,15 @@ def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, needle_dista
 
 def passkey_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, count: int, seed: int = 0) -> list[list[int]]:
     """`count` training samples of `block_size` tokens with random keys and needles anywhere in the block."""
+    return [sample.input_ids for sample in passkey_samples(tokenizer, block_size, count, seed)]
+
+
+def passkey_samples(
+    tokenizer: PreTrainedTokenizerBase, block_size: int, count: int, seed: int = 0
+) -> list[PasskeySample]:
+    """`passkey_blocks` with each sample's answer position (for training on the answer alone)."""
     rng = random.Random(seed)
-    blocks = []
+    samples = []
     for _ in range(count):
         key = rng.randint(10000, 99999)
         nearest, farthest = needle_distances(sample_pieces(tokenizer, key), block_size)
@@ -90,8 +101,8 @@ def passkey_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, count: i
                 f"tokenizer, not {block_size}; use longer blocks or no pass-key sequences."
             )
         distance = rng.randint(nearest, farthest)
-        blocks.append(passkey_sample(tokenizer, block_size, distance, key).input_ids)
-    return blocks
+        samples.append(passkey_sample(tokenizer, block_size, distance, key))
+    return samples
 
 
 @torch.no_grad()

@@ -1,0 +1,50 @@
+"""The quality harness (`benchmarks/quality.py`) end to end at its `test` size: every variant trains, is evaluated
+and appears in every table of the report; `--report-only` rebuilds the report from the finished runs."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fastgpt_hf.ablations import VARIANTS
+
+HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+
+
+def harness_module():
+    spec = importlib.util.spec_from_file_location("quality", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: every variant trains and is evaluated
+def test_every_variant_is_in_every_table(tmp_path):
+    quality = harness_module()
+    quality.run(parse(quality, ["--size", "test", "--seeds", "0", "--output", str(tmp_path)]))
+    report = (tmp_path / "results.md").read_text(encoding="utf-8")
+    tables = report.split("\n\n")
+    rows = [[line for line in table.splitlines() if line.startswith("| `")] for table in tables]
+    rows = [table for table in rows if table]
+    assert len(rows) == 3  # perplexity and throughput, MQAR, pass key
+    for table in rows:
+        assert [line.split("`")[1] for line in table] == list(VARIANTS)
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert {run["variant"] for run in results["runs"]} == set(VARIANTS)
+    assert all(
+        run["tokens_per_second"] > 0 and run["perplexity"]["validation"]["per_word"] > 1 for run in results["runs"]
+    )
+    assert "not run: dynamic without memory slots" in report
+
+    (tmp_path / "runs" / "llama-seed0.json").unlink()  # as if cut short before the Llama run finished
+    (tmp_path / "results.md").unlink()
+    quality.run(parse(quality, ["--report-only", "--output", str(tmp_path)]))
+    assert "| `llama` |" not in (tmp_path / "results.md").read_text(encoding="utf-8")
