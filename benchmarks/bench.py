@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "prefill": "forward pass and training step time per shape, through each cache, with FLOP floors",
     "decode": "generate() ms per token per setting with bandwidth floors; --profile kernels, --ops operators",
     "memory": "generation-state bytes per preset; cache bytes and peak memory measured at given shapes",
-    "quality": "perplexity and long-context retrieval of checkpoints (benchmarks/quality.py)",
+    "quality": "FastGPT, Llama and ablations trained alike: perplexity, MQAR and pass-key retrieval by distance",
     "quantization": "perplexity, weight bytes and CPU decode speed of every int8 scheme and QAT against float32",
     "export": "ExecuTorch .pte files on the CPU (XNNPACK): prefill and decode tokens/s, memory",
     "convert": "a source model against its FastGPT conversions: perplexity, pass-key retrieval, chat answers",

@@ -17,8 +17,8 @@ checked, the variants not run and why) and, where matplotlib is installed, `qual
 distance, perplexity against training tokens). `--report-only` summarizes the finished runs again (after a run
 cut short, or elsewhere for the plot).
 
-    python benchmarks/quality.py --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
-    python benchmarks/quality.py --size gpu --data data/wikitext-2 --output runs/quality-gpu   # one H100
+    python benchmarks/bench.py quality --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
+    python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu   # not yet run on a GPU
 
 Sizes (`SIZES`): `cpu` (3 layers of width 64, windows 4 / 8) runs every variant x 3 seeds in about 15-20 minutes
 on 2 cores; `gpu` (6 layers of width 256, windows 32 / 64) is sized for about 7 minutes on one H100, the seeds in
@@ -433,9 +433,3 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"plot: {path}")
-
-
-if __name__ == "__main__":
-    command_line = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(command_line)
-    run(command_line.parse_args())
