@@ -55,6 +55,7 @@ CHECKPOINT_FILES = {
     "attention_flex.py",
     "attention_masks.py",
     "attention_sdpa.py",
+    "generation_fastgpt.py",
     "generation_fast_path.py",
 }
 

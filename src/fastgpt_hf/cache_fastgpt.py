@@ -652,6 +652,10 @@ class FastGPTDynamicCache(KeyMaskCache, DynamicCache):
     def check_room(self, past_length: int, query_length: int) -> None:
         """Nothing to check: the dynamic cache grows with the input."""
 
+    def attention_mask_lengths(self, query_length: int) -> tuple[int, ...]:
+        """The attention_mask widths a forward of `query_length` new tokens takes: every token so far."""
+        return (int(self.get_seq_length()) + query_length,)
+
 
 class FastGPTStaticCache(KeyMaskCache, StaticCache):
     """Fixed-size buffers for at most `max_cache_len` positions: `cache_implementation="static"` and compile.
@@ -686,6 +690,14 @@ class FastGPTStaticCache(KeyMaskCache, StaticCache):
                 "more do not fit. Build it with a larger max_cache_len (generate(): generation_config.max_cache_len "
                 "or a larger max_new_tokens)."
             )
+
+    def attention_mask_lengths(self, query_length: int) -> tuple[int, ...]:
+        """The attention_mask widths a forward of `query_length` new tokens takes: every token so far, or the new
+        tokens alone (the cache flags its real slots itself). In compiled code only the latter: the cache's 0-d
+        counter stays unread there, since reading it would synchronize."""
+        if torch.compiler.is_compiling():
+            return (query_length,)
+        return (int(self.get_seq_length()) + query_length, query_length)
 
 
 class FastGPTRowCache(FastGPTStaticCache):

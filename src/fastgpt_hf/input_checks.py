@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.utils import is_torchdynamo_compiling
 
-from .cache_fastgpt import FastGPTStaticCache, check_cache
+from .cache_fastgpt import check_cache
 from .configuration_fastgpt import FastGPTConfig
 
 
@@ -23,8 +23,9 @@ def check_inputs(
 ) -> None:
     """Raise a ValueError naming the argument, the shape given and the shape expected, unless the inputs fit: exactly
     one of input_ids `[B, T]` (torch.long or torch.int) and inputs_embeds `[B, T, hidden_size]`, B and T at least 1;
-    a cache built for this model holding B rows (`check_cache`); attention_mask `[B, cached + T]`, or with the static
-    cache, which flags its real slots itself, `[B, T]` for the new tokens (generate()'s compiled decode passes that).
+    a cache built for this model holding B rows (`check_cache`); attention_mask `[B, cached + T]`, or a width the
+    cache names (`attention_mask_lengths`: the static cache, which flags its real slots itself, takes `[B, T]` for the
+    new tokens, which generate()'s compiled decode passes).
 
     Token ids must lie in [0, vocab_size) (`check_token_ids`: one min/max, skipped where it would synchronise a
     decode step). Otherwise shapes and dtypes only, no tensor value is read: in compiled code this costs nothing, and
@@ -55,12 +56,7 @@ def check_inputs(
         check_cache(cache, config, batch_size)
     if attention_mask is None:
         return
-    static_cache = isinstance(cache, FastGPTStaticCache)
-    if static_cache and is_torchdynamo_compiling():  # the cache's counter stays unread
-        lengths = (query_length,)
-    else:
-        every_token = query_length + (0 if cache is None else int(cache.get_seq_length()))
-        lengths = (every_token, query_length) if static_cache else (every_token,)
+    lengths = (query_length,) if cache is None else cache.attention_mask_lengths(query_length)
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
         raise ValueError(
             f"attention_mask must have shape (batch, cached + new tokens) = ({batch_size}, {lengths[0]}), 1 for "

@@ -31,8 +31,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt_vl import FastGPTVLConfig
+from .generation_fastgpt import FastGPTGenerationMixin
 from .input_checks import check_inputs
-from .modeling_fastgpt import FastGPTGenerationMixin, FastGPTModel
+from .modeling_fastgpt import FastGPTModel
 
 
 class FastGPTVLProjector(nn.Module):
