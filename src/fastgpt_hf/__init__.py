@@ -1,4 +1,5 @@
-"""FastGPT for Hugging Face Transformers: importing this package registers it with the Auto classes.
+"""FastGPT for Hugging Face Transformers: importing this package registers it with the Auto classes (and, where
+Liger-Kernel is installed, with Liger: `fastgpt_hf.liger_registration`).
 
 It also marks the classes for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` into
 config.json and copies the modeling code (a flat set of files with relative imports) beside the weights:
@@ -26,6 +27,7 @@ from transformers import (  # noqa: E402  (after the command line's filters, bef
 
 from .configuration_fastgpt import FASTGPT_HF_VERSION, FastGPTConfig
 from .configuration_fastgpt_vl import FastGPTVLConfig
+from .liger_registration import register_with_liger
 from .modeling_fastgpt import FastGPTForCausalLM, FastGPTModel, FastGPTPreTrainedModel
 from .modeling_fastgpt_vl import FastGPTForConditionalGeneration, FastGPTVLModel
 from .processing_fastgpt_vl import FastGPTProcessor
@@ -44,6 +46,7 @@ FastGPTVLConfig.register_for_auto_class("AutoConfig")
 FastGPTVLModel.register_for_auto_class("AutoModel")
 FastGPTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 FastGPTProcessor.register_for_auto_class("AutoProcessor")
+register_with_liger()
 
 __version__ = FASTGPT_HF_VERSION
 

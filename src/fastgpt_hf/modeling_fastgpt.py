@@ -490,7 +490,29 @@ class FastGPTModel(FastGPTPreTrainedModel):
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
 
 
-class FastGPTForCausalLM(FastGPTPreTrainedModel, FastGPTGenerationMixin):
+class FastGPTLanguageModelingHead:
+    """The last step of the causal LM and the captioning model: `lm_head` and the loss. One method, so that
+    `fastgpt_hf.liger` can swap it for Liger's fused linear cross-entropy, which never builds the logits."""
+
+    def logits_and_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """hidden_states `[B, T, hidden]` -> logits `[B, T or logits_to_keep, vocab]` and, with labels `[B, T]`
+        (-100 where no loss), the next-token cross-entropy (`self.loss_function`), else None. A swapped-in head
+        may return None logits when it computes the loss without them."""
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        loss = None
+        if labels is not None:
+            vocab_size = self.config.get_text_config().vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        return logits, loss
+
+
+class FastGPTForCausalLM(FastGPTPreTrainedModel, FastGPTLanguageModelingHead, FastGPTGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -526,10 +548,7 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, FastGPTGenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = self.logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -539,4 +558,4 @@ class FastGPTForCausalLM(FastGPTPreTrainedModel, FastGPTGenerationMixin):
         )
 
 
-__all__ = ["FastGPTForCausalLM", "FastGPTModel", "FastGPTPreTrainedModel"]
+__all__ = ["FastGPTForCausalLM", "FastGPTLanguageModelingHead", "FastGPTModel", "FastGPTPreTrainedModel"]

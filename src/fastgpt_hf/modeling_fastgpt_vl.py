@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto import AutoModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -33,7 +33,7 @@ from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt_vl import FastGPTVLConfig
 from .generation_fastgpt import FastGPTGenerationMixin
 from .input_checks import check_inputs
-from .modeling_fastgpt import FastGPTModel
+from .modeling_fastgpt import FastGPTLanguageModelingHead, FastGPTModel
 
 
 class FastGPTVLProjector(nn.Module):
@@ -250,7 +250,7 @@ class FastGPTVLModel(FastGPTVLPreTrainedModel):
         )
 
 
-class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGenerationMixin):
+class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTLanguageModelingHead, FastGPTGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: FastGPTVLConfig):
@@ -310,11 +310,7 @@ class FastGPTForConditionalGeneration(FastGPTVLPreTrainedModel, FastGPTGeneratio
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            vocab_size = self.config.text_config.vocab_size
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        logits, loss = self.logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
         return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
