@@ -46,12 +46,12 @@ def restore_modeling_module(monkeypatch):
             delattr(model_class, "logits_and_loss")
 
 
-def run_python(code: str) -> str:
+def run_python(code: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result
 
 
 def test_import_leaves_liger_unloaded_and_registers_fastgpt_when_liger_loads():
@@ -60,7 +60,7 @@ def test_import_leaves_liger_unloaded_and_registers_fastgpt_when_liger_loads():
         "print('loaded' if 'liger_kernel.transformers.monkey_patch' in sys.modules else 'unloaded')\n"
         "from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as table\n"
         "print(table['fastgpt'].__name__, table['fastgpt_vl'].__name__)\n"
-    )
+    ).stdout
     assert output.split() == ["unloaded", "apply_liger_kernel_to_fastgpt", "apply_liger_kernel_to_fastgpt"]
 
 
@@ -70,8 +70,20 @@ def test_import_after_liger_registers_fastgpt_at_once():
         "print('fastgpt' in table)\n"
         "import fastgpt_hf\n"
         "print(table['fastgpt'].__name__)\n"
-    )
+    ).stdout
     assert output.split() == ["False", "apply_liger_kernel_to_fastgpt"]
+
+
+def test_glue_that_cannot_import_leaves_liger_working_and_says_so():
+    """A Liger whose helpers moved must not break Liger for other models in a process that imported FastGPT."""
+    result = run_python(
+        "import sys, fastgpt_hf\n"
+        "sys.modules['fastgpt_hf.liger'] = None  # importing it now raises ImportError\n"
+        "from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as table\n"
+        "print('llama' in table, 'fastgpt' in table)\n"
+    )
+    assert result.stdout.split() == ["True", "False"]
+    assert "FastGPT is not registered with Liger: fastgpt_hf.liger could not import" in result.stderr
 
 
 def replaced_forwards(model: torch.nn.Module) -> dict[str, str]:

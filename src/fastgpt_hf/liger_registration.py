@@ -10,11 +10,14 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import logging
 import sys
 from types import ModuleType
 
 LIGER_TABLE_MODULE = "liger_kernel.transformers.monkey_patch"
 FASTGPT_LIGER_MODULE = "fastgpt_hf.liger"
+
+logger = logging.getLogger(__name__)
 
 
 class ImportFastGPTAfterRunning(importlib.abc.Loader):
@@ -28,7 +31,13 @@ class ImportFastGPTAfterRunning(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        importlib.import_module(FASTGPT_LIGER_MODULE)
+        try:
+            importlib.import_module(FASTGPT_LIGER_MODULE)
+        except ImportError as error:  # Liger must keep working for other models
+            logger.warning(
+                f"FastGPT is not registered with Liger: fastgpt_hf.liger could not import ({error}). "
+                'Install the versions it is tested with: pip install "fastgpt_hf[liger]".'
+            )
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)  # get_source, get_filename, ... for tracebacks and inspect
