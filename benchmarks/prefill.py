@@ -10,7 +10,10 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
 - Training (`--train BxT ...`): one forward and backward (no optimizer) of the mean next-token cross-entropy, its
   logits computed a chunk of positions at a time (the same for both models), with each backend of
   `--train-backends`, eager and with `--compile` the decoder stack compiled; peak memory (GPU) is this model's
-  weights, gradients and activations.
+  weights, gradients and activations. With `--liger` the training table runs once more with both models patched
+  in place by Liger-Kernel as `Trainer(use_liger_kernel=True)` patches them (`_apply_liger_kernel_to_instance`:
+  Llama's own patch, FastGPT's `fastgpt_hf.liger`), the loss from the forward with labels (Liger's fused linear
+  cross-entropy); last, because the patches stay.
 - Caches (`--caches none dynamic static`): one eager forward over each shape (batch 1 rows, no padding) with no
   cache, with each model's dynamic cache and with its static cache (`cache_implementation="static"`'s, sized for the
   prompt plus 64 tokens), with the first backend of `--backends`. A prefill into an empty cache should cost what the
@@ -18,6 +21,7 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
 - Floors: FLOPs / the measured matmul rate (`floors.py`). Times: `timing.py`'s median after two warm-up calls.
 
     python benchmarks/bench.py prefill --preset 1b --shapes 512 1024 2048 8x2048 8192 32768 --train 8x2048 1x32768
+    python benchmarks/bench.py prefill --preset 1b --shapes --train 8x2048 1x32768 --liger
     python benchmarks/bench.py prefill --device cpu --preset small --shapes 4096 --caches none dynamic static
 """
 
@@ -51,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=["sdpa", "flex_attention"], choices=BACKENDS)
     parser.add_argument("--train-backends", nargs="+", default=["sdpa"], choices=BACKENDS)
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument(
+        "--liger", action="store_true", help="also time the training steps with Liger-Kernel (pip install liger-kernel)"
+    )
     parser.add_argument("--caches", nargs="*", default=[], choices=CACHES, help="also prefill through these caches")
     parser.add_argument("--repeats", type=int, help="timed calls per figure (default 15, 5 past 16K tokens)")
 
@@ -75,6 +82,13 @@ def run(args: argparse.Namespace) -> None:
     if args.caches:
         print(f"\nPrefill through each cache ({args.backends[0]}, eager):", flush=True)
         cache_table(pair, [length for _, length in shapes], args.caches, args.backends[0], args.repeats)
+    if args.liger and args.train:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        for model in pair.values():
+            _apply_liger_kernel_to_instance(model=model)
+        print("\nTraining step with Liger-Kernel's kernels (forward with labels + backward):", flush=True)
+        training_table(pair, train_shapes, rate, args.train_backends, ["liger"])
 
 
 def random_ids(vocab_size: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -263,10 +277,14 @@ def chunked_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, labels
     return total / labels.numel()
 
 
-def training_runner(model, input_ids: torch.Tensor, compiled: bool) -> Callable[[], None]:
-    """One forward and backward of the next-token loss on `input_ids` (gradients accumulate in `.grad`)."""
+def training_runner(model, input_ids: torch.Tensor, setting: str) -> Callable[[], None]:
+    """One forward and backward of the next-token loss on `input_ids` (gradients accumulate in `.grad`): the
+    chunked loss over the decoder's states (`eager`, `compiled`: the decoder stack compiled), or for `liger` (a
+    model Liger patched) the model's own forward with labels, whose loss is Liger's fused linear cross-entropy."""
     torch._dynamo.reset()
-    decoder = torch.compile(model.model, dynamic=False) if compiled else model.model
+    if setting == "liger":
+        return lambda: model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+    decoder = torch.compile(model.model, dynamic=False) if setting == "compiled" else model.model
     labels = input_ids.roll(-1, dims=1)
 
     def step():
@@ -277,7 +295,8 @@ def training_runner(model, input_ids: torch.Tensor, compiled: bool) -> Callable[
 
 
 def best_training(model, input_ids, backend: str, settings) -> dict[str, tuple[float, float | None]]:
-    """(median ms, peak GiB of weights + gradients + activations or None) per working setting (eager, compiled)."""
+    """(median ms, peak GiB of weights + gradients + activations or None) per working setting (eager, compiled,
+    liger)."""
     results = {}
     model.train()
     model.set_attn_implementation(backend)
@@ -285,7 +304,7 @@ def best_training(model, input_ids, backend: str, settings) -> dict[str, tuple[f
         model.zero_grad(set_to_none=True)
         try:
             with PeakMemory(model, input_ids.device) as peak:
-                runner = training_runner(model, input_ids, setting == "compiled")
+                runner = training_runner(model, input_ids, setting)
                 milliseconds = median_ms(runner, input_ids.device, repeats=5)
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
             print(f"  {type(model).__name__} train {backend} {setting}: failed: {type(error).__name__}: {error}"[:300])
