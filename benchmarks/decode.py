@@ -17,8 +17,11 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   per call, at new addresses, so its first compiled step records the CUDA graphs again).
   Floor = (weight bytes + cache bytes) / measured copy bandwidth: one step must read every weight (an untied input
   embedding only by the row) and the whole cache of the context (`floors.py`).
-  `--weights bf16 int8`: decode with the preset's weights, and/or with torchao int8 weight-only Linear layers
-  (FastGPT's precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares).
+  `--weights bf16 int8 int8-dynamic`: decode with the preset's weights, and/or with torchao int8 Linear layers:
+  weight-only (`int8`: int8 weights converted to the activations' dtype for the matmul) or int8 activations and
+  weights (`int8-dynamic`: per-token activation scales, int8 x int8 matmuls through `torch._int_mm`); FastGPT's
+  precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares. Each scheme quantizes freshly built
+  models.
 - `--profile`: where a generate() decode step spends its time, both models (`--cache static`: generate()'s own
   compile, CUDA graphs on a GPU: the compiled graphs, graph breaks and CUDA graph skips, and per decode step the
   CUDA graph launches and single kernel launches; then the kernels of one step, compiled without CUDA graphs (same
@@ -30,6 +33,7 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
 
     python benchmarks/bench.py decode --preset 1b --shapes 1x2048 1x32640 32x8192
     python benchmarks/bench.py decode --preset 13b --shapes 16x1024 --weights int8 --settings static
+    python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings default static
     python benchmarks/bench.py decode --preset 13b --layers 6 --shapes 32x1024 --profile
     python benchmarks/bench.py decode --device cpu --preset tiny --layers 8 --shapes 1x256 --ops --threads 1
 """
@@ -58,6 +62,7 @@ DEFAULT_SETTINGS = ("default", "static")
 NEW_TOKENS = 65
 BASELINE_TOKENS = 2  # the prefill and one decode step, the one that may record CUDA graphs
 PREFILL_CHUNK = 1024
+INT8_SCHEMES = ("int8", "int8-dynamic")
 SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -69,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         nargs="+",
         default=["bf16"],
-        choices=("bf16", "int8"),
-        help="bf16: --dtype's weights (bf16 on a GPU); int8: torchao weight-only Linear layers",
+        choices=("bf16", *INT8_SCHEMES),
+        help="bf16: --dtype's weights (bf16 on a GPU); int8: torchao weight-only Linear layers; int8-dynamic: "
+        "torchao int8 activations and weights",
     )
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
@@ -102,10 +108,16 @@ def run(args: argparse.Namespace) -> None:
     if args.profile:
         profile_models(args, pair, shapes)
         return
+    pair_is_quantized = False
     for weights in args.weights:
-        quantized = pair if weights == "bf16" else {name: int8_weight_only(model) for name, model in pair.items()}
-        label = SHORT_DTYPE_NAMES[dtype] if weights == "bf16" else "int8"
-        named = {f"{name} {label}": model for name, model in quantized.items()}
+        if pair_is_quantized:  # quantization is in place: start again from the preset's weights
+            del pair
+            pair = models.model_pair(config, device, dtype)
+        if weights != "bf16":
+            pair = {name: int8_quantized(model, weights) for name, model in pair.items()}
+        pair_is_quantized = weights != "bf16"
+        label = SHORT_DTYPE_NAMES[dtype] if weights == "bf16" else weights
+        named = {f"{name} {label}": model for name, model in pair.items()}
         decode_table(named, config, shapes, bandwidth, args.settings)
 
 
@@ -120,9 +132,10 @@ def keep_inductor_from_int8pack_mm() -> None:
     torch.backends.mkldnn.enabled = False
 
 
-def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
-    """torchao int8 weight-only (per-channel) on every Linear except lm_head and the modules kept precise."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def int8_quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+    """torchao int8 (`INT8_SCHEMES`, per-channel weights) on every Linear except lm_head and the modules kept
+    precise, in place."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
     skipped = {*precise_module_names(), "lm_head"}
 
@@ -131,7 +144,8 @@ def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
 
     # set_inductor_config=False: torchao's recommended inductor settings turn on coordinate-descent tuning of every
     # kernel, and compiling the 13b decode graph with them ran past the 10-minute call limit on the H200.
-    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=quantized)
+    config_class = Int8WeightOnlyConfig if scheme == "int8" else Int8DynamicActivationInt8WeightConfig
+    quantize_(model, config_class(set_inductor_config=False), filter_fn=quantized)
     return model
 
 
@@ -357,8 +371,8 @@ def kernel_table(times: Counter, wall_ms: float, rows: int) -> list[str]:
 
 def profile_models(args: argparse.Namespace, pair: dict, shapes: list[tuple[int, int]]) -> None:
     torch._logging.set_logs(perf_hints=True)  # inductor logs why it skips CUDA graphs
-    if "int8" in args.weights:
-        pair = {name: int8_weight_only(model) for name, model in pair.items()}
+    if args.weights[-1] != "bf16":
+        pair = {name: int8_quantized(model, args.weights[-1]) for name, model in pair.items()}
     for batch, context in shapes:
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, pair["FastGPT"].config.vocab_size, (batch, context), generator=generator)
