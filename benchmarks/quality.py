@@ -18,7 +18,8 @@ distance, perplexity against training tokens). `--report-only` summarizes the fi
 cut short, or elsewhere for the plot).
 
     python benchmarks/bench.py quality --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
-    python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu   # not yet run on a GPU
+    python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu   # no GPU run yet
+    python benchmarks/bench.py quality --size cpu --recall-probe --variants llama sliding dynamic fastgpt --seeds 0
 
 Sizes (`SIZES`): `cpu` (3 layers of width 64, windows 4 / 8) runs every variant x 3 seeds in about 15-20 minutes
 on 2 cores; `gpu` (6 layers of width 256, windows 32 / 64) is sized for about 7 minutes on one H100, the seeds in
@@ -43,6 +44,7 @@ from fastgpt_hf.recall_tasks import (
     SequenceMeanTrainer,
     mqar_accuracy,
     mqar_distances,
+    mqar_samples,
     mqar_vocabulary,
     training_mix,
 )
@@ -69,6 +71,9 @@ SIZES = {
             "curve_blocks": 32, "curve_points": 5, "mqar_trials": 64, "passkey_trials": 32, "workers": 3},
 }  # fmt: skip
 MQAR_SHARE, PASSKEY_SHARE = 0.25, 0.25
+# `--recall-probe`: MQAR blocks only, short and many, so that a model that can retrieve learns to within minutes on
+# 2 cores (the mixed CPU run leaves every variant, Llama included, at chance); a plain AdamW loop, one-cycle schedule.
+RECALL_PROBE = {"block_size": 64, "batch_size": 32, "steps": 1500, "lr": 3e-3, "num_pairs": 4, "trials": 64}
 DISTANCE_MULTIPLES = (1, 4, 16)
 PASSKEY_CHANCE = 0.0  # three answer tokens out of 16,384 each: about 2e-13 for a uniform guess
 
@@ -87,10 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the finished runs of --output again (results.*, plot)"
     )
+    parser.add_argument(
+        "--recall-probe",
+        action="store_true",
+        help="instead: can each variant learn MQAR at all? MQAR-only training at the size's shape (RECALL_PROBE)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
+    if args.recall_probe:
+        recall_probe(args, output)
+        return
     if not args.report_only:
         settings = run_settings(args)
         print(
@@ -109,6 +122,54 @@ def run(args: argparse.Namespace) -> None:
         settings["wall_seconds"] = time.perf_counter() - started
         (output / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
     write_report(collect(output), output)
+
+
+def recall_probe(args: argparse.Namespace, output: Path) -> None:
+    """Each variant of `--variants` at each seed trained on MQAR samples alone (`RECALL_PROBE`, `--steps` overrides
+    its steps) at the `--size` shape, then its share of queries answered with keys 1x and 4x the largest window
+    before the query; the table is printed and written to `recall-probe.json` in `--output`."""
+    size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+    probe = {**RECALL_PROBE, "steps": args.steps or RECALL_PROBE["steps"], "size": size}
+    tokenizer = load_tokenizer()
+    vocabulary = mqar_vocabulary(tokenizer)
+    shape = {**SHAPES[size], "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+             "max_position_embeddings": probe["block_size"], "attn_implementation": "sdpa"}  # fmt: skip
+    window = max(shape["sliding_window"], shape["dynamic_window"])
+    distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES[:2]}
+    steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
+    print(f"recall probe: {size} shape, {steps} steps of {batch} MQAR blocks of {block} tokens, {pairs} pairs; "
+          f"chance {100 / len(vocabulary.values):.2f}%", flush=True)  # fmt: skip
+    records = []
+    for seed in args.seeds:
+        samples = mqar_samples(vocabulary, block, pairs, steps * batch, seed=seed)
+        for name in args.variants:
+            model = variant_model(name, shape, seed)
+            started = time.perf_counter()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=probe["lr"], weight_decay=0.01)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, probe["lr"], total_steps=steps, pct_start=0.1)
+            model.train()
+            for step in range(steps):
+                chunk = samples[step * batch : (step + 1) * batch]
+                input_ids = torch.tensor([sample.input_ids for sample in chunk])
+                labels = torch.tensor([sample.labels for sample in chunk])
+                loss = model(input_ids, labels=labels, use_cache=False).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            model.eval()
+            with torch.no_grad():
+                accuracy = {label: mqar_accuracy(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
+                            for label, distance in distances.items()}  # fmt: skip
+            records.append({"variant": name, "seed": seed, "final_loss": loss.item(), "accuracy": accuracy,
+                            "train_seconds": time.perf_counter() - started})  # fmt: skip
+            shares = ", ".join(f"{label} {100 * value:.1f}%" for label, value in accuracy.items())
+            print(f"{name} seed {seed}: loss {loss.item():.3f}, MQAR {shares}", flush=True)
+    output.mkdir(parents=True, exist_ok=True)
+    results = {"probe": probe, "shape": shape, "distances": distances, "runs": records}
+    (output / "recall-probe.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
 
 
 def collect(output: Path) -> dict:

@@ -48,3 +48,19 @@ def test_every_variant_is_in_every_table(tmp_path):
     (tmp_path / "results.md").unlink()
     quality.run(parse(quality, ["--report-only", "--output", str(tmp_path)]))
     assert "| `llama` |" not in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
+    """`--recall-probe`: one record per variant and seed, with its final loss and the share of queries answered at
+    1x and 4x the largest window, in recall-probe.json."""
+    quality = harness_module()
+    argv = ["--size", "test", "--recall-probe", "--variants", "llama", "dynamic", "--seeds", "0", "--steps", "3"]
+    quality.run(parse(quality, [*argv, "--output", str(tmp_path)]))
+    results = json.loads((tmp_path / "recall-probe.json").read_text(encoding="utf-8"))
+    window = max(results["shape"]["sliding_window"], results["shape"]["dynamic_window"])
+    assert results["distances"] == {"1x": window, "4x": 4 * window}
+    assert [(run["variant"], run["seed"]) for run in results["runs"]] == [("llama", 0), ("dynamic", 0)]
+    for run in results["runs"]:
+        assert set(run["accuracy"]) == {"1x", "4x"}
+        assert all(0.0 <= share <= 1.0 for share in run["accuracy"].values())
+        assert 0 < run["final_loss"] < 20
