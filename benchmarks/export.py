@@ -18,7 +18,6 @@ machine's load beside them.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -104,8 +103,17 @@ def measure(path: str, context: int, new_tokens: int, vocab_size: int) -> dict:
     return {
         "prefill_tokens_per_second": context / prefill_ms * 1e3,
         "decode_tokens_per_second": new_tokens / decode_ms * 1e3,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set since its exec (`VmHWM`). Not `getrusage`'s `ru_maxrss`: Linux carries that
+    over fork and exec, so a child reported the benchmark parent's peak, models and lowered programs included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; peak memory is measured on Linux only.")
 
 
 def build_models(preset: str, dtype: str):

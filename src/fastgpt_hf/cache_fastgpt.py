@@ -396,10 +396,10 @@ class StaticRolledLayer(StaticLayer):
     query is the last returned key and every other real slot is within its window, so their order does not matter,
     and no step copies the cache. A longer step (prefill) returns the past in time order followed by the new tokens
     (`[B, K, P + T, D]`, queries last; P = the slots written so far, or all N + 1 in compiled code, which reads no
-    count) and stores the last N + 1 of them. Slots not yet written are zeros, flagged
-    not real in `slot_is_real` `[B, N + 1]`, which moves with the keys. The tokens seen (at most `max_positions`) are
-    counted in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`: a Python int that changes
-    every step would make every compiled decode step a new CUDA graph.
+    count) and writes only the slots that change: the new tokens' and that of the token leaving slot N. Slots not yet
+    written are zeros, flagged not real in `slot_is_real` `[B, N + 1]`, which moves with the keys. The tokens seen (at
+    most `max_positions`) are counted in `cumulative_length`, a 0-d device tensor as in Transformers' `StaticLayer`:
+    a Python int that changes every step would make every compiled decode step a new CUDA graph.
     """
 
     def __init__(self, max_positions: int, kept_length: int, dynamic_length: bool = False):
@@ -442,8 +442,10 @@ class StaticRolledLayer(StaticLayer):
         all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
         all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
         key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real], dim=1)
-        # The last min(S, N + 1) returned tokens go to the ring, oldest first, and the newest to slot N.
-        stored = min(all_keys.shape[2], self.max_cache_len)
+        # A token keeps its slot once in the ring (token t in slot t % N, the newest in slot N): only the new tokens
+        # and the one leaving slot N are written, the last min(S, T + 1, N + 1) returned, oldest first. Rewriting the
+        # whole kept past instead made each prefill chunk copy a full layer's every slot.
+        stored = min(all_keys.shape[2], key_states.shape[2] + 1, self.max_cache_len)
         stored_order = torch.cat([self.ring_slots(self.cumulative_length), newest_slot])[-stored:]
         self.keys.index_copy_(2, stored_order, all_keys[:, :, -stored:])
         self.values.index_copy_(2, stored_order, all_values[:, :, -stored:])

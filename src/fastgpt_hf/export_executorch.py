@@ -201,7 +201,8 @@ def export_model(
             f"{model.config.max_position_embeddings}; export with a smaller --max-cache-len."
         )
     # Eager attention: dense masked scores of one chunk against the cache, the same graph at every step; the
-    # sdpa backend's blocked windows reshape sdpa's output in a way ExecuTorch's decomposition cannot view.
+    # sdpa backend's blocked windows reshape sdpa's output in a way ExecuTorch's decomposition cannot view, and
+    # where chunks fit the windows (one sdpa call) its file ran no faster (benchmarks/RESULTS.md, "## export").
     model.eval().set_attn_implementation("eager")
     if quantize == "int8-dynamic":
         quantize_for_edge(model)
