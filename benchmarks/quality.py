@@ -97,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead: can each variant learn MQAR at all? MQAR-only training at the size's shape (RECALL_PROBE)",
     )
+    parser.add_argument(
+        "--layer-types",
+        nargs="+",
+        help="--recall-probe: the base layout the variants derive from (default: the shape's own), e.g. "
+        "sliding_attention full_attention full_attention",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -126,15 +132,17 @@ def run(args: argparse.Namespace) -> None:
 
 def recall_probe(args: argparse.Namespace, output: Path) -> None:
     """Each variant of `--variants` at each seed trained on MQAR samples alone (`RECALL_PROBE`, `--steps` overrides
-    its steps) at the `--size` shape, then its share of queries answered with keys 1x and 4x the largest window
-    before the query; the table is printed and written to `recall-probe.json` in `--output`."""
+    its steps) at the `--size` shape (`--layer-types`: another base layout, which `fastgpt` takes as it is), then
+    its share of queries answered with keys 1x and 4x the largest window before the query; the table is printed
+    and written to `recall-probe.json` in `--output`."""
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
     probe = {**RECALL_PROBE, "steps": args.steps or RECALL_PROBE["steps"], "size": size}
     tokenizer = load_tokenizer()
     vocabulary = mqar_vocabulary(tokenizer)
     shape = {**SHAPES[size], "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-             "max_position_embeddings": probe["block_size"], "attn_implementation": "sdpa"}  # fmt: skip
+             "max_position_embeddings": probe["block_size"], "attn_implementation": "sdpa",
+             **({"layer_types": args.layer_types} if args.layer_types else {})}  # fmt: skip
     window = max(shape["sliding_window"], shape["dynamic_window"])
     distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES[:2]}
     steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]

@@ -52,11 +52,13 @@ def test_every_variant_is_in_every_table(tmp_path):
 
 def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
     """`--recall-probe`: one record per variant and seed, with its final loss and the share of queries answered at
-    1x and 4x the largest window, in recall-probe.json."""
+    1x and 4x the largest window, in recall-probe.json; `--layer-types` sets the base layout."""
     quality = harness_module()
     argv = ["--size", "test", "--recall-probe", "--variants", "llama", "dynamic", "--seeds", "0", "--steps", "3"]
-    quality.run(parse(quality, [*argv, "--output", str(tmp_path)]))
+    layout = ["sliding_attention", "full_attention", "full_attention"]
+    quality.run(parse(quality, [*argv, "--layer-types", *layout, "--output", str(tmp_path)]))
     results = json.loads((tmp_path / "recall-probe.json").read_text(encoding="utf-8"))
+    assert results["shape"]["layer_types"] == layout
     window = max(results["shape"]["sliding_window"], results["shape"]["dynamic_window"])
     assert results["distances"] == {"1x": window, "4x": 4 * window}
     assert [(run["variant"], run["seed"]) for run in results["runs"]] == [("llama", 0), ("dynamic", 0)]
