@@ -139,10 +139,9 @@ def recall_probe(args: argparse.Namespace, output: Path) -> None:
     probe = {**RECALL_PROBE, "steps": args.steps or RECALL_PROBE["steps"], "size": size}
     tokenizer = load_tokenizer()
     vocabulary = mqar_vocabulary(tokenizer)
-    shape = {**SHAPES[size], "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-             "max_position_embeddings": probe["block_size"], "attn_implementation": "sdpa",
-             **({"layer_types": args.layer_types} if args.layer_types else {})}  # fmt: skip
+    shape = model_shape(size, tokenizer, probe["block_size"])
+    if args.layer_types:
+        shape["layer_types"] = args.layer_types
     window = max(shape["sliding_window"], shape["dynamic_window"])
     distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES[:2]}
     steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
@@ -207,18 +206,23 @@ def run_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def prepare(settings: dict) -> dict:
-    """The shape, the training mix, the curve's validation blocks, the evaluation texts and the distances."""
-    tokenizer = load_tokenizer()
-    shape = {
-        **SHAPES[settings["size"]],
+def model_shape(size: str, tokenizer, block_size: int) -> dict:
+    """The FastGPTConfig keyword arguments of `size`'s shape for the shipped tokenizer and `block_size` positions."""
+    return {
+        **SHAPES[size],
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "max_position_embeddings": settings["block_size"],
+        "max_position_embeddings": block_size,
         "attn_implementation": "sdpa",
     }
+
+
+def prepare(settings: dict) -> dict:
+    """The shape, the training mix, the curve's validation blocks, the evaluation texts and the distances."""
+    tokenizer = load_tokenizer()
+    shape = model_shape(settings["size"], tokenizer, settings["block_size"])
     block_size, count = settings["block_size"], settings["steps"] * settings["batch_size"]
     vocabulary = mqar_vocabulary(tokenizer)
     train_text = text_blocks(tokenizer, block_size, training_text(settings["data"]), count)
