@@ -252,11 +252,12 @@ def test_convert_compares_source_and_conversion(harness, capsys, tmp_path):
     convert(source, tmp_path / "converted")
     text = tmp_path / "text.txt"
     text.write_text(CORPUS_FILES["validation"].read_text()[:3000])
-    argv = ["convert", str(source), f"converted={tmp_path / 'converted'}", "--text", str(text), "--window", "64"]
-    argv += ["--stride", "32", "--passkey-length", "96", "--distances", "40", "--trials", "1", "--new-tokens", "2"]
+    argv = ["convert", str(source), f"converted={tmp_path / 'converted'}", "--text", str(text), "--windows", "64"]
+    argv += ["48", "--passkey-length", "96", "--distances", "40", "--trials", "1", "--new-tokens", "2"]
     status, output, _ = run_bench(harness, argv, capsys)
     assert status == 0
     assert table_rows(output, "source") and table_rows(output, "converted")
+    assert "perplexity per word, 64 window | perplexity per word, 48 window" in output
 
 
 @pytest.mark.slow
