@@ -43,6 +43,29 @@ def test_each_request_gets_what_generate_gives_its_prompt_alone():
     assert engine.load() == {"active_rows": 0, "free_rows": 3, "waiting": 0}
 
 
+def test_prompts_of_one_length_are_prefilled_together():
+    # 7 prompts of length 11 and 2 of length 6 into 9 free rows: 11-token prompts go in batches of 4, 2 and 1 (powers
+    # of two up to max_prefill_batch), the 6-token ones in one batch of 2: four prefill forwards, not nine; each
+    # reply is still what generate() gives its prompt alone.
+    model = tiny_model("mixed")
+    engine = ContinuousBatchingEngine(model, max_rows=9, max_cache_len=40, max_queue=4, max_prefill_batch=5)
+    prompts = random_prompts([11, 6, 11, 11, 11, 6, 11, 11, 11], seed=5)
+    replies = {index: [] for index in range(len(prompts))}
+    for index, prompt in enumerate(prompts):
+        engine.submit(prompt, SamplingParams(7, temperature=0), replies[index].append)
+    prefill_batches = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    with torch.inference_mode():  # as in step()
+        engine.admit_waiting_requests()
+    handle.remove()
+    assert sorted(prefill_batches) == [(1, 11), (2, 6), (2, 11), (4, 11)]
+    run_to_completion(engine)
+    for index, prompt in enumerate(prompts):
+        assert [event.token_id for event in replies[index]] == greedy_reference(model, prompt, 7), index
+
+
 def test_a_cancelled_request_frees_its_row_for_the_next_one():
     model = tiny_model("mixed")
     engine = ContinuousBatchingEngine(model, max_rows=1, max_cache_len=64, max_queue=2)

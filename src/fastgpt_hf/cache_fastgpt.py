@@ -706,7 +706,7 @@ class FastGPTRowCache(FastGPTStaticCache):
     """A static cache whose `max_rows` batch rows hold unrelated sequences, each at its own position: the state of
     continuous batching (`fastgpt_hf.serving`).
 
-    A sequence enters a row by `load_row` from the batch-1 `FastGPTStaticCache` that prefilled it; a decode step then
+    A sequence enters a row by `load_row` from the `FastGPTStaticCache` that prefilled it; a decode step then
     runs over every row at once, with `position_ids` `[B, 1]` (each row's own position) and the mask `[B, 1]` of the
     rows that hold a sequence (a free row's token is padding: it changes nothing that a later `load_row` keeps).
     The layers' counters advance by one per decode step for every row: they are the rings' clock, not a length.
@@ -725,18 +725,18 @@ class FastGPTRowCache(FastGPTStaticCache):
         return max(self.row_lengths)
 
     @torch.no_grad()
-    def load_row(self, source: FastGPTStaticCache, row: int) -> None:
-        """Overwrite row `row` with the one sequence of `source` (a batch-1 static cache of the same config and
-        `max_cache_len`): every slot and block, its slots laid out oldest first in this cache's ring order, so that
-        the next decode steps evict them in time order."""
+    def load_row(self, source: FastGPTStaticCache, row: int, source_row: int = 0) -> None:
+        """Overwrite row `row` with sequence `source_row` of `source` (a static cache of the same config and
+        `max_cache_len` that prefilled it, its rows all of one length): every slot and block, its slots laid out
+        oldest first in this cache's ring order, so that the next decode steps evict them in time order."""
         for layer, source_layer in zip(self.layers, source.layers, strict=True):
             order, source_order = ring_order(layer), ring_order(source_layer)
-            layer.keys[row, :, order] = source_layer.keys[0, :, source_order]
-            layer.values[row, :, order] = source_layer.values[0, :, source_order]
-            layer.slot_is_real[row, order] = source_layer.slot_is_real[0, source_order]
+            layer.keys[row, :, order] = source_layer.keys[source_row, :, source_order]
+            layer.values[row, :, order] = source_layer.values[source_row, :, source_order]
+            layer.slot_is_real[row, order] = source_layer.slot_is_real[source_row, source_order]
             if isinstance(layer, StaticCompressedLayer):
                 for buffer, source_buffer in zip(layer.block_buffers(), source_layer.block_buffers(), strict=True):
-                    buffer[row] = source_buffer[0]
+                    buffer[row] = source_buffer[source_row]
         self.row_lengths[row] = int(source.layers[0].get_seq_length())
 
 

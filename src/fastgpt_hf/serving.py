@@ -2,18 +2,20 @@
 
 A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocated once. One scheduler thread loops:
 1. rows whose request finished or was cancelled are freed;
-2. waiting requests are prefilled, one at a time, into free rows: a batch-1 `FastGPTStaticCache` (reused) runs the
-   prompt as `generate()`'s prefill does, and `load_row` copies its state into the row; its last logits give the
-   first token;
+2. waiting requests are prefilled into free rows: prompts of the same length go together, in batches of a power of
+   two up to `max_prefill_batch`, through a `FastGPTStaticCache` of that batch size (one per size, reused), as
+   `generate()`'s prefill runs them, and `load_row` copies each sequence's state into its row; their last logits give
+   the first tokens (one forward for many prompts: a prefill's cost on the GPU is kernel launches, not the batch);
 3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
    padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
    step without recompiling (tested on the CPU); by default the same loop runs eagerly.
 
-Each request samples from its own row's logits (greedy at temperature 0; otherwise Transformers' temperature and
-top-p warpers and a generator of its own, seeded by `seed`), and stops at an end-of-sequence token or after
-`max_new_tokens`. Rows never share positions, slots or blocks, so a request's tokens are those it gets alone.
-Tokens go back through each request's `emit` callback, called on the scheduler thread. Waiting requests are bounded
-by `max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
+Each request samples from its own row's logits (greedy at temperature 0, the greedy rows of a step chosen by one
+argmax and read back in one transfer; otherwise Transformers' temperature and top-p warpers and a CPU generator of
+its own, seeded by `seed`, so that a seed gives the same tokens on every device), and stops at an end-of-sequence
+token or after `max_new_tokens`. Rows never share positions, slots or blocks, so a request's tokens are those it
+gets alone. Tokens go back through each request's `emit` callback, called on the scheduler thread. Waiting requests
+are bounded by `max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
 `EngineOverloaded` instead of queueing without limit.
 """
 
@@ -81,12 +83,10 @@ class Request:
             warpers.append(TopPLogitsWarper(self.params.top_p))
         self.warpers = LogitsProcessorList(warpers)
 
-    def choose_token(self, logits: torch.Tensor) -> int:
-        """The next token from this request's logits `[V]`."""
-        if self.params.temperature == 0:
-            return int(logits.argmax())
+    def sample_token(self, logits: torch.Tensor) -> int:
+        """A sampled next token from this request's logits `[V]` (temperature > 0)."""
         scores = self.warpers(None, logits[None].float())
-        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        return int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=self.generator))
 
 
 class ContinuousBatchingEngine:
@@ -100,6 +100,7 @@ class ContinuousBatchingEngine:
         max_queue: requests that may wait while every row is busy.
         eos_token_ids: tokens that end a reply.
         compile_decode: run the decode step through `torch.compile` (CUDA graphs); eager otherwise.
+        max_prefill_batch: prompts of one length prefilled together, at most (rounded down to a power of two).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class ContinuousBatchingEngine:
         max_queue: int = 64,
         eos_token_ids: Iterable[int] = (),
         compile_decode: bool = False,
+        max_prefill_batch: int = 16,
     ):
         config = model.config
         if max_cache_len > config.max_position_embeddings:
@@ -117,16 +119,17 @@ class ContinuousBatchingEngine:
                 f"max_cache_len={max_cache_len} exceeds the model's max_position_embeddings="
                 f"{config.max_position_embeddings}; serve with a context of at most that many tokens."
             )
-        if min(max_rows, max_cache_len, max_queue) < 1:
+        if min(max_rows, max_cache_len, max_queue, max_prefill_batch) < 1:
             raise ValueError(
-                f"max_rows, max_cache_len and max_queue must be at least 1; got {max_rows}, {max_cache_len}, "
-                f"{max_queue}."
+                f"max_rows, max_cache_len, max_queue and max_prefill_batch must be at least 1; got {max_rows}, "
+                f"{max_cache_len}, {max_queue}, {max_prefill_batch}."
             )
         self.model, self.device = model, model.device
         self.max_rows, self.max_cache_len, self.max_queue = max_rows, max_cache_len, max_queue
         self.eos_token_ids = frozenset(eos_token_ids)
         self.rows = FastGPTRowCache(config, max_cache_len, max_rows)
-        self.prefill_cache = FastGPTStaticCache(config, max_cache_len)
+        self.max_prefill_batch = 2 ** (min(max_prefill_batch, max_rows).bit_length() - 1)
+        self.prefill_caches: dict[int, FastGPTStaticCache] = {}  # by batch size, built on first use
         self.decode_call = model
         self.row_requests: list[Request | None] = [None] * max_rows
         self.next_tokens = torch.zeros(max_rows, 1, dtype=torch.long)
@@ -204,10 +207,10 @@ class ContinuousBatchingEngine:
         if not any(request is not None for request in self.row_requests):
             return admitted
         logits = self.decode_step()
-        for row, request in enumerate(self.row_requests):
-            if request is not None and not request.cancelled:
-                self.rows.row_lengths[row] += 1
-                self.add_token(row, request, logits[row])
+        rows = [row for row, request in enumerate(self.row_requests) if request is not None and not request.cancelled]
+        for row in rows:
+            self.rows.row_lengths[row] += 1
+        self.add_tokens(rows, logits[rows] if len(rows) < self.max_rows else logits)
         return True
 
     def free_finished_rows(self) -> None:
@@ -217,30 +220,40 @@ class ContinuousBatchingEngine:
                 self.rows.row_lengths[row] = 0
 
     def admit_waiting_requests(self) -> bool:
-        """Prefill waiting requests into free rows; whether any was taken off the queue."""
-        admitted = False
-        for row in range(self.max_rows):
-            if self.row_requests[row] is not None:
-                continue
-            with self.wake:
-                request = self.waiting.popleft() if self.waiting else None
-            while request is not None and request.cancelled:
-                with self.wake:
-                    request = self.waiting.popleft() if self.waiting else None
-            if request is None:
-                return admitted
-            admitted = True
-            self.row_requests[row] = request
-            self.add_token(row, request, self.prefill(row, request.prompt_ids))
-        return admitted
+        """Prefill waiting requests into free rows, prompts of one length together; whether any was taken off the
+        queue."""
+        free_rows = [row for row, request in enumerate(self.row_requests) if request is None]
+        admitted: list[Request] = []
+        with self.wake:
+            while self.waiting and len(admitted) < len(free_rows):
+                request = self.waiting.popleft()
+                if not request.cancelled:
+                    admitted.append(request)
+        by_length: dict[int, list[Request]] = collections.defaultdict(list)
+        for request in admitted:
+            by_length[len(request.prompt_ids)].append(request)
+        free = iter(free_rows)
+        for group in by_length.values():
+            while group:
+                size = min(self.max_prefill_batch, 2 ** (len(group).bit_length() - 1))
+                batch, group = group[:size], group[size:]
+                rows = [next(free) for _ in batch]
+                for row, request in zip(rows, batch, strict=True):
+                    self.row_requests[row] = request
+                self.add_tokens(rows, self.prefill(rows, [request.prompt_ids for request in batch]))
+        return bool(admitted)
 
-    def prefill(self, row: int, prompt_ids: list[int]) -> torch.Tensor:
-        """Run a prompt into row `row`; returns its last logits `[V]`."""
-        self.prefill_cache.reset()
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=input_ids, cache=self.prefill_cache, logits_to_keep=1).logits
-        self.rows.load_row(self.prefill_cache, row)
-        return logits[0, -1]
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts of one length into `rows`, one forward; returns their last logits `[len(rows), V]`."""
+        cache = self.prefill_caches.get(len(rows))
+        if cache is None:
+            cache = self.prefill_caches[len(rows)] = FastGPTStaticCache(self.model.config, self.max_cache_len)
+        cache.reset()
+        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=input_ids, cache=cache, logits_to_keep=1).logits
+        for source_row, row in enumerate(rows):
+            self.rows.load_row(cache, row, source_row)
+        return logits[:, -1]
 
     def decode_step(self) -> torch.Tensor:
         """Every row's next-token logits `[max_rows, V]`; free rows' tokens are padding."""
@@ -255,18 +268,25 @@ class ContinuousBatchingEngine:
         )
         return outputs.logits[:, -1]
 
-    def add_token(self, row: int, request: Request, logits: torch.Tensor) -> None:
-        """Choose a request's next token, tell it, and mark it finished at EOS or `max_new_tokens`."""
-        token = request.choose_token(logits)
-        request.generated.append(token)
-        self.next_tokens[row, 0] = token
-        finish_reason = None
-        if token in self.eos_token_ids:
-            finish_reason = "stop"
-        elif len(request.generated) >= request.params.max_new_tokens:
-            finish_reason = "length"
-        request.finished = finish_reason is not None
-        request.emit(TokenEvent(token, finish_reason))
+    def add_tokens(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Choose the next token of the request in each of `rows` from its logits (`logits[i]` for `rows[i]`), tell
+        it, and mark it finished at EOS or `max_new_tokens`. Greedy rows share one argmax and one read back."""
+        requests = [self.row_requests[row] for row in rows]
+        greedy_tokens = logits.argmax(-1).tolist()
+        for index, (row, request) in enumerate(zip(rows, requests, strict=True)):
+            if request.params.temperature == 0:
+                token = greedy_tokens[index]
+            else:
+                token = request.sample_token(logits[index])
+            request.generated.append(token)
+            self.next_tokens[row, 0] = token
+            finish_reason = None
+            if token in self.eos_token_ids:
+                finish_reason = "stop"
+            elif len(request.generated) >= request.params.max_new_tokens:
+                finish_reason = "length"
+            request.finished = finish_reason is not None
+            request.emit(TokenEvent(token, finish_reason))
 
     def start(self) -> None:
         """Run the scheduler on a daemon thread until `stop`."""
