@@ -29,7 +29,7 @@ from fastgpt_hf import FastGPTForCausalLM
 from fastgpt_hf.conversion import GATE_BIAS, convert, converted_model, load_source
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
 
-from .conftest import run_cli
+from .conftest import run_cli, tiny_model
 
 CHAT_TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
@@ -208,3 +208,18 @@ def test_smollm2_gguf_converts_with_its_greedy_answer_unchanged(tmp_path):
     assert model.config.layer_types.count("dynamic_attention") == 10
     assert greedy(model, input_ids, 12) == expected
     assert AutoTokenizer.from_pretrained(tmp_path / "fastgpt").chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nearly_local_gate_still_trains_the_global_branch(dtype):
+    # The converted gate, sigmoid(7) = 0.99909, rounds to exactly 1 in bf16: a mix computed from it would give the
+    # global branch and the gate zero gradient, and uptraining's first stage would learn nothing (seen on the GPU).
+    model = tiny_model("dynamic", dtype=dtype).train()
+    for layer in model.model.layers:
+        layer.self_attn.mix_gate.weight.data.zero_()
+        layer.self_attn.mix_gate.bias.data.fill_(GATE_BIAS)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    model(input_ids, labels=input_ids).loss.backward()
+    attention = model.model.layers[0].self_attn
+    for parameter in (attention.memory_v, attention.compress_v.weight, attention.mix_gate.bias):
+        assert parameter.grad.abs().max() > 0

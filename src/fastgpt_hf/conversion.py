@@ -8,7 +8,8 @@ computation (nearly) untouched:
 - the gate `sigmoid(mix_gate(x))`: weight 0, bias `GATE_BIAS` = 7, so g = 0.99909 for every token and head: the
   local branch (the source's attention inside the window) carries the output, the global branch 0.09% of it. A
   gate that is exactly 1 in float32 (bias >= 17) would also have exactly zero gradient (sigmoid' = g (1 - g)), and
-  uptraining could never open it; 7 keeps the gradient at 9e-4 of its largest value, which Adam rescales;
+  uptraining could never open it; 7 keeps the gradient at 9e-4 of its largest value, which Adam rescales. The
+  model computes the global share as sigmoid(-logit), which bf16 holds (9.1e-4) where it rounds sigmoid(7) to 1;
 - memory slots: keys 0 (every query scores them 0, no slot preferred) and values 0 (a slot returns nothing): the
   neutral attention sinks. With no complete block yet (prompts shorter than `compress_block_size`) the global
   branch is then exactly 0;

@@ -238,8 +238,11 @@ class FastGPTDynamicAttention(FastGPTAttention):
             query_states, key_states, value_states, position_ids, query_is_real, cache, positions_are_indices
         )
         gate_logits = self.mix_gate(hidden_states.to(self.mix_gate.weight.dtype)).to(local_output.dtype)
-        gate = torch.sigmoid(gate_logits)[..., None]  # [B, T, H, 1]
-        attn_output = torch.lerp(global_output, local_output, gate)  # gate * local + (1 - gate) * global
+        # 1 - gate as sigmoid(-logit): exact where the gate is nearly local. Computed as 1 - sigmoid(logit) it would
+        # round to 0 in bf16 from a logit of about 6.2 on (a converted model's gate starts at 7), and the global
+        # branch and the gate would get no gradient.
+        global_share = torch.sigmoid(-gate_logits)[..., None]  # [B, T, H, 1]
+        attn_output = torch.lerp(local_output, global_output, global_share)  # gate * local + (1 - gate) * global
         return self.output(attn_output, hidden_states.shape[:-1]), attn_weights
 
     def global_branch(
