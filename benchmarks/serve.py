@@ -52,11 +52,13 @@ def save_models(preset: str, folder: Path) -> tuple[Path, Path]:
 
 
 def corpus_prompts(count: int, prompt_tokens: int) -> list[str]:
-    """`count` consecutive `prompt_tokens`-token excerpts of the shipped validation text, as text."""
+    """`count` prompts: the consecutive `prompt_tokens`-token excerpts of the shipped validation text, as text, from
+    the first again where the text has fewer (it has about 820 of 64 tokens)."""
     tokenizer = load_tokenizer()
     ids = tokenizer(Path(CORPUS_FILES["validation"]).read_text()).input_ids
-    starts = range(0, len(ids) - prompt_tokens, prompt_tokens)[:count]
-    return [tokenizer.decode(ids[start : start + prompt_tokens]) for start in starts]
+    starts = range(0, len(ids) - prompt_tokens, prompt_tokens)
+    excerpts = [tokenizer.decode(ids[start : start + prompt_tokens]) for start in starts[:count]]
+    return [excerpts[index % len(excerpts)] for index in range(count)]
 
 
 def free_port() -> int:

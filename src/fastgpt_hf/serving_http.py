@@ -82,8 +82,8 @@ class ReplyText:
         self.tokens: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
 
-    def add(self, token_id: int) -> None:
-        self.tokens.append(token_id)
+    def add(self, token_ids: list[int]) -> None:
+        self.tokens.extend(token_ids)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         found = [index for index in (text.find(stop) for stop in self.stop) if index >= 0]
         if found:
@@ -112,22 +112,23 @@ class Reply:
         self.engine, self.prompt_length = engine, len(prompt_ids)
         self.text = ReplyText(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
         self.finish_reason: str | None = None
-        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.request = engine.submit(
-            prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
-        )
+        loop, self.events, self.arrived = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
+        self.request = engine.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.deliver, event))
 
     async def chunks(self, http_request: HTTPRequest) -> AsyncIterator[str]:
-        """The reply's text in pieces; `finish_reason` is set when it ends ("stop", "length")."""
+        """The reply's text in pieces, one per batch of tokens that arrived together (under load, several tokens a
+        chunk: less work per token for this server and its client); `finish_reason` is set when it ends ("stop",
+        "length")."""
         try:
             while self.finish_reason is None:
-                event = await self.next_event(http_request)
-                if event is None:
+                events = await self.next_events(http_request)
+                if not events:
                     return
-                if event.error is not None:
-                    raise RuntimeError(f"generation failed: {event.error}")
-                self.text.add(event.token_id)
-                self.finish_reason = "stop" if self.text.stopped else event.finish_reason
+                failed = [event.error for event in events if event.error is not None]
+                if failed:
+                    raise RuntimeError(f"generation failed: {failed[0]}")
+                self.text.add([event.token_id for event in events])
+                self.finish_reason = "stop" if self.text.stopped else events[-1].finish_reason
                 ready = self.text.take_ready(final=self.finish_reason is not None)
                 if ready:
                     yield ready
@@ -135,14 +136,25 @@ class Reply:
             if not self.request.finished:
                 self.engine.cancel(self.request)
 
-    async def next_event(self, http_request: HTTPRequest) -> TokenEvent | None:
-        """The engine's next event, or None once the client has gone."""
-        while True:
+    async def next_events(self, http_request: HTTPRequest) -> list[TokenEvent]:
+        """The engine's events that have arrived (waiting for one if none has), or none once the client has gone.
+        A reply's events end with its last token, so no event is left behind."""
+        while self.events.empty():
             try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
+                await asyncio.wait_for(self.arrived.wait(), DISCONNECT_POLL_SECONDS)
             except asyncio.TimeoutError:
                 if await http_request.is_disconnected():
-                    return None
+                    return []
+            self.arrived.clear()
+        events = []
+        while not self.events.empty():
+            events.append(self.events.get_nowait())
+        return events
+
+    def deliver(self, event: TokenEvent) -> None:
+        """On the event loop (the engine's thread hands each event over): queue it and wake `next_events`."""
+        self.events.put_nowait(event)
+        self.arrived.set()
 
     def usage(self) -> dict[str, int]:
         completion_tokens = len(self.text.tokens)
