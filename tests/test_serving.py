@@ -43,13 +43,14 @@ def test_each_request_gets_what_generate_gives_its_prompt_alone():
     assert engine.load() == {"active_rows": 0, "free_rows": 3, "waiting": 0}
 
 
-def test_prompts_of_one_length_are_prefilled_together():
-    # 7 prompts of length 11 and 2 of length 6 into 9 free rows: 11-token prompts go in batches of 4, 2 and 1 (powers
-    # of two up to max_prefill_batch), the 6-token ones in one batch of 2: four prefill forwards, not nine; each
-    # reply is still what generate() gives its prompt alone.
+def test_waiting_prompts_are_prefilled_together_left_padded():
+    # 9 prompts of lengths 6 to 30 into 9 free rows, at most 4 a batch (max_prefill_batch=5 rounds down to a power
+    # of two): shortest first in batches of 4, 4 and 1, each left-padded to its longest prompt: three prefill
+    # forwards, not nine. Each reply is still what generate() gives its prompt alone, across the windows (8, 16)
+    # and blocks (4), though the padding shifts the real tokens' slots.
     model = tiny_model("mixed")
     engine = ContinuousBatchingEngine(model, max_rows=9, max_cache_len=40, max_queue=4, max_prefill_batch=5)
-    prompts = random_prompts([11, 6, 11, 11, 11, 6, 11, 11, 11], seed=5)
+    prompts = random_prompts([11, 6, 30, 11, 17, 7, 9, 23, 12], seed=5)
     replies = {index: [] for index in range(len(prompts))}
     for index, prompt in enumerate(prompts):
         engine.submit(prompt, SamplingParams(7, temperature=0), replies[index].append)
@@ -60,7 +61,7 @@ def test_prompts_of_one_length_are_prefilled_together():
     with torch.inference_mode():  # as in step()
         engine.admit_waiting_requests()
     handle.remove()
-    assert sorted(prefill_batches) == [(1, 11), (2, 6), (2, 11), (4, 11)]
+    assert prefill_batches == [(4, 11), (4, 23), (1, 30)]
     run_to_completion(engine)
     for index, prompt in enumerate(prompts):
         assert [event.token_id for event in replies[index]] == greedy_reference(model, prompt, 7), index

@@ -706,9 +706,9 @@ class FastGPTRowCache(FastGPTStaticCache):
     """A static cache whose `max_rows` batch rows hold unrelated sequences, each at its own position: the state of
     continuous batching (`fastgpt_hf.serving`).
 
-    A sequence enters a row by `load_row` from the `FastGPTStaticCache` that prefilled it; a decode step then
+    A sequence enters a row by `load_rows` from the `FastGPTStaticCache` that prefilled it; a decode step then
     runs over every row at once, with `position_ids` `[B, 1]` (each row's own position) and the mask `[B, 1]` of the
-    rows that hold a sequence (a free row's token is padding: it changes nothing that a later `load_row` keeps).
+    rows that hold a sequence (a free row's token is padding: it changes nothing that a later `load_rows` keeps).
     The layers' counters advance by one per decode step for every row: they are the rings' clock, not a length.
     `row_lengths` holds each row's tokens, set by whoever drives the rows, and `get_seq_length()` the longest, which
     is what the model checks positions and `max_cache_len` against outside compiled code."""
@@ -725,19 +725,25 @@ class FastGPTRowCache(FastGPTStaticCache):
         return max(self.row_lengths)
 
     @torch.no_grad()
-    def load_row(self, source: FastGPTStaticCache, row: int, source_row: int = 0) -> None:
-        """Overwrite row `row` with sequence `source_row` of `source` (a static cache of the same config and
-        `max_cache_len` that prefilled it, its rows all of one length): every slot and block, its slots laid out
-        oldest first in this cache's ring order, so that the next decode steps evict them in time order."""
+    def load_rows(self, source: FastGPTStaticCache, rows: list[int], lengths: list[int]) -> None:
+        """Overwrite rows `rows` with the sequences of `source` (a static cache of the same config and
+        `max_cache_len` that prefilled them, `source` row i into `rows[i]`, left padding allowed), `lengths[i]`
+        real tokens each: every slot and block, the slots laid out oldest first in this cache's ring order, so
+        that the next decode steps evict them in time order (left padding, never real, first). One indexed copy
+        per buffer for all rows."""
+        targets = torch.tensor(rows, dtype=torch.long, device=self.layers[0].device)
+        count = len(rows)
         for layer, source_layer in zip(self.layers, source.layers, strict=True):
             order, source_order = ring_order(layer), ring_order(source_layer)
-            layer.keys[row, :, order] = source_layer.keys[source_row, :, source_order]
-            layer.values[row, :, order] = source_layer.values[source_row, :, source_order]
-            layer.slot_is_real[row, order] = source_layer.slot_is_real[source_row, source_order]
+            # x[rows, :, order] indexes `[n, slots, K, D]`: the advanced indices' dimensions come first.
+            for buffer, source_buffer in ((layer.keys, source_layer.keys), (layer.values, source_layer.values)):
+                buffer[targets[:, None], :, order[None, :]] = source_buffer[:count, :, source_order].transpose(1, 2)
+            layer.slot_is_real[targets[:, None], order[None, :]] = source_layer.slot_is_real[:count, source_order]
             if isinstance(layer, StaticCompressedLayer):
                 for buffer, source_buffer in zip(layer.block_buffers(), source_layer.block_buffers(), strict=True):
-                    buffer[row] = source_buffer[source_row]
-        self.row_lengths[row] = int(source.layers[0].get_seq_length())
+                    buffer[targets] = source_buffer[:count]
+        for row, length in zip(rows, lengths, strict=True):
+            self.row_lengths[row] = length
 
 
 def ring_order(layer: StaticRolledLayer) -> torch.Tensor:

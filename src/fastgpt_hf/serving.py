@@ -2,10 +2,11 @@
 
 A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocated once. One scheduler thread loops:
 1. rows whose request finished or was cancelled are freed;
-2. waiting requests are prefilled into free rows: prompts of the same length go together, in batches of a power of
-   two up to `max_prefill_batch`, through a `FastGPTStaticCache` of that batch size (one per size, reused), as
-   `generate()`'s prefill runs them, and `load_row` copies each sequence's state into its row; their last logits give
-   the first tokens (one forward for many prompts: a prefill's cost on the GPU is kernel launches, not the batch);
+2. waiting requests are prefilled into free rows, shortest prompt first, in left-padded batches of a power of two up
+   to `max_prefill_batch`, through a `FastGPTStaticCache` of that batch size (one per size, reused), as
+   `generate()`'s prefill runs a left-padded batch, and `load_rows` copies the sequences' states into their rows;
+   their last logits give the first tokens (one forward for many prompts: on the GPU an eager prefill's cost is its
+   kernel launches, not its batch);
 3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
    padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
    step without recompiling (tested on the CPU); by default the same loop runs eagerly.
@@ -220,8 +221,7 @@ class ContinuousBatchingEngine:
                 self.rows.row_lengths[row] = 0
 
     def admit_waiting_requests(self) -> bool:
-        """Prefill waiting requests into free rows, prompts of one length together; whether any was taken off the
-        queue."""
+        """Prefill waiting requests into free rows; whether any was taken off the queue."""
         free_rows = [row for row, request in enumerate(self.row_requests) if request is None]
         admitted: list[Request] = []
         with self.wake:
@@ -229,30 +229,36 @@ class ContinuousBatchingEngine:
                 request = self.waiting.popleft()
                 if not request.cancelled:
                     admitted.append(request)
-        by_length: dict[int, list[Request]] = collections.defaultdict(list)
-        for request in admitted:
-            by_length[len(request.prompt_ids)].append(request)
-        free = iter(free_rows)
-        for group in by_length.values():
-            while group:
-                size = min(self.max_prefill_batch, 2 ** (len(group).bit_length() - 1))
-                batch, group = group[:size], group[size:]
-                rows = [next(free) for _ in batch]
-                for row, request in zip(rows, batch, strict=True):
-                    self.row_requests[row] = request
-                self.add_tokens(rows, self.prefill(rows, [request.prompt_ids for request in batch]))
-        return bool(admitted)
+        admitted.sort(key=lambda request: len(request.prompt_ids))  # little padding in each batch
+        taken, free = bool(admitted), iter(free_rows)
+        while admitted:
+            size = min(self.max_prefill_batch, 2 ** (len(admitted).bit_length() - 1))
+            batch, admitted = admitted[:size], admitted[size:]
+            rows = [next(free) for _ in batch]
+            for row, request in zip(rows, batch, strict=True):
+                self.row_requests[row] = request
+            self.add_tokens(rows, self.prefill(rows, [request.prompt_ids for request in batch]))
+        return taken
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts of one length into `rows`, one forward; returns their last logits `[len(rows), V]`."""
+        """Run prompts, left-padded to the longest, into `rows` in one forward; returns their last logits
+        `[len(rows), V]`."""
         cache = self.prefill_caches.get(len(rows))
         if cache is None:
             cache = self.prefill_caches[len(rows)] = FastGPTStaticCache(self.model.config, self.max_cache_len)
         cache.reset()
-        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=input_ids, cache=cache, logits_to_keep=1).logits
-        for source_row, row in enumerate(rows):
-            self.rows.load_row(cache, row, source_row)
+        longest = max(len(prompt) for prompt in prompts)
+        input_ids = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded batch
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            cache=cache,
+            logits_to_keep=1,
+        ).logits
+        self.rows.load_rows(cache, rows, [len(prompt) for prompt in prompts])
         return logits[:, -1]
 
     def decode_step(self) -> torch.Tensor:
