@@ -7,9 +7,9 @@ Nothing here changes the modeling code: every variant is a configuration of `Fas
 
 The ablations of the dynamic layer start from `dynamic` (the default layout with its full layers turned dynamic),
 where the global branch is the only path beyond the windows; with full layers present, they could carry what an
-ablated global branch drops. `selective` is the same layout with the proposed selective layer (README, "The
-selective layer") in place of the dynamic one. Two ablations the issue names cannot be expressed by config and are approximated
-(`NOT_EXPRESSIBLE` says why, `VARIANTS` what runs instead).
+ablated global branch drops. `selective` is that layout with the proposed selective layer (README, "The selective
+layer") in place of the dynamic one. Two ablations the issue names cannot be expressed by config and are
+approximated (`NOT_EXPRESSIBLE` says why, `VARIANTS` what runs instead).
 """
 
 from dataclasses import dataclass, field

@@ -3,8 +3,9 @@
 Written for reading, not speed: it recomputes a whole `FastGPTForCausalLM` forward from the model's weights,
 building each layer's full score matrices from DESIGN.md's rules with explicit n x n masks and the block-averaging
 matrix P of the compressed branch (`Q (P K)^T`); a selective layer's global branch adds one column per token,
-allowed where the token's block is among the query's selected blocks (`top_blocks`, ranks counted pair by pair). It shares no attention code with the model; its masks are
-composed from the same mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
+allowed where the token's block is among the query's selected blocks (`top_blocks`, ranks counted pair by pair;
+README, "The selective layer"). It shares no attention code with the model; its masks are composed from the same
+mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
 """
 
 import torch

@@ -85,7 +85,9 @@ def selective_global_branch_attention(
     """
     batch, heads, query_length, head_dim = query_states.shape
     kv_heads, num_blocks = block_keys.shape[1], block_keys.shape[2]
-    entry_keys, entry_values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, kv_heads)
+    entries = memory_and_block_entries(
+        memory_keys, memory_values, block_keys, block_values, kv_heads
+    )  # [B, K, M + C, D]
     blocks = (
         token_keys.unflatten(2, (num_blocks, block_size)),  # [B, K, C, b, D]
         token_values.unflatten(2, (num_blocks, block_size)),
@@ -99,8 +101,7 @@ def selective_global_branch_attention(
         chunk = slice(start, start + queries_per_call)
         visible = compressed_visibility(query_positions[:, chunk], block_counts, block_size, memory_keys.shape[0])
         outputs.append(
-            attend_chunk(queries[:, :, :, chunk], visible, entry_keys, entry_values, blocks, num_selected_blocks,
-                         scaling, dropout)  # fmt: skip
+            attend_chunk(queries[:, :, :, chunk], visible, entries, blocks, num_selected_blocks, scaling, dropout)
         )
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
     return output.flatten(1, 2).transpose(1, 2)
@@ -109,23 +110,25 @@ def selective_global_branch_attention(
 def attend_chunk(
     queries: torch.Tensor,
     visible: torch.Tensor,
-    entry_keys: torch.Tensor,
-    entry_values: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor],
     blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     num_selected_blocks: int,
     scaling: float,
     dropout: float,
 ) -> torch.Tensor:
-    """One chunk of queries `[B, K, G, t, D]`, `visible` `[B, 1, t, M + C]`, entries `[B, K, M + C, D]`, `blocks` the
-    block-shaped token keys, values `[B, K, C, b, D]` and flags `[B, K, C, b]` -> `[B, K, G, t, D]`."""
+    """One chunk of queries `[B, K, G, t, D]`, `visible` `[B, 1, t, M + C]`, `entries` the memory and compressed keys
+    and values `[B, K, M + C, D]`, `blocks` the block-shaped token keys, values `[B, K, C, b, D]` and flags
+    `[B, K, C, b]` -> `[B, K, G, t, D]`."""
+    entry_keys, entry_values = entries
     num_entries = entry_keys.shape[2]
     num_memory = num_entries - blocks[0].shape[2]
     entry_logits = queries @ entry_keys[:, :, None].transpose(-1, -2) * scaling  # [B, K, G, t, M + C]
     selected, chosen = select_blocks(entry_logits[..., num_memory:], visible[..., num_memory:], num_selected_blocks)
-    token_keys, token_values = gather_blocks(blocks[0], selected), gather_blocks(blocks[1], selected)
-    token_visible = (gather_blocks(blocks[2][..., None], selected)[..., 0]) & chosen.repeat_interleave(
-        blocks[0].shape[3], dim=-1
-    )  # [B, K, t, k * b]
+    block_token_keys, block_token_values, block_token_is_real = blocks
+    token_keys = gather_blocks(block_token_keys, selected)  # [B, K, t, k * b, D]
+    token_values = gather_blocks(block_token_values, selected)
+    token_is_real = gather_blocks(block_token_is_real[..., None], selected)[..., 0]  # [B, K, t, k * b]
+    token_visible = token_is_real & chosen.repeat_interleave(block_token_keys.shape[3], dim=-1)
     token_logits = torch.einsum("bkgtd,bktsd->bkgts", queries, token_keys) * scaling
     logits = torch.cat(
         [entry_logits.masked_fill(~visible[:, :, None], float("-inf")),
