@@ -237,6 +237,21 @@ def test_attention_sparsity_counts_the_selected_tokens():
     assert model.attention_sparsity(length)[0] == pytest.approx(dynamic.attention_sparsity(length)[0] - extra)
 
 
+def test_two_tokens_at_one_position_are_refused():
+    """A selective layer keeps one token per position: repeated positions in a call, or a position the cache holds
+    a token at, are refused."""
+    model = selective_model()
+    message = r"Row 0 has two real tokens at position 1: a selective_attention layer keeps one token per position"
+    with pytest.raises(ValueError, match=message):
+        model(torch.arange(4)[None], position_ids=torch.tensor([[0, 1, 1, 2]]))
+    cache = FastGPTDynamicCache(model.config)
+    with torch.no_grad():
+        model(torch.arange(6)[None], cache=cache)
+        with pytest.raises(ValueError, match=r"Row 0 has two real tokens at position 5"):
+            model(torch.arange(2)[None], position_ids=torch.tensor([[5, 6]]), cache=cache)
+        model(torch.arange(2)[None], position_ids=torch.tensor([[6, 7]]), cache=cache)  # the next positions: fine
+
+
 STATIC_REFUSAL = r"FastGPTStaticCache has no selective_attention layer.*Use FastGPTDynamicCache"
 
 

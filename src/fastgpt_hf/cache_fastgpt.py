@@ -10,8 +10,11 @@ Transformers builds its own from `layer_types` (`generate()` builds them by itse
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values, the running sums of
   the pre-rotary keys and values of the open block, and one compressed entry (and real-token count) per block
   (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
+- `selective_attention`: `DynamicSelectiveLayer`, the dynamic layer's state and every real token's pre-rotary key
+  and value by position (`BlockTokens`), since any complete block may be selected later: O(window + length).
 
-`FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
+`FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once;
+it refuses `selective_attention` layers.
 Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
@@ -694,6 +697,31 @@ def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_re
             return
 
 
+def check_positions_are_distinct(cache: Cache | None, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
+    """Raise a ValueError if two real tokens of a row share a position: in this call (`position_ids` `[B or 1, T]`,
+    `is_real` `[B, T]` or None), or a new one with a token that the cache's selective layers hold. A selective layer
+    keeps one token per position (`BlockTokens`). On an accelerator one-token steps are not checked (as
+    `check_positions_follow_cache`)."""
+    if position_ids.device.type != "cpu" and position_ids.shape[1] == 1:
+        return
+    batch = position_ids.shape[0] if is_real is None else is_real.shape[0]
+    positions = position_ids.expand(batch, -1)
+    real = torch.ones_like(positions) if is_real is None else is_real.long()
+    tokens_at = torch.zeros(batch, int(positions.max()) + 1, dtype=torch.long, device=positions.device)
+    tokens_at.index_put_((torch.arange(batch, device=positions.device)[:, None], positions), real, accumulate=True)
+    held = next((layer for layer in getattr(cache, "layers", []) if isinstance(layer, BlockTokens)), None)
+    if held is not None and held.token_keys is not None:
+        width = min(tokens_at.shape[1], held.token_counts.shape[1])
+        tokens_at[:, :width] += (held.token_counts[:, :width] > 0).long()
+    if bool((tokens_at > 1).any()):
+        row, position = (int(index) for index in (tokens_at > 1).nonzero()[0])
+        raise ValueError(
+            f"Row {row} has two real tokens at position {position}: a selective_attention layer keeps one token per "
+            "position. Leave position_ids out (they then count the real tokens) or give each real token of a row "
+            "its own position."
+        )
+
+
 def layer_signature(config: FastGPTConfig) -> tuple:
     """What a cache's layers depend on in the config: the layer kinds and the window and block sizes."""
     return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
@@ -886,6 +914,7 @@ __all__ = [
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",
+    "check_positions_are_distinct",
     "check_positions_follow_cache",
     "kept_key_mask",
 ]

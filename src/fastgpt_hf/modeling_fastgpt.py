@@ -42,6 +42,7 @@ from .cache_fastgpt import (
     FastGPTDynamicCache,
     OnePassBlocks,
     OnePassSelectiveBlocks,
+    check_positions_are_distinct,
     check_positions_follow_cache,
 )
 from .checkpoints import FastGPTCheckpointMixin
@@ -519,9 +520,11 @@ class FastGPTModel(FastGPTPreTrainedModel):
             position_ids = self.positions(padding_mask, past_length, query_length, inputs_embeds.device)
         elif not is_torchdynamo_compiling():
             check_position_ids(position_ids, inputs_embeds.shape[0], past_length, query_length)
+            new_is_real = None if padding_mask is None else padding_mask[:, -query_length:]
             if cache is not None:
-                new_is_real = None if padding_mask is None else padding_mask[:, -query_length:]
                 check_positions_follow_cache(cache, position_ids, new_is_real)
+            if SELECTIVE in self.config.layer_types:
+                check_positions_are_distinct(cache, position_ids, new_is_real)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
