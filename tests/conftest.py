@@ -19,18 +19,19 @@ STACKS = {
 
 
 def tiny_model(
-    stack: str = "mixed",
+    stack: str | list[str] = "mixed",
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     **overrides,
 ) -> FastGPTForCausalLM:
-    """A `tiny` preset model (windows 8 / 16, blocks of 4, 2 memory slots) with random weights, in eval mode.
+    """A `tiny` preset model (windows 8 / 16, blocks of 4, 2 memory slots) with random weights, in eval mode; `stack`
+    names one of `STACKS` or is the layer types themselves.
 
     Weights get a larger init than training uses so that attention is far from uniform and masks matter.
     """
     torch.manual_seed(seed)
-    layer_types = STACKS[stack]
+    layer_types = STACKS[stack] if isinstance(stack, str) else stack
     config = FastGPTConfig.from_preset(
         "tiny",
         layer_types=layer_types,

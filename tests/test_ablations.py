@@ -7,7 +7,7 @@ from datasets import Dataset
 from transformers import LlamaForCausalLM
 
 from fastgpt_hf.ablations import VARIANTS, variant_config, variant_layer_types, variant_model
-from fastgpt_hf.configuration_fastgpt import DYNAMIC, FULL, SLIDING
+from fastgpt_hf.configuration_fastgpt import DYNAMIC, FULL, SELECTIVE, SLIDING
 from fastgpt_hf.modeling_fastgpt import FastGPTForCausalLM
 from fastgpt_hf.presets import PRESETS
 from fastgpt_hf.recall_tasks import SequenceMeanTrainer
@@ -26,6 +26,7 @@ def test_layouts():
     assert variant_layer_types("sliding", base) == [SLIDING] * 6
     assert variant_layer_types("no_full", base) == [SLIDING, SLIDING] + [DYNAMIC] * 4
     assert variant_layer_types("llama", base) == [FULL] * 6
+    assert variant_layer_types("selective", base) == [SLIDING, SLIDING] + [SELECTIVE] * 4
     with pytest.raises(ValueError, match="Unknown layout"):
         variant_layer_types("global", base)
 
@@ -41,7 +42,11 @@ def test_peers_have_the_claimed_layers_and_nothing_frozen():
     assert variant_model("sliding", SHAPE).config.layer_types == [SLIDING] * 6
     dynamic = variant_model("dynamic", SHAPE)
     assert FULL not in dynamic.config.layer_types and dynamic.config.layer_types.count(DYNAMIC) == 4
-    assert not any(frozen_names(variant_model(name, SHAPE)) for name in ("llama", "fastgpt", "sliding", "dynamic"))
+    selective = variant_model("selective", SHAPE)
+    assert selective.config.layer_types == [SLIDING] * 2 + [SELECTIVE] * 4
+    assert selective.state_dict().keys() == dynamic.state_dict().keys()  # the dynamic layer's parameters
+    peers = ("llama", "fastgpt", "sliding", "dynamic", "selective")
+    assert not any(frozen_names(variant_model(name, SHAPE)) for name in peers)
 
 
 def test_null_memory_is_one_zero_slot_frozen():

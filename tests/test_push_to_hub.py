@@ -51,6 +51,7 @@ CHECKPOINT_FILES = {
     "checkpoints.py",
     "input_checks.py",
     "attention_compressed.py",
+    "attention_selective.py",
     "attention_eager.py",
     "attention_flex.py",
     "attention_masks.py",

@@ -54,14 +54,19 @@ def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
     """`--recall-probe`: one record per variant and seed, with its final loss and the share of queries answered at
     1x and 4x the largest window, in recall-probe.json; `--layer-types` sets the base layout."""
     quality = harness_module()
-    argv = ["--size", "test", "--recall-probe", "--variants", "llama", "dynamic", "--seeds", "0", "--steps", "3"]
+    argv = ["--size", "test", "--recall-probe", "--variants", "llama", "dynamic", "selective", "--seeds", "0"]
+    argv += ["--steps", "3"]
     layout = ["sliding_attention", "full_attention", "full_attention"]
     quality.run(parse(quality, [*argv, "--layer-types", *layout, "--output", str(tmp_path)]))
     results = json.loads((tmp_path / "recall-probe.json").read_text(encoding="utf-8"))
     assert results["shape"]["layer_types"] == layout
     window = max(results["shape"]["sliding_window"], results["shape"]["dynamic_window"])
     assert results["distances"] == {"1x": window, "4x": 4 * window}
-    assert [(run["variant"], run["seed"]) for run in results["runs"]] == [("llama", 0), ("dynamic", 0)]
+    assert [(run["variant"], run["seed"]) for run in results["runs"]] == [
+        ("llama", 0),
+        ("dynamic", 0),
+        ("selective", 0),
+    ]
     for run in results["runs"]:
         assert set(run["accuracy"]) == {"1x", "4x"}
         assert all(0.0 <= share <= 1.0 for share in run["accuracy"].values())

@@ -7,18 +7,19 @@ Nothing here changes the modeling code: every variant is a configuration of `Fas
 
 The ablations of the dynamic layer start from `dynamic` (the default layout with its full layers turned dynamic),
 where the global branch is the only path beyond the windows; with full layers present, they could carry what an
-ablated global branch drops. Two ablations the issue names cannot be expressed by config and are approximated
-(`NOT_EXPRESSIBLE` says why, `VARIANTS` what runs instead).
+ablated global branch drops. `selective` is that layout with the proposed selective layer (README, "The selective
+layer") in place of the dynamic one. Two ablations the issue names cannot be expressed by config and are
+approximated (`NOT_EXPRESSIBLE` says why, `VARIANTS` what runs instead).
 """
 
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel
 
-from .configuration_fastgpt import DYNAMIC, FULL, SLIDING, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, FULL, SELECTIVE, SLIDING, FastGPTConfig
 from .training import initialised_model, llama_peer
 
-LAYOUTS = ("llama", "default", "sliding", "no_full")
+LAYOUTS = ("llama", "default", "sliding", "no_full", "selective")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ VARIANTS: dict[str, Variant] = {
     "fastgpt": Variant("FastGPT's default layout: sliding, dynamic, full stages", "default"),
     "sliding": Variant("every layer sliding_attention", "sliding"),
     "dynamic": Variant("sliding + dynamic: the default layout's full layers turned dynamic", "no_full"),
+    "selective": Variant(
+        "sliding + selective: the default layout's dynamic and full layers turned selective_attention (the dynamic "
+        "layer whose global branch also attends to the tokens of its top-scoring blocks)",
+        "selective",
+    ),
     "dynamic-null-memory": Variant(
         "dynamic, memory slots replaced by one slot frozen at zero (a null sink: score 0, value 0)",
         "no_full",
@@ -75,6 +81,8 @@ def variant_layer_types(layout: str, base_layer_types: list[str]) -> list[str]:
         return [SLIDING] * len(base_layer_types)
     if layout == "no_full":
         return [DYNAMIC if kind == FULL else kind for kind in base_layer_types]
+    if layout == "selective":
+        return [SELECTIVE if kind in (DYNAMIC, FULL) else kind for kind in base_layer_types]
     return list(base_layer_types)
 
 

@@ -2,15 +2,17 @@
 
 Written for reading, not speed: it recomputes a whole `FastGPTForCausalLM` forward from the model's weights,
 building each layer's full score matrices from DESIGN.md's rules with explicit n x n masks and the block-averaging
-matrix P of the compressed branch (`Q (P K)^T`). It shares no attention code with the model; its masks are
-composed from the same mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
+matrix P of the compressed branch (`Q (P K)^T`); a selective layer's global branch adds one column per token,
+allowed where the token's block is among the query's selected blocks (`top_blocks`, ranks counted pair by pair;
+README, "The selective layer"). It shares no attention code with the model; its masks are composed from the same
+mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
 """
 
 import torch
 from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, sliding_window_overlay
 
 from .attention_masks import compressed_visibility, dense_mask
-from .configuration_fastgpt import DYNAMIC
+from .configuration_fastgpt import GLOBAL_BRANCH_TYPES, SELECTIVE
 
 
 def reference_logits(
@@ -96,8 +98,9 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
     local_allowed = dense_mask(and_masks(*rule), batch, length, length, normed.device)  # [B, 1, T, T]
     local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
     output = masked_softmax_attention(local_scores, local_allowed, value)  # [B, H, T, D]
-    if layer_type == DYNAMIC:
-        global_output = compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale)
+    if layer_type in GLOBAL_BRANCH_TYPES:
+        branch = selective_global_attention if layer_type == SELECTIVE else compressed_global_attention
+        global_output = branch(config, layer, query, key, value, position_ids, is_real, scale)
         gate = torch.sigmoid(normed @ layer["self_attn.mix_gate.weight"].T + layer["self_attn.mix_gate.bias"])
         gate = gate.transpose(1, 2)[..., None]  # [B, H, T, 1]
         output = gate * output + (1 - gate) * global_output
@@ -106,8 +109,15 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
 
 def compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale) -> torch.Tensor:
     """Pre-rotary query over [memory slots; compress(P K)] with P the block-averaging matrix; `[B, H, T, D]`."""
+    keys, values, allowed, _ = global_entries(config, layer, key, value, position_ids, is_real)
+    return masked_softmax_attention(query @ keys.transpose(-1, -2) * scale, allowed, values)
+
+
+def global_entries(config, layer, key, value, position_ids, is_real):
+    """The global branch's keys and values `[B, H, M + C, D]` (memory slots, then compress(P K), compress(P V)),
+    which of them each query sees `[B, 1, T, M + C]`, and each token's block `[B, T]`."""
     block_size, groups = config.compress_block_size, config.num_attention_heads // config.num_key_value_heads
-    batch, device = query.shape[0], query.device
+    batch, device = key.shape[0], key.device
     num_blocks = int(position_ids.max()) // block_size + 1
     block_of = position_ids // block_size  # [B, T]
     block_index = torch.arange(num_blocks, device=device)
@@ -123,4 +133,33 @@ def compressed_global_attention(config, layer, query, key, value, position_ids, 
     keys = torch.cat([memory_keys.expand(batch, -1, -1, -1), block_keys], dim=2)
     values = torch.cat([memory_values.expand(batch, -1, -1, -1), block_values], dim=2)
     allowed = compressed_visibility(position_ids, counts, block_size, config.num_memory_tokens)  # [B, 1, T, M + C]
-    return masked_softmax_attention(query @ keys.transpose(-1, -2) * scale, allowed, values)
+    return keys, values, allowed, block_of
+
+
+def selective_global_attention(config, layer, query, key, value, position_ids, is_real, scale) -> torch.Tensor:
+    """The selective layer's global branch (`attention_selective` states the rule), one dense score matrix: the
+    pre-rotary query over [memory slots; compress(P K); every token's pre-rotary key], where a token is allowed when
+    it is real and its block is among the query's selected blocks; `[B, H, T, D]`."""
+    groups, memory = config.num_attention_heads // config.num_key_value_heads, config.num_memory_tokens
+    keys, values, allowed, block_of = global_entries(config, layer, key, value, position_ids, is_real)
+    entry_scores = query @ keys.transpose(-1, -2) * scale  # [B, H, T, M + C]
+    batch, heads, length, num_entries = entry_scores.shape
+    # Selection score: the block logits summed over the heads that share a key/value head, given back to each head.
+    group_scores = entry_scores[..., memory:].detach().unflatten(1, (heads // groups, groups)).sum(2)  # [B, K, T, C]
+    selected = top_blocks(group_scores, allowed[..., memory:], config.num_selected_blocks)
+    selected = selected.repeat_interleave(groups, dim=1)  # [B, H, T, C]
+    token_block = block_of[:, None, None, :].expand(batch, heads, length, -1)  # [B, H, T, S]
+    token_allowed = selected.gather(-1, token_block) & is_real[:, None, None, :]
+    scores = torch.cat([entry_scores, query @ key.transpose(-1, -2) * scale], dim=-1)
+    allowed = torch.cat([allowed.expand(batch, heads, -1, -1), token_allowed], dim=-1)
+    return masked_softmax_attention(scores, allowed, torch.cat([values, value], dim=2))
+
+
+def top_blocks(scores: torch.Tensor, visible: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool `[..., T, C]`: the `count` visible blocks of highest score per query (all visible ones if fewer). Block c
+    ranks below every visible block c' with a higher score, or an equal score and c' < c (ties: lower index)."""
+    score_c, score_other = scores[..., :, None], scores[..., None, :]  # [..., T, C (c), 1] and [..., T, 1, C (c')]
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    beats = (score_other > score_c) | ((score_other == score_c) & (index[None, :] < index[:, None]))
+    rank = (beats & visible[..., None, :]).sum(-1)  # [..., T, C]
+    return visible & (rank < count)

@@ -10,8 +10,11 @@ Transformers builds its own from `layer_types` (`generate()` builds them by itse
 - `dynamic_attention`: `DynamicCompressedLayer`, the last `dynamic_window - 1` keys and values, the running sums of
   the pre-rotary keys and values of the open block, and one compressed entry (and real-token count) per block
   (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
+- `selective_attention`: `DynamicSelectiveLayer`, the dynamic layer's state and every real token's pre-rotary key
+  and value by position (`BlockTokens`), since any complete block may be selected later: O(window + length).
 
-`FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once.
+`FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once;
+it refuses `selective_attention` layers.
 Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
@@ -32,6 +35,7 @@ replay their recorded tokens onto the block state of the last crop. The static c
 every position (`max_cache_len` at most each window); elsewhere crop raises a ValueError that says so.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -46,7 +50,7 @@ from transformers.cache_utils import (
 )
 
 from .attention_compressed import add_block_statistics
-from .configuration_fastgpt import DYNAMIC, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, SELECTIVE, FastGPTConfig
 
 
 class BlockMeans(NamedTuple):
@@ -368,24 +372,113 @@ class DynamicCompressedLayer(CompressedBlocks, DynamicSlidingLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.block_counts is not None:
-            beam_idx = beam_idx.to(self.block_counts.device)
-            self.set_block_buffers([buffer.index_select(0, beam_idx) for buffer in self.block_buffers()])
+        self.map_row_state(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.block_counts is not None:
-            self.set_block_buffers([buffer.repeat_interleave(repeats, dim=0) for buffer in self.block_buffers()])
+        self.map_row_state(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.block_counts is not None:
-            self.set_block_buffers([buffer[indices, ...] for buffer in self.block_buffers()])
+        self.map_row_state(lambda buffer: buffer[indices, ...])
 
-    def set_block_buffers(self, buffers: list[torch.Tensor]) -> None:
-        """Replace the block state, in `block_buffers()` order."""
-        for name, buffer in zip(self.BLOCK_STATE, buffers, strict=True):
-            setattr(self, name, buffer)
+    def row_state_names(self) -> tuple[str, ...]:
+        """The attributes beside the window that are indexed by batch row first."""
+        return self.BLOCK_STATE
+
+    def map_row_state(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every tensor of `row_state_names()` by `function` of it (nothing before the first step)."""
+        if self.block_counts is not None:
+            for name in self.row_state_names():
+                setattr(self, name, function(getattr(self, name)))
+
+
+class BlockTokens:
+    """The exact tokens of a `selective_attention` layer's blocks, mixed in before a `CompressedBlocks` class: every
+    real token's pre-rotary key and value at its position, `token_keys` / `token_values` `[B, K, C * b, D]` in the
+    keys' dtype, and how many real tokens each position holds, `token_counts` `[B, C * b]` (0 or 1: a row's real
+    tokens have distinct positions), so that block c's tokens are positions [c * b, c * b + b) and a selected block is
+    a slice (`attention_selective`). O(length) per layer: any complete block may be selected later."""
+
+    TOKEN_STATE = ("token_keys", "token_values", "token_counts")
+    token_keys: torch.Tensor | None = None
+
+    def add_to_blocks(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor | None,
+    ) -> BlockMeans:
+        """`CompressedBlocks.add_to_blocks`, and the real tokens stored at their positions."""
+        means = super().add_to_blocks(key_states, value_states, positions, is_real)
+        self.ensure_tokens(key_states)
+        # A position is a block of one: the block statistics' scatter stores each real token in its slot.
+        add_block_statistics(
+            self.token_keys, self.token_values, self.token_counts, key_states, value_states, positions, is_real, 1
+        )
+        return means
+
+    def ensure_tokens(self, key_states: torch.Tensor) -> None:
+        """Room for every position of the blocks held (`block_counts` `[B, C]`), zeros where no token is."""
+        num_positions = self.block_counts.shape[1] * self.compress_block_size
+        if self.token_keys is None:
+            batch, kv_heads, _, head_dim = key_states.shape
+            self.token_keys = key_states.new_zeros(batch, kv_heads, num_positions, head_dim)
+            self.token_values = torch.zeros_like(self.token_keys)
+            self.token_counts = self.block_counts.new_zeros(batch, num_positions)
+            return
+        extra_positions = num_positions - self.token_counts.shape[1]
+        if extra_positions > 0:
+            self.token_keys, self.token_values = (
+                F.pad(buffer, (0, 0, 0, extra_positions)) for buffer in (self.token_keys, self.token_values)
+            )
+            self.token_counts = F.pad(self.token_counts, (0, extra_positions))
+
+    def block_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token keys and values `[B, K, C * b, D]` by position, and which positions hold a real token `[B, C * b]`."""
+        return self.token_keys, self.token_values, self.token_counts > 0
+
+
+class OnePassSelectiveBlocks(BlockTokens, OnePassBlocks):
+    """The block state and block tokens of one forward pass of a selective layer without a cache."""
+
+
+class DynamicSelectiveLayer(BlockTokens, DynamicCompressedLayer):
+    """Cache of a `selective_attention` layer: the dynamic layer's window and block state, and the tokens of every
+    block (`BlockTokens`): O(window + length) where the dynamic layer keeps O(window + length / b). Croppable as the
+    dynamic layer: a rollback also clears the removed tokens' positions."""
+
+    def row_state_names(self) -> tuple[str, ...]:
+        return (*self.BLOCK_STATE, *self.TOKEN_STATE)
+
+    def reset(self) -> None:
+        super().reset()
+        self.token_keys = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """`DynamicCompressedLayer.crop`, and the removed real tokens' positions emptied."""
+        removed = self.recorded_tail(-tokens_to_remove)
+        super().crop(tokens_to_remove)
+        if removed is None:
+            return
+        positions, is_real = removed
+        emptied = torch.zeros_like(self.token_counts)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        emptied.index_put_((rows, positions), is_real.to(emptied.dtype), accumulate=True)
+        emptied = emptied > 0
+        self.token_counts.masked_fill_(emptied, 0)
+        for buffer in (self.token_keys, self.token_values):
+            buffer.masked_fill_(emptied[:, None, :, None], 0)
+
+    def recorded_tail(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Positions and is_real `[B, count]` of the last `count` recorded tokens; None where there are none to
+        remove or `crop` will refuse (too many, nothing recorded)."""
+        recorded = sum(keys.shape[2] for keys, *_ in self.recorded_tokens)
+        if count <= 0 or count > recorded or not self.record_past:
+            return None
+        _, _, positions, is_real = self.recorded_tokens_kept(recorded)
+        return positions[:, recorded - count :], is_real[:, recorded - count :]
 
 
 class StaticRolledLayer(StaticLayer):
@@ -604,6 +697,31 @@ def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_re
             return
 
 
+def check_positions_are_distinct(cache: Cache | None, position_ids: torch.Tensor, is_real: torch.Tensor | None) -> None:
+    """Raise a ValueError if two real tokens of a row share a position: in this call (`position_ids` `[B or 1, T]`,
+    `is_real` `[B, T]` or None), or a new one with a token that the cache's selective layers hold. A selective layer
+    keeps one token per position (`BlockTokens`). On an accelerator one-token steps are not checked (as
+    `check_positions_follow_cache`)."""
+    if position_ids.device.type != "cpu" and position_ids.shape[1] == 1:
+        return
+    batch = position_ids.shape[0] if is_real is None else is_real.shape[0]
+    positions = position_ids.expand(batch, -1)
+    real = torch.ones_like(positions) if is_real is None else is_real.long()
+    tokens_at = torch.zeros(batch, int(positions.max()) + 1, dtype=torch.long, device=positions.device)
+    tokens_at.index_put_((torch.arange(batch, device=positions.device)[:, None], positions), real, accumulate=True)
+    held = next((layer for layer in getattr(cache, "layers", []) if isinstance(layer, BlockTokens)), None)
+    if held is not None and held.token_keys is not None:
+        width = min(tokens_at.shape[1], held.token_counts.shape[1])
+        tokens_at[:, :width] += (held.token_counts[:, :width] > 0).long()
+    if bool((tokens_at > 1).any()):
+        row, position = (int(index) for index in (tokens_at > 1).nonzero()[0])
+        raise ValueError(
+            f"Row {row} has two real tokens at position {position}: a selective_attention layer keeps one token per "
+            "position. Leave position_ids out (they then count the real tokens) or give each real token of a row "
+            "its own position."
+        )
+
+
 def layer_signature(config: FastGPTConfig) -> tuple:
     """What a cache's layers depend on in the config: the layer kinds and the window and block sizes."""
     return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
@@ -643,6 +761,8 @@ class FastGPTDynamicCache(KeyMaskCache, DynamicCache):
             window = config.attention_window(layer_type)
             if layer_type == DYNAMIC:
                 layers.append(DynamicCompressedLayer(window, config.compress_block_size))
+            elif layer_type == SELECTIVE:
+                layers.append(DynamicSelectiveLayer(window, config.compress_block_size))
             elif window is not None:
                 layers.append(DynamicSlidingLayer(sliding_window=window))
             else:
@@ -669,6 +789,13 @@ class FastGPTStaticCache(KeyMaskCache, StaticCache):
     def __init__(
         self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False, dynamic_length: bool = False
     ):
+        if SELECTIVE in config.layer_types:
+            raise ValueError(
+                "FastGPTStaticCache has no selective_attention layer (its block tokens grow with the length, which "
+                "the static cache's fixed buffers, compile, ExecuTorch export and serving rows do not provide yet). "
+                "Use FastGPTDynamicCache (generate(): cache_implementation='dynamic', the default on the CPU), or "
+                "turn the selective layers into dynamic_attention in config.layer_types."
+            )
         layers = []
         for layer_type in config.layer_types:
             window = config.attention_window(layer_type) or max_cache_len
@@ -783,14 +910,17 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
 __all__ = [
     "DynamicCompressedLayer",
     "DynamicFullLayer",
+    "DynamicSelectiveLayer",
     "DynamicSlidingLayer",
     "FastGPTDynamicCache",
     "FastGPTRowCache",
     "FastGPTStaticCache",
     "OnePassBlocks",
+    "OnePassSelectiveBlocks",
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",
+    "check_positions_are_distinct",
     "check_positions_follow_cache",
     "kept_key_mask",
 ]

@@ -462,7 +462,7 @@ def info_main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from .configuration_fastgpt import DYNAMIC, FastGPTConfig
+    from .configuration_fastgpt import GLOBAL_BRANCH_TYPES, FastGPTConfig
     from .modeling_fastgpt import FastGPTForCausalLM
     from .training import llama_config
 
@@ -477,12 +477,14 @@ def info_main(argv: list[str] | None = None) -> None:
         f"{config.num_attention_heads} query / {config.num_key_value_heads} key-value heads, "
         f"vocabulary {config.vocab_size:,}"
     )
-    print(f"{'layer':>5}  {'type':<18} {'window':>6} {'memory slots':>12} {'block':>5}  skips at {args.length:,}")
+    print(f"{'layer':>5}  {'type':<19} {'window':>6} {'memory slots':>12} {'block':>5}  skips at {args.length:,}")
     sparsity = model.attention_sparsity(args.length)
     for layer, (kind, skipped) in enumerate(zip(config.layer_types, sparsity, strict=True)):
         window = config.attention_window(kind) or "-"
-        slots, block = (config.num_memory_tokens, config.compress_block_size) if kind == DYNAMIC else ("-", "-")
-        print(f"{layer:>5}  {kind:<18} {window:>6} {slots:>12} {block:>5}  {skipped:.1%}")
+        slots, block = (
+            (config.num_memory_tokens, config.compress_block_size) if kind in GLOBAL_BRANCH_TYPES else ("-", "-")
+        )
+        print(f"{layer:>5}  {kind:<19} {window:>6} {slots:>12} {block:>5}  {skipped:.1%}")
     print(f"parameters: FastGPT {model.num_parameters():,}, Llama of the same shape {llama.num_parameters():,}")
 
 

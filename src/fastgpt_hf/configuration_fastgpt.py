@@ -25,14 +25,21 @@ FASTGPT_HF_VERSION = "0.1.0"
 SLIDING = "sliding_attention"
 DYNAMIC = "dynamic_attention"
 FULL = "full_attention"
-LAYER_TYPES = (SLIDING, DYNAMIC, FULL)
-LAYER_TYPE_ALIASES = {"local": SLIDING, "dynamic": DYNAMIC, "global": FULL}
+SELECTIVE = "selective_attention"
+# The default three stages, shallow to deep; `selective_attention` is opt-in (README, "The selective layer").
+STAGES = (SLIDING, DYNAMIC, FULL)
+LAYER_TYPES = (*STAGES, SELECTIVE)
+LAYER_TYPE_ALIASES = {"local": SLIDING, "dynamic": DYNAMIC, "global": FULL, "selective": SELECTIVE}
+# The kinds with a gated global branch (memory slots, compressors, gate): the selective layer is a dynamic layer
+# whose global branch also attends to the tokens of selected blocks.
+GLOBAL_BRANCH_TYPES = (DYNAMIC, SELECTIVE)
 
 # Transformers checks `layer_types` against its list of known layer kinds, also where it reads a FastGPT config.json
-# through the base config class (Trainer's resume_from_checkpoint does): FastGPT's gated layer kind joins the list.
-if DYNAMIC not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
-    configuration_utils.ALLOWED_ATTN_LAYER_TYPES += (DYNAMIC,)
-    configuration_utils.ALLOWED_LAYER_TYPES += (DYNAMIC,)
+# through the base config class (Trainer's resume_from_checkpoint does): FastGPT's gated layer kinds join the list.
+for _kind in GLOBAL_BRANCH_TYPES:
+    if _kind not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
+        configuration_utils.ALLOWED_ATTN_LAYER_TYPES += (_kind,)
+        configuration_utils.ALLOWED_LAYER_TYPES += (_kind,)
 
 
 def is_real_number(value: object) -> bool:
@@ -48,7 +55,7 @@ def default_layer_types(num_hidden_layers: int) -> list[str]:
     """
     base, extra = divmod(num_hidden_layers, 3)
     sizes = [base + (stage < extra) for stage in range(3)]
-    return [kind for kind, size in zip(LAYER_TYPES, sizes, strict=True) for _ in range(size)]
+    return [kind for kind, size in zip(STAGES, sizes, strict=True) for _ in range(size)]
 
 
 @strict
@@ -60,16 +67,20 @@ class FastGPTConfig(PreTrainedConfig):
 
     Args beyond `LlamaConfig`'s:
         layer_types (`list[str]`, *optional*):
-            One entry per layer: `"sliding_attention"`, `"dynamic_attention"` or `"full_attention"` (aliases
-            `"local"`, `"dynamic"`, `"global"`). Defaults to three equal stages in that order.
+            One entry per layer: `"sliding_attention"`, `"dynamic_attention"`, `"full_attention"` or
+            `"selective_attention"` (aliases `"local"`, `"dynamic"`, `"global"`, `"selective"`). Defaults to three
+            equal stages of the first three, in that order.
         sliding_window (`int`, defaults to 512):
             Keys seen by a `sliding_attention` query, itself included.
         dynamic_window (`int`, defaults to 1024):
-            Keys seen by the local branch of a `dynamic_attention` query, itself included.
+            Keys seen by the local branch of a `dynamic_attention` or `selective_attention` query, itself included.
         num_memory_tokens (`int`, defaults to 8):
             Learned key/value slots per key/value head in the global branch of dynamic layers.
         compress_block_size (`int`, defaults to 64):
             Positions averaged into one compressed key/value entry; at most `dynamic_window`.
+        num_selected_blocks (`int`, defaults to 4):
+            Blocks whose tokens a `selective_attention` query's global branch attends to exactly, besides their
+            compressed entries (the top-scoring visible blocks; README, "The selective layer").
         fastgpt_hf_version (`str`, *optional*):
             The fastgpt_hf version that wrote the checkpoint; another major.minor raises a `ValueError`. Always
             holds this code's version once the config is built, so saving records it.
@@ -135,6 +146,7 @@ class FastGPTConfig(PreTrainedConfig):
     dynamic_window: int = 1024
     num_memory_tokens: int = 8
     compress_block_size: int = 64
+    num_selected_blocks: int = 4
     fastgpt_hf_version: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -164,10 +176,11 @@ class FastGPTConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
     def attention_window(self, layer_type: str) -> int | None:
-        """Keys a query of a `layer_type` layer sees in its windowed attention, itself included (a dynamic layer:
-        its local branch); None for a full layer, which sees every earlier key. The one place that maps a layer
-        kind to its window: the attention, the caches, the reference and the reports all ask here."""
-        return {SLIDING: self.sliding_window, DYNAMIC: self.dynamic_window, FULL: None}[layer_type]
+        """Keys a query of a `layer_type` layer sees in its windowed attention, itself included (a dynamic or
+        selective layer: its local branch); None for a full layer, which sees every earlier key. The one place
+        that maps a layer kind to its window: the attention, the caches, the reference and the reports all ask here."""
+        windows = {SLIDING: self.sliding_window, DYNAMIC: self.dynamic_window, SELECTIVE: self.dynamic_window}
+        return windows[layer_type] if layer_type != FULL else None
 
     def validate_layer_type(self):
         """Every entry a known kind (or alias), one entry per layer."""
@@ -200,6 +213,7 @@ class FastGPTConfig(PreTrainedConfig):
             "dynamic_window",
             "num_memory_tokens",
             "compress_block_size",
+            "num_selected_blocks",
         )
         for field in positive_fields:
             value = getattr(self, field)

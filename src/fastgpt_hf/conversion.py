@@ -41,7 +41,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .checkpoints import loading_problems
-from .configuration_fastgpt import DYNAMIC, FULL, FastGPTConfig
+from .configuration_fastgpt import FULL, GLOBAL_BRANCH_TYPES, FastGPTConfig
 from .modeling_fastgpt import FastGPTForCausalLM
 from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
 
@@ -131,7 +131,7 @@ def start_local(model: FastGPTForCausalLM, gate_bias: float = GATE_BIAS) -> None
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
-            if attention.layer_type != DYNAMIC:
+            if attention.layer_type not in GLOBAL_BRANCH_TYPES:
                 continue
             attention.memory_k.zero_()
             attention.memory_v.zero_()

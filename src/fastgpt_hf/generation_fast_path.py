@@ -22,7 +22,8 @@ Transformers does this only for a cache that is not returned, which the fast pat
 
 Everywhere else (CPU, `cache_implementation` set, a cache passed in, `disable_compile=True`, a quantizer or device
 map that cannot compile, `return_dict_in_generate=True`, whose returned cache a later turn may grow, other
-decoding modes, the vision-language model) the default stays `FastGPTDynamicCache`, eager: nothing is compiled
+decoding modes, the vision-language model, a model with `selective_attention` layers, which the static cache does
+not hold) the default stays `FastGPTDynamicCache`, eager: nothing is compiled
 that the user did not ask for.
 """
 
@@ -35,7 +36,7 @@ from transformers.generation import GenerationMode
 from transformers.generation.utils import DeferredStopCheck
 
 from .cache_fastgpt import FastGPTStaticCache
-from .configuration_fastgpt import FastGPTConfig
+from .configuration_fastgpt import SELECTIVE, FastGPTConfig
 
 # Decoding modes whose loop calls generate()'s compiled forward and never rolls the cache back.
 FAST_PATH_MODES = (
@@ -64,6 +65,8 @@ def uses_cuda_fast_path(model, generation_config: GenerationConfig, generation_m
     if model.device.type != "cuda" or generation_mode not in FAST_PATH_MODES:
         return False
     if not isinstance(model.config, FastGPTConfig):  # the vision-language model: its compiled decode is not measured
+        return False
+    if SELECTIVE in model.config.layer_types:  # the static cache has no selective layer: the dynamic cache, eager
         return False
     if generation_config.cache_implementation is not None or model_kwargs.get("cache") is not None:
         return False

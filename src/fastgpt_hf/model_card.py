@@ -37,7 +37,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_fastgpt import DYNAMIC, FASTGPT_HF_VERSION
+from .configuration_fastgpt import FASTGPT_HF_VERSION, GLOBAL_BRANCH_TYPES, SELECTIVE
 from .quantization import DYNAMIC_RANGE_CONFIG, SCHEMES, load_checkpoint_model, precise_module_names
 
 logger = logging.get_logger(__name__)
@@ -189,12 +189,15 @@ def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
     config = model.config.get_text_config(decoder=True)
     sparsities = model.get_decoder().attention_sparsity(sparsity_length)
     global_branch = f"{config.num_memory_tokens} memory slots + 1 entry per {config.compress_block_size} positions"
+    selected = f" + the tokens of its top {config.num_selected_blocks} blocks"
     return [
         {
             "index": index,
             "type": layer_type,
             "window": config.attention_window(layer_type) or "all",
-            "global_branch": global_branch if layer_type == DYNAMIC else "",
+            "global_branch": global_branch + (selected if layer_type == SELECTIVE else "")
+            if layer_type in GLOBAL_BRANCH_TYPES
+            else "",
             "sparsity": f"{sparsity:.1%}",
         }
         for index, (layer_type, sparsity) in enumerate(zip(config.layer_types, sparsities, strict=True))

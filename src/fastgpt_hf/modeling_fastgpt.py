@@ -2,7 +2,8 @@
 
 The skeleton and parameter names are Llama's (DESIGN.md section 1); attention follows `config.layer_types`
 (section 2). Windowed attention goes through one backend chosen by `config._attn_implementation` from
-`WINDOWED_ATTENTION_FUNCTIONS`; the dynamic layer's global branch lives in `attention_compressed`.
+`WINDOWED_ATTENTION_FUNCTIONS`; the dynamic layer's global branch lives in `attention_compressed`, the selective
+layer's (README, "The selective layer") in `attention_selective`.
 
 Inputs: `attention_mask` is 2D, `[B, past + T]`, 1 for real tokens and 0 for padding (left padding for batched
 generation). Without `position_ids`, positions count real tokens (`cumsum(attention_mask) - 1`, as `generate()`
@@ -35,13 +36,17 @@ from .attention_compressed import (
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
+from .attention_selective import selective_global_branch_attention
 from .cache_fastgpt import (
+    CompressedBlocks,
     FastGPTDynamicCache,
     OnePassBlocks,
+    OnePassSelectiveBlocks,
+    check_positions_are_distinct,
     check_positions_follow_cache,
 )
 from .checkpoints import FastGPTCheckpointMixin
-from .configuration_fastgpt import DYNAMIC, FastGPTConfig
+from .configuration_fastgpt import DYNAMIC, GLOBAL_BRANCH_TYPES, SELECTIVE, FastGPTConfig
 from .generation_fastgpt import FastGPTGenerationMixin
 from .input_checks import check_inputs, check_position_ids
 
@@ -271,11 +276,9 @@ class FastGPTDynamicAttention(FastGPTAttention):
                 dropout,
             )
         positions = position_ids.expand(query_states.shape[0], -1)
-        # Without a cache the pass's blocks live for this call only; with one, in the cache: the same code.
-        blocks = OnePassBlocks(block_size) if cache is None else cache.layers[self.layer_idx]
-        means = blocks.add_to_blocks(key_states, value_states, positions, query_is_real)
-        block_keys, block_values, counts = blocks.write_entries(
-            *self.compress_blocks(means.key_means, means.value_means), means.written
+        blocks = self.block_state(cache)
+        block_keys, block_values, counts = self.compressed_entries(
+            blocks, key_states, value_states, positions, query_is_real
         )
         return global_branch_attention(
             query_states,
@@ -290,6 +293,25 @@ class FastGPTDynamicAttention(FastGPTAttention):
             dropout,
         )
 
+    def block_state(self, cache: Cache | None) -> CompressedBlocks:
+        """Without a cache the pass's blocks live for this call only; with one, in the cache: the same code."""
+        if cache is None:
+            return OnePassBlocks(self.config.compress_block_size)
+        return cache.layers[self.layer_idx]
+
+    def compressed_entries(
+        self,
+        blocks: CompressedBlocks,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        query_is_real: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add pre-rotary keys and values `[B, K, T, D]` at `positions` `[B, T]` to `blocks`; return every compressed
+        key and value `[B, K, C, D]` and the blocks' real-token counts `[B, C]`."""
+        means = blocks.add_to_blocks(key_states, value_states, positions, query_is_real)
+        return blocks.write_entries(*self.compress_blocks(means.key_means, means.value_means), means.written)
+
     def compress_blocks(self, key_means: torch.Tensor, value_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block means `[B, K, C, D]` -> compressed keys and values, the compressors run on `[K, B, C, D]` (their
         tensor-parallel style, `fastgpt_shared_by_heads`, splits dim 0)."""
@@ -300,10 +322,68 @@ class FastGPTDynamicAttention(FastGPTAttention):
         return compressed[0], compressed[1]
 
 
+class FastGPTSelectiveAttention(FastGPTDynamicAttention):
+    """A `selective_attention` layer: the dynamic layer (its parameters, local branch and gate) whose global branch
+    also attends exactly to the pre-rotary tokens of the `num_selected_blocks` visible blocks that each query's
+    key/value-head group scores highest through their compressed entries (`attention_selective` has the rule). The
+    same code with or without a cache; the cache keeps every complete block's tokens (`DynamicSelectiveLayer`)."""
+
+    def global_branch(
+        self,
+        query_states: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        query_is_real: torch.Tensor | None,
+        cache: Cache | None,
+        positions_are_indices: bool = False,
+    ) -> torch.Tensor:
+        """Memory slots, compressed blocks and the selected blocks' tokens (pre-rotary query, key `[B, *, T, D]`)
+        -> `[B, T, H, D]`. `positions_are_indices` changes nothing here: one path."""
+        tensor_parallel_size = getattr(getattr(self.config, "distributed_config", None), "tp_size", 1)
+        if tensor_parallel_size > 1:
+            raise ValueError(
+                f"selective_attention layers do not run tensor-parallel yet (tp_size {tensor_parallel_size}): load "
+                "the model without a tp_plan, or turn the selective layers into dynamic_attention in "
+                "config.layer_types."
+            )
+        positions = position_ids.expand(query_states.shape[0], -1)
+        blocks = self.block_state(cache)
+        block_keys, block_values, counts = self.compressed_entries(
+            blocks, key_states, value_states, positions, query_is_real
+        )
+        token_keys, token_values, token_is_real = blocks.block_tokens()
+        dtype = query_states.dtype
+        return selective_global_branch_attention(
+            query_states,
+            positions,
+            self.memory_k,
+            self.memory_v,
+            block_keys.to(dtype),
+            block_values.to(dtype),
+            counts,
+            token_keys.to(dtype),
+            token_values.to(dtype),
+            token_is_real,
+            self.config.compress_block_size,
+            self.config.num_selected_blocks,
+            self.scaling,
+            self.attention_dropout if self.training else 0.0,
+        )
+
+    def block_state(self, cache: Cache | None) -> OnePassSelectiveBlocks:
+        if cache is None:
+            return OnePassSelectiveBlocks(self.config.compress_block_size)
+        return cache.layers[self.layer_idx]
+
+
+ATTENTION_CLASSES = {DYNAMIC: FastGPTDynamicAttention, SELECTIVE: FastGPTSelectiveAttention}
+
+
 class FastGPTDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: FastGPTConfig, layer_idx: int):
         super().__init__()
-        attention_class = FastGPTDynamicAttention if config.layer_types[layer_idx] == DYNAMIC else FastGPTAttention
+        attention_class = ATTENTION_CLASSES.get(config.layer_types[layer_idx], FastGPTAttention)
         self.self_attn = attention_class(config, layer_idx)
         self.mlp = FastGPTMLP(config)
         self.input_layernorm = FastGPTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -369,7 +449,8 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         """Fraction of the `seq_len x seq_len` score matrix each layer skips (DESIGN.md section 3).
 
         A query at position i scores min(i + 1, window) keys in a sliding layer, i + 1 in a full layer, and in a
-        dynamic layer min(i + 1, dynamic_window) local keys plus the memory slots and its (i + 1) // b blocks.
+        dynamic layer min(i + 1, dynamic_window) local keys plus the memory slots and its (i + 1) // b blocks; a
+        selective layer adds the b tokens of each of its min(num_selected_blocks, (i + 1) // b) selected blocks.
         """
         config = self.config
         scored_by_position = torch.arange(1, seq_len + 1, dtype=torch.float64)
@@ -377,8 +458,11 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         for layer_type in config.layer_types:
             window = config.attention_window(layer_type)
             scored = scored_by_position if window is None else scored_by_position.clamp(max=window)
-            if layer_type == DYNAMIC:
-                scored = scored + config.num_memory_tokens + scored_by_position // config.compress_block_size
+            if layer_type in GLOBAL_BRANCH_TYPES:
+                blocks = scored_by_position // config.compress_block_size
+                scored = scored + config.num_memory_tokens + blocks
+            if layer_type == SELECTIVE:
+                scored = scored + blocks.clamp(max=config.num_selected_blocks) * config.compress_block_size
             fractions.append(1.0 - scored.sum().item() / seq_len**2)
         return fractions
 
@@ -439,9 +523,11 @@ class FastGPTModel(FastGPTPreTrainedModel):
             position_ids = self.positions(padding_mask, past_length, query_length, inputs_embeds.device)
         elif not is_torchdynamo_compiling():
             check_position_ids(position_ids, inputs_embeds.shape[0], past_length, query_length)
+            new_is_real = None if padding_mask is None else padding_mask[:, -query_length:]
             if cache is not None:
-                new_is_real = None if padding_mask is None else padding_mask[:, -query_length:]
                 check_positions_follow_cache(cache, position_ids, new_is_real)
+            if SELECTIVE in self.config.layer_types:
+                check_positions_are_distinct(cache, position_ids, new_is_real)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
