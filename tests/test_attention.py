@@ -69,7 +69,12 @@ def test_backend_matches_reference_in_float32(backend):
 @pytest.mark.parametrize("length", [9, 70], ids=lambda length: f"T{length}")
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_backend_gradients_match_reference(backend, length, padded):
-    model = tiny_model("mixed", backend)
+    assert_gradients_match_reference(tiny_model("mixed", backend), length, padded)
+
+
+def assert_gradients_match_reference(model, length: int, padded: bool) -> None:
+    """Every parameter's gradient of a random projection of the logits, the model's forward against the float64
+    reference, on `left_padded_batch(length)` (its padding only when `padded`, which also runs through a cache)."""
     input_ids, attention_mask = left_padded_batch(length)
     if not padded:
         attention_mask = torch.ones_like(attention_mask)

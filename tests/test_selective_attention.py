@@ -23,6 +23,7 @@ from fastgpt_hf.generation_fast_path import uses_cuda_fast_path
 from fastgpt_hf.serving import ContinuousBatchingEngine
 
 from .conftest import left_padded_batch, tiny_model
+from .test_attention import assert_gradients_match_reference
 from .test_cache import incremental_logits, max_error_on_real_tokens
 from .test_cache_rollback import ROLLBACK_SCHEDULE, logits_with_rollbacks
 
@@ -124,21 +125,7 @@ def test_float32_matches_reference():
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_gradients_match_reference(backend, length, padded):
     """Through the selected tokens' weights and the compressed entries; the choice itself carries none."""
-    model = selective_model(backend=backend)
-    input_ids, attention_mask = left_padded_batch(length)
-    if not padded:
-        attention_mask = torch.ones_like(attention_mask)
-    probe = torch.randn(*input_ids.shape, model.config.vocab_size, dtype=torch.float64) * attention_mask[..., None]
-
-    def gradients(compute_logits) -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        (compute_logits() * probe).sum().backward()
-        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
-
-    fast = gradients(lambda: model(input_ids, attention_mask=attention_mask, use_cache=padded).logits)
-    reference = gradients(lambda: reference_logits(model, input_ids, attention_mask))
-    for name, gradient in reference.items():
-        torch.testing.assert_close(fast[name], gradient, rtol=1e-9, atol=1e-9, msg=name)
+    assert_gradients_match_reference(selective_model(backend=backend), length, padded)
 
 
 def test_selection_ties_go_to_the_lower_block_and_fewer_blocks_select_all():
