@@ -31,14 +31,19 @@ def test_backend_matches_reference_in_float64(backend, stack, length, padded):
     """Unpadded rows run without a cache, as a training step or a benchmark prefill does (the dynamic layers'
     indexed global branch); padded ones with the cache a forward builds by default (tests/test_cache.py holds the
     cache to the uncached forward)."""
-    model = tiny_model(stack, backend)
+    assert reference_error(tiny_model(stack, backend), length, padded) < FLOAT64_TOLERANCE
+
+
+def reference_error(model, length: int, padded: bool) -> float:
+    """Largest logit error on real tokens of the model's forward against the float64 reference, on
+    `left_padded_batch(length)` (its padding, through a cache, only when `padded`)."""
     input_ids, attention_mask = left_padded_batch(length)
     if not padded:
         attention_mask = None
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask, use_cache=padded).logits
         reference = reference_logits(model, input_ids, attention_mask)
-    assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT64_TOLERANCE
+    return max_error_on_real_tokens(logits, reference, attention_mask)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa2", "mha"])

@@ -23,7 +23,7 @@ from fastgpt_hf.generation_fast_path import uses_cuda_fast_path
 from fastgpt_hf.serving import ContinuousBatchingEngine
 
 from .conftest import left_padded_batch, tiny_model
-from .test_attention import assert_gradients_match_reference
+from .test_attention import FLOAT64_TOLERANCE, assert_gradients_match_reference, reference_error
 from .test_cache import incremental_logits, max_error_on_real_tokens
 from .test_cache_rollback import ROLLBACK_SCHEDULE, logits_with_rollbacks
 
@@ -36,7 +36,6 @@ SELECTIVE_STACKS = {
 STACKS_MIXED_QUICK = [stack if stack == "mixed-selective" else pytest.param(stack, marks=pytest.mark.slow)
                       for stack in SELECTIVE_STACKS]  # fmt: skip
 BACKENDS = ["eager", "sdpa", "flex_attention"]
-FLOAT64_TOLERANCE = 1e-10
 CACHE_TOLERANCE = 1e-9
 
 
@@ -44,11 +43,6 @@ def selective_model(stack: str = "mixed-selective", backend: str = "sdpa", **ove
     """`tiny_model` (windows 8 / 16, blocks of 4, 2 memory slots, random weights at a large init) with selective
     layers; 2 blocks selected unless overridden, so that a query past 12 positions must choose."""
     return tiny_model(SELECTIVE_STACKS[stack], backend, **{"num_selected_blocks": 2, **overrides})
-
-
-def max_error(logits, reference, attention_mask) -> float:
-    real = torch.ones(logits.shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    return (logits.double() - reference)[real].abs().max().item()
 
 
 def test_configuration_alias_default_and_validation():
@@ -89,14 +83,7 @@ def test_the_selection_changes_the_output():
 @pytest.mark.parametrize("stack", STACKS_MIXED_QUICK)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference_in_float64(backend, stack, length, padded):
-    model = selective_model(stack, backend)
-    input_ids, attention_mask = left_padded_batch(length)
-    if not padded:
-        attention_mask = None
-    with torch.no_grad():
-        logits = model(input_ids, attention_mask=attention_mask, use_cache=padded).logits
-        reference = reference_logits(model, input_ids, attention_mask)
-    assert max_error(logits, reference, attention_mask) < FLOAT64_TOLERANCE
+    assert reference_error(selective_model(stack, backend), length, padded) < FLOAT64_TOLERANCE
 
 
 @pytest.mark.parametrize("num_selected_blocks", [1, 3, 40])
@@ -108,7 +95,7 @@ def test_grouped_query_ratios_and_selection_sizes(kv_heads, num_selected_blocks)
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
         reference = reference_logits(model, input_ids, attention_mask)
-    assert max_error(logits, reference, attention_mask) < FLOAT64_TOLERANCE
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < FLOAT64_TOLERANCE
 
 
 def test_float32_matches_reference():
@@ -117,7 +104,7 @@ def test_float32_matches_reference():
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
         reference = reference_logits(model, input_ids, attention_mask)
-    assert max_error(logits, reference, attention_mask) < 2e-4
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < 2e-4
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
