@@ -45,6 +45,7 @@ from fastgpt_hf.passkey import needle_distances, passkey_accuracy, sample_pieces
 from fastgpt_hf.recall_tasks import (
     SequenceMeanTrainer,
     mqar_accuracy,
+    mqar_accuracy_by_query,
     mqar_distances,
     mqar_samples,
     mqar_vocabulary,
@@ -170,11 +171,18 @@ def recall_probe(args: argparse.Namespace, output: Path) -> None:
                 optimizer.zero_grad()
             model.eval()
             with torch.no_grad():
-                accuracy = {label: mqar_accuracy(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
-                            for label, distance in distances.items()}  # fmt: skip
+                by_query = {
+                    label: mqar_accuracy_by_query(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
+                    for label, distance in distances.items()
+                }
+            accuracy = {label: sum(shares) / pairs for label, shares in by_query.items()}
             records.append({"variant": name, "seed": seed, "final_loss": loss.item(), "accuracy": accuracy,
-                            "train_seconds": time.perf_counter() - started})  # fmt: skip
-            shares = ", ".join(f"{label} {100 * value:.1f}%" for label, value in accuracy.items())
+                            "accuracy_by_query": by_query, "train_seconds": time.perf_counter() - started})  # fmt: skip
+            shares = ", ".join(
+                f"{label} {100 * accuracy[label]:.1f}% (by query asked: "
+                f"{' / '.join(f'{100 * share:.1f}' for share in by_query[label])})"
+                for label in accuracy
+            )
             print(f"{name} seed {seed}: loss {loss.item():.3f}, MQAR {shares}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     results = {"probe": probe, "shape": shape, "distances": distances, "runs": records}

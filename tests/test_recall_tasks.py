@@ -15,6 +15,7 @@ from fastgpt_hf.recall_tasks import (
     IGNORE_INDEX,
     MQARVocabulary,
     mqar_accuracy,
+    mqar_accuracy_by_query,
     mqar_distances,
     mqar_sample,
     mqar_vocabulary,
@@ -122,3 +123,5 @@ def test_mqar_accuracy_scores_the_predictions_at_the_queries(tokenizer, vocabula
     oracle, constant = NextTokenOracle(len(tokenizer)), NextTokenOracle(len(tokenizer), wrong=True)
     assert mqar_accuracy(oracle, vocabulary, LENGTH, PAIRS, 40, trials=5, batch_size=2) == 1.0
     assert mqar_accuracy(constant, vocabulary, LENGTH, PAIRS, 40, trials=5, batch_size=2) == 0.0
+    assert mqar_accuracy_by_query(oracle, vocabulary, LENGTH, PAIRS, 40, trials=5) == [1.0] * PAIRS
+    assert mqar_accuracy_by_query(constant, vocabulary, LENGTH, PAIRS, 40, trials=5) == [0.0] * PAIRS

@@ -12,7 +12,9 @@
   that a recall block's few answers weigh as much as a text block's hundreds of tokens; for text blocks of one
   length it is the usual per-token mean.
 - `mqar_accuracy`: the share of queries whose answer the model's argmax predicts (teacher-forced, as
-  `passkey.passkey_accuracy`, which scores the pass key).
+  `passkey.passkey_accuracy`, which scores the pass key); `mqar_accuracy_by_query` the share for the first, second,
+  ... query asked, which tells key-value association from elimination (a model that copies any value not yet
+  answered, without matching keys, scores 1/n, 1/(n-1), ..., 1 for n pairs: 52% overall for 4).
 """
 
 import random
@@ -193,18 +195,35 @@ def mqar_accuracy(
     batch_size: int = 4,
 ) -> float:
     """Share of the queries of `trials` samples at `distance` whose answer the model's argmax predicts."""
+    by_query = mqar_accuracy_by_query(model, vocabulary, length, num_pairs, distance, trials, seed, batch_size)
+    return sum(by_query) / num_pairs
+
+
+def mqar_accuracy_by_query(
+    model: PreTrainedModel,
+    vocabulary: MQARVocabulary,
+    length: int,
+    num_pairs: int,
+    distance: int,
+    trials: int = 16,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> list[float]:
+    """For k = 1 .. `num_pairs`: the share of `trials` samples at `distance` whose k-th query (in the order asked;
+    the earlier answers are in the context, teacher-forced) the model's argmax answers."""
     rng = random.Random(seed)
     samples = [mqar_sample(vocabulary, length, num_pairs, distance, rng) for _ in range(trials)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = [0] * num_pairs
     for first in range(0, trials, batch_size):
         batch = samples[first : first + batch_size]
         logits = model(torch.tensor([sample.input_ids for sample in batch], device=device)).logits
         for row, sample in enumerate(batch):
-            predicted = logits[row, sample.query_positions].argmax(-1).tolist()
-            answers = [sample.input_ids[position + 1] for position in sample.query_positions]
-            correct += sum(guess == answer for guess, answer in zip(predicted, answers, strict=True))
+            asked = sorted(sample.query_positions)
+            predicted = logits[row, asked].argmax(-1).tolist()
+            for query, (guess, position) in enumerate(zip(predicted, asked, strict=True)):
+                correct[query] += guess == sample.input_ids[position + 1]
     model.train(was_training)
-    return correct / (trials * num_pairs)
+    return [count / trials for count in correct]
