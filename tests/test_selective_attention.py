@@ -79,14 +79,16 @@ def test_the_selection_changes_the_output():
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("length", [1, 6, 37, 131], ids=lambda length: f"T{length}")
+@pytest.mark.parametrize(
+    "length", [1, 6, 37, pytest.param(131, marks=pytest.mark.slow)], ids=lambda length: f"T{length}"
+)
 @pytest.mark.parametrize("stack", STACKS_MIXED_QUICK)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference_in_float64(backend, stack, length, padded):
     assert reference_error(selective_model(stack, backend), length, padded) < FLOAT64_TOLERANCE
 
 
-@pytest.mark.parametrize("num_selected_blocks", [1, 3, 40])
+@pytest.mark.parametrize("num_selected_blocks", [1, 3, pytest.param(40, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa2", "mha"])
 def test_grouped_query_ratios_and_selection_sizes(kv_heads, num_selected_blocks):
     """One selection per key/value-head group, for every group size; k from one block to more than there are."""
@@ -108,7 +110,7 @@ def test_float32_matches_reference():
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("length", [9, 70], ids=lambda length: f"T{length}")
+@pytest.mark.parametrize("length", [9, pytest.param(70, marks=pytest.mark.slow)], ids=lambda length: f"T{length}")
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_gradients_match_reference(backend, length, padded):
     """Through the selected tokens' weights and the compressed entries; the choice itself carries none."""
@@ -166,7 +168,11 @@ def test_global_branch_is_the_same_in_any_number_of_chunks(tokens_per_call):
 
 # Prefill 13, a chunk of 19 (longer than every window, with a past), then one token at a time, over 40 tokens: ten
 # blocks of 4; and every token one at a time.
-@pytest.mark.parametrize("schedule", [[13, 19] + [1] * 8, [1] * 40], ids=["chunked-prefill", "token-by-token"])
+@pytest.mark.parametrize(
+    "schedule",
+    [[13, 19] + [1] * 8, pytest.param([1] * 40, marks=pytest.mark.slow)],
+    ids=["chunked-prefill", "token-by-token"],
+)
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_dynamic_cache_decode_matches_the_reference(backend, schedule):
     model = selective_model(backend=backend)
@@ -181,6 +187,7 @@ def test_dynamic_cache_decode_matches_the_reference(backend, schedule):
     assert layer.block_tokens()[2].sum(1).tolist() == attention_mask.sum(1).tolist()  # every real token, once
 
 
+@pytest.mark.slow
 def test_dynamic_cache_rolls_back_exactly():
     """Assisted and prompt-lookup decoding's crop: the removed tokens leave the block tokens too."""
     model = selective_model()
@@ -192,6 +199,7 @@ def test_dynamic_cache_rolls_back_exactly():
     assert max_error_on_real_tokens(logits, reference, attention_mask) < CACHE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_generate_left_padded_batch_equals_each_prompt_alone():
     model = selective_model()
     input_ids, attention_mask = left_padded_batch(11)
