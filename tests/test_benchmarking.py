@@ -284,6 +284,7 @@ def test_serve_load_test_answers_every_request(harness, capsys):
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )
+@pytest.mark.slow
 def test_parallel_modes_match_one_device_under_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(BENCHMARKS / "bench.py"), "parallel", "--preset", "tiny", "--device", "cpu", "--dtype", "float32"]

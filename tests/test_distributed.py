@@ -116,6 +116,7 @@ def test_tensor_parallel_plan_names_every_parameter_but_the_norms():
     }
 
 
+@pytest.mark.slow
 def test_data_parallel_trainer_loss_equals_single_process(tmp_path):
     """examples/train_distributed.py under torchrun (DDP, 2 x 4 rows) logs the losses of one process (8 rows)."""
     script = REPOSITORY / "examples" / "train_distributed.py"
@@ -140,6 +141,7 @@ def test_data_parallel_trainer_loss_equals_single_process(tmp_path):
     torch.testing.assert_close(data_parallel["losses"], single["losses"], rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
     """FSDP2 through `DistributedConfig(fsdp_size=2)`: each rank takes half the rows; loss and gradients match."""
     output = tmp_path / "fsdp2.pt"
@@ -150,6 +152,7 @@ def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
     assert_gradients_match(saved["grads"], grads)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
     """`DistributedConfig(tp_plan="auto")` on 2 ranks, every projection, memory slot and gate split by head:
     logits, greedy generation (a cache of each rank's heads), loss and gradients match the unsharded model."""
@@ -176,6 +179,7 @@ def test_tensor_parallel_matches_unsharded(model_dir, tmp_path):
     assert_gradients_match(saved["grads"], grads)
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_step_matches_unsplit(model_dir, tmp_path):
     """Two stages under GPipe, 2 microbatches: the last stage's loss and both stages' gradients match."""
     prefix = tmp_path / "pipeline"

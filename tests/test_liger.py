@@ -54,6 +54,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_import_leaves_liger_unloaded_and_registers_fastgpt_when_liger_loads():
     output = run_python(
         "import sys, fastgpt_hf\n"
@@ -64,6 +65,7 @@ def test_import_leaves_liger_unloaded_and_registers_fastgpt_when_liger_loads():
     assert output.split() == ["unloaded", "apply_liger_kernel_to_fastgpt", "apply_liger_kernel_to_fastgpt"]
 
 
+@pytest.mark.slow
 def test_import_after_liger_registers_fastgpt_at_once():
     output = run_python(
         "from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as table\n"
@@ -74,6 +76,7 @@ def test_import_after_liger_registers_fastgpt_at_once():
     assert output.split() == ["False", "apply_liger_kernel_to_fastgpt"]
 
 
+@pytest.mark.slow
 def test_glue_that_cannot_import_leaves_liger_working_and_says_so():
     """A Liger whose helpers moved must not break Liger for other models in a process that imported FastGPT."""
     result = run_python(
@@ -195,6 +198,7 @@ def assert_same_training_and_logits(results: dict, reference_tolerance: float) -
     torch.testing.assert_close(liger["logits"], plain["logits"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_interpreted_rotary_and_fused_cross_entropy_match_the_plain_model(tmp_path):
     """Liger's kernels under Triton's interpreter (rotary, fused linear cross-entropy) on a left-padded batch
     through sliding, dynamic and full layers: the plain model's loss, gradients and logits, the reference's logits."""

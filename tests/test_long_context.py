@@ -72,6 +72,7 @@ def test_32768_tokens_in_one_pass_equal_them_in_cached_chunks():
     torch.testing.assert_close(torch.cat(chunks, dim=1), one_pass, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_type", ["sliding_attention", "dynamic_attention"])
 def test_peak_memory_grows_linearly_for_windowed_layers(layer_type):
     """4x the tokens: about 4x the memory (a quadratic term would give 16x)."""
