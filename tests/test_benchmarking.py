@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.benchmarking import GenerationSpeed, speed_statistics
@@ -254,10 +255,19 @@ def test_convert_compares_source_and_conversion(harness, capsys, tmp_path):
     text.write_text(CORPUS_FILES["validation"].read_text()[:3000])
     argv = ["convert", str(source), f"converted={tmp_path / 'converted'}", "--text", str(text), "--windows", "64"]
     argv += ["48", "--passkey-length", "96", "--distances", "40", "--trials", "1", "--new-tokens", "2"]
+    argv += ["--decode-context", "48"]
     status, output, _ = run_bench(harness, argv, capsys)
     assert status == 0
-    assert table_rows(output, "source") and table_rows(output, "converted")
+    assert len(table_rows(output, "source")) == 3 and len(table_rows(output, "converted")) == 2
     assert "perplexity per word, 64 window | perplexity per word, 48 window" in output
+    decode = {tuple(row[:2]): row for row in table_rows(output, "source") + table_rows(output, "converted")}
+    assert set(decode) >= {("source", "default"), ("source", "static"), ("converted", "default")}
+    assert all(float(row[2]) > 0 for row in decode.values())
+    # The source holds float32 keys and values of every layer at all 48 positions.
+    config = AutoConfig.from_pretrained(source)
+    source_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 48 * 4
+    assert float(decode["source", "default"][5]) == pytest.approx(source_bytes / 2**20, abs=0.001)
+    assert float(decode["converted", "default"][5]) > 0
 
 
 @pytest.mark.slow
