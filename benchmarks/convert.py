@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n({rows[0][3]} tokens scored, {len(text)} characters of {args.text}; {args.device}, {dtype})")
     if args.decode_context:
         table = decode_rows(models, tokenizer, text, args.decode_context, args.device)
-        print(f"\n| model | decode setting | ms/token at 1 x {args.decode_context} | tokens/s | first call s | cache MiB |")
+        context = args.decode_context
+        print(f"\n| model | decode setting | ms/token at 1 x {context} | tokens/s | first call s | cache MiB |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
         print("\n".join(table))
     for prompt, by_model in answers.items():

@@ -6,17 +6,26 @@
 
 Both servers run as subprocesses on 127.0.0.1 and load random-weight models of the preset's shape with the shipped
 tokenizer, saved to a temporary folder (`transformers serve` loads the local Llama folder: nothing is downloaded).
-One client (httpx, asyncio) sends each server the same `--requests` streaming completions, `--concurrency` at a
-time (a closed loop), each a `--prompt-tokens`-token excerpt of the shipped corpus with `--reply-tokens` tokens
-asked, greedy. A warm-up request per server goes first (Transformers' continuous batching sizes its cache on its
-first request). Each server gets `--time-limit` seconds; requests unfinished by then are counted as not done.
-Printed per server: requests done, requests/s over the wall time, p50 / p99 of the time to the first text chunk
-(TTFT) and of the end-to-end latency, and the mean reply tokens (the servers' own `usage` counts).
+The client (httpx, asyncio, in `--client-processes` processes that start together, so that parsing every
+token's server-sent event does not bound what is measured) sends each server the same `--requests` streaming
+completions, `--concurrency` at a time (a closed loop; each process keeps its share in flight on as many
+connections), each a `--prompt-tokens`-token excerpt of the shipped corpus with `--reply-tokens` tokens asked,
+greedy. A warm-up request per server goes first (Transformers' continuous batching sizes its cache on its first
+request). Each server gets `--time-limit` seconds; requests unfinished by then are counted as not done. Printed per
+server: requests done, requests/s over the wall time, p50 / p99 of the time to the first text chunk (TTFT) and of
+the end-to-end latency, and the mean reply tokens (the servers' own `usage` counts).
+
+`--engine-only` measures the engines without HTTP, in this process: FastGPT's `ContinuousBatchingEngine` (`--rows`
+rows, every request submitted at once) against Llama's `generate_batch` (Transformers' continuous batching), the
+same prompts and reply length, greedy, no end-of-sequence stop; requests/s, tokens/s, and where FastGPT's rounds
+spend their time (prefill forwards, copies into rows, decode steps, choosing tokens; device synchronised).
 """
 
 import argparse
 import asyncio
+import collections
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -33,6 +42,7 @@ from models import DeviceUnavailable
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
 from fastgpt_hf.presets import PRESETS
+from fastgpt_hf.serving import ContinuousBatchingEngine, SamplingParams
 from fastgpt_hf.training import llama_peer
 
 FASTGPT_COMMAND = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
@@ -96,13 +106,23 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, reply_to
                 first = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": (first or time.perf_counter()) - started, "e2e": time.perf_counter() - started, "tokens": tokens}
+    finished = time.perf_counter()
+    return {"ttft": (first or finished) - started, "e2e": finished - started, "tokens": tokens, "finished": finished}
 
 
-async def load_test(base_url: str, prompts: list[str], concurrency: int, reply_tokens: int, limit: float) -> dict:
-    async with httpx.AsyncClient(base_url=base_url, timeout=limit) as http:
+async def load_test(
+    base_url: str, prompts: list[str], concurrency: int, reply_tokens: int, limit: float, ready=None
+) -> dict:
+    """Send `prompts`, `concurrency` at a time on as many connections, for at most `limit` seconds (after a warm-up
+    request, then `ready.wait()` where several processes start together); the results of the requests done and the
+    seconds from the start to the last one's end (perf_counter: one clock for every process of the machine)."""
+    connections = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=limit, limits=connections) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        await one_request(http, model, prompts[0], reply_tokens)  # warm-up
+        for prompt in (min(prompts, key=len), max(prompts, key=len)):  # warm-up: the shortest and longest prompts
+            await one_request(http, model, prompt, reply_tokens)
+        if ready is not None:
+            ready.wait()
         pending, results = list(prompts), []
 
         async def worker() -> None:
@@ -114,7 +134,36 @@ async def load_test(base_url: str, prompts: list[str], concurrency: int, reply_t
             await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), limit)
         except asyncio.TimeoutError:
             pass
-        return {"results": results, "seconds": time.perf_counter() - started}
+        return {"results": results, "started": started}
+
+
+def client_process(base_url, prompts, concurrency, reply_tokens, limit, ready, results) -> None:
+    """One client process: its share of the load test, its measurements put on `results`."""
+    results.put(asyncio.run(load_test(base_url, prompts, concurrency, reply_tokens, limit, ready)))
+
+
+def load_test_processes(
+    base_url: str, prompts: list[str], concurrency: int, reply_tokens: int, limit: float, processes: int
+) -> dict:
+    """`load_test` split over `processes` client processes (forked: they use no device), started together; the
+    requests done by all and the seconds from the first start to the last end."""
+    processes = max(1, min(processes, concurrency))
+    context = multiprocessing.get_context("fork")
+    ready, results = context.Barrier(processes), context.Queue()
+    shares = [(prompts[index::processes], len(range(index, concurrency, processes))) for index in range(processes)]
+    workers = [
+        context.Process(target=client_process, args=(base_url, share, count, reply_tokens, limit, ready, results))
+        for share, count in shares
+    ]
+    for worker in workers:
+        worker.start()
+    measured = [results.get(timeout=limit + 600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    done = [result for part in measured for result in part["results"]]
+    started = min(part["started"] for part in measured)
+    ended = max((result["finished"] for result in done), default=started)
+    return {"results": done, "seconds": max(ended - started, 1e-9)}
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -149,11 +198,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="FastGPT compiles its decode step")
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+        help="client processes sharing the load (default: half the CPUs, at most 8)",
+    )
+    parser.add_argument("--prefill-batch", type=int, default=16, help="FastGPT's prompts prefilled together, at most")
+    parser.add_argument("--engine-only", action="store_true", help="the engines in this process, without HTTP")
 
 
 def run(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceUnavailable("--device cuda: this machine has no CUDA device; --device cpu runs it on the CPU.")
+    if args.engine_only:
+        run_engines(args)
+        return
     prompts = corpus_prompts(args.requests, args.prompt_tokens)
     context = args.prompt_tokens + args.reply_tokens + 16  # room for a prompt that re-encodes a little longer
     print(
@@ -167,6 +227,7 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         fastgpt_path, llama_path = save_models(args.preset, Path(folder))
         fastgpt_options = ["--rows", str(args.rows), "--context", str(context), "--max-queue", str(args.requests)]
+        fastgpt_options += ["--prefill-batch", str(args.prefill_batch)]
         fastgpt_options += ["--device", args.device, "--dtype", args.dtype] + (["--compile"] if args.compile else [])
         transformers_cli = str(Path(sys.executable).parent / "transformers")
         servers = {
@@ -199,8 +260,8 @@ def run(args: argparse.Namespace) -> None:
             base_url = f"http://127.0.0.1:{port}"
             process = start_server([*command, "--port", str(port)], base_url, Path(folder) / f"{port}.log")
             try:
-                measured = asyncio.run(
-                    load_test(base_url, prompts, args.concurrency, args.reply_tokens, args.time_limit)
+                measured = load_test_processes(
+                    base_url, prompts, args.concurrency, args.reply_tokens, args.time_limit, args.client_processes
                 )
             finally:
                 process.terminate()
@@ -212,3 +273,114 @@ def run(args: argparse.Namespace) -> None:
         f"{'E2E p50':>9} {'E2E p99':>9} {'tokens':>7}   (milliseconds)"
     )
     print("\n".join(lines))
+
+
+class TimedEngine(ContinuousBatchingEngine):
+    """FastGPT's engine with each part of a round timed between two device synchronisations."""
+
+    def __init__(self, *args, **kwargs):
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+        super().__init__(*args, **kwargs)
+
+    def timed(self, part: str, function, *args):
+        synchronize(self.device)
+        started = time.perf_counter()
+        result = function(*args)
+        synchronize(self.device)
+        self.seconds[part] += time.perf_counter() - started
+        self.calls[part] += 1
+        return result
+
+    def prefill(self, rows, prompts):
+        return self.timed("prefill (with copies into rows)", super().prefill, rows, prompts)
+
+    def load_rows(self, cache, rows, lengths):
+        return self.timed("copies into rows", super().load_rows, cache, rows, lengths)
+
+    def decode_step(self):
+        return self.timed("decode step", super().decode_step)
+
+    def add_tokens(self, rows, logits):
+        return self.timed("choose tokens", super().add_tokens, rows, logits)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_fastgpt_engine(model, prompt_ids: list[list[int]], args: argparse.Namespace) -> dict:
+    """Every prompt submitted at once into `--rows` rows, the engine stepped until all are answered (after one
+    warm-up request: compilation and the prefill caches); seconds, tokens and the rounds' parts."""
+    context = max(len(ids) for ids in prompt_ids) + args.reply_tokens
+    engine = TimedEngine(model, args.rows, context, len(prompt_ids), (), args.compile, args.prefill_batch, args.compile)
+    params = SamplingParams(args.reply_tokens, temperature=0)
+    for ids in (min(prompt_ids, key=len), max(prompt_ids, key=len)):  # a compiled prefill's shortest and longest
+        warm_up = engine.submit(ids, params, lambda event: None)
+        while not warm_up.finished:
+            engine.step()
+    engine.seconds.clear()
+    engine.calls.clear()
+    tokens = [0]
+
+    def count(event) -> None:
+        tokens[0] += 1
+
+    for ids in prompt_ids:
+        engine.submit(ids, params, count)
+    synchronize(engine.device)
+    started, rounds = time.perf_counter(), 0
+    while engine.step():
+        rounds += 1
+    synchronize(engine.device)
+    return {"seconds": time.perf_counter() - started, "tokens": tokens[0], "rounds": rounds, "engine": engine}
+
+
+def run_llama_batch(model, prompt_ids: list[list[int]], args: argparse.Namespace) -> dict:
+    """Llama's `generate_batch` (Transformers' continuous batching, its paged cache) over the same prompts."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, do_sample=False)
+    model.generate_batch(prompt_ids[:1], generation_config=config, progress_bar=False)  # warm-up
+    synchronize(model.device)
+    started = time.perf_counter()
+    outputs = model.generate_batch(prompt_ids, generation_config=config, progress_bar=False)
+    synchronize(model.device)
+    tokens = sum(len(output.generated_tokens) for output in outputs.values())
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def run_engines(args: argparse.Namespace) -> None:
+    tokenizer = load_tokenizer()
+    prompt_ids = [tokenizer(text).input_ids for text in corpus_prompts(args.requests, args.prompt_tokens)]
+    torch.manual_seed(0)
+    preset = PRESETS[args.preset]
+    config = FastGPTConfig.from_preset(args.preset, vocab_size=max(len(tokenizer), preset["vocab_size"]))
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(
+        f"engines without HTTP: preset {args.preset}, {device}, {args.dtype}, torch {torch.__version__}; "
+        f"{len(prompt_ids)} prompts of {args.prompt_tokens} tokens submitted at once, {args.reply_tokens} new "
+        f"tokens each, greedy; FastGPT {args.rows} rows, prefill batches of at most {args.prefill_batch}, decode "
+        f"{'compiled' if args.compile else 'eager'}"
+    )
+    fastgpt = FastGPTForCausalLM(config).to(device, dtype).eval()
+    measured = {"FastGPT (ContinuousBatchingEngine)": run_fastgpt_engine(fastgpt, prompt_ids, args)}
+    engine = measured["FastGPT (ContinuousBatchingEngine)"]["engine"]
+    del fastgpt
+    if not args.skip_llama:
+        llama = llama_peer(config).to(device, dtype).eval()
+        measured["Llama (generate_batch)"] = run_llama_batch(llama, prompt_ids, args)
+    print(f"{'engine':<36} {'requests':>8} {'seconds':>8} {'req/s':>8} {'tokens/s':>9}")
+    for name, result in measured.items():
+        print(
+            f"{name:<36} {len(prompt_ids):>8} {result['seconds']:>8.2f} {len(prompt_ids) / result['seconds']:>8.1f} "
+            f"{result['tokens'] / result['seconds']:>9.0f}"
+        )
+    rounds = measured["FastGPT (ContinuousBatchingEngine)"]["rounds"]
+    total = measured["FastGPT (ContinuousBatchingEngine)"]["seconds"]
+    print(f"FastGPT's {rounds} rounds, {1000 * total / rounds:.2f} ms each:")
+    print(f"{'part':<34} {'calls':>6} {'ms per call':>12} {'ms per round':>13}")
+    for part, seconds in engine.seconds.items():
+        calls = engine.calls[part]
+        print(f"{part:<34} {calls:>6} {1000 * seconds / calls:>12.2f} {1000 * seconds / rounds:>13.2f}")

@@ -291,6 +291,18 @@ def test_serve_load_test_answers_every_request(harness, capsys):
     assert line.split()[5:7] == ["3", "3"]  # sent, done
 
 
+@pytest.mark.slow  # Llama's generate_batch takes about 40 s for these 5 tiny requests on 2 CPU cores
+def test_serve_engine_only_compares_the_engines_and_times_each_part(harness, capsys):
+    argv = ["serve", "--engine-only", "--preset", "tiny", "--requests", "5", "--rows", "2", "--prompt-tokens", "8"]
+    status, output, _ = run_bench(harness, [*argv, "--reply-tokens", "3"], capsys)
+    assert status == 0
+    rows = {line.split("(")[0].strip(): line.split() for line in output.splitlines() if "(" in line and "  " in line}
+    assert rows["FastGPT"][-4] == rows["Llama"][-4] == "5"  # requests answered by each engine
+    assert float(rows["FastGPT"][-1]) > 0 and float(rows["Llama"][-1]) > 0  # tokens/s
+    parts = {line.rsplit(None, 3)[0] for line in output.splitlines()[-4:]}
+    assert parts == {"prefill (with copies into rows)", "copies into rows", "decode step", "choose tokens"}
+
+
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )

@@ -116,20 +116,41 @@ def test_requests_it_cannot_serve_are_refused_with_the_reason():
         ContinuousBatchingEngine(tiny_model("mixed", max_position_embeddings=16), max_cache_len=32)
 
 
-@pytest.mark.slow  # compiling the decode step takes about a minute on 2 busy cores
-def test_the_compiled_decode_step_serves_every_step_without_recompiling():
+@pytest.mark.slow  # compiling the decode step and a prefill takes about two minutes on 2 busy cores
+def test_the_compiled_steps_serve_every_request_without_recompiling():
     model = tiny_model("mixed", dtype=torch.float32)
-    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, compile_decode=True)
-    prompts = random_prompts([5, 23, 9, 17])
+    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, compile_decode=True, compile_prefill=True)
+    prompts = random_prompts([5, 23, 9, 17, 30])
     replies = {index: [] for index in range(len(prompts))}
-    for index, prompt in enumerate(prompts):
+
+    def submit(index: int) -> None:
         params = SamplingParams(max_new_tokens=12, temperature=0)
-        engine.submit(prompt, params, lambda event, index=index: replies[index].append(event.token_id))
+        engine.submit(prompts[index], params, lambda event: replies[index].append(event.token_id))
+
+    submit(0)  # compiles the prefill (2 rows of 48 positions, whatever the prompts) and the decode step
+    run_to_completion(engine)
+    for index in range(1, len(prompts)):
+        submit(index)
     # Rows join and leave between steps: positions, masks and tokens change, the shapes never do.
     with torch._dynamo.config.patch(error_on_recompile=True):
         run_to_completion(engine)
     for index, prompt in enumerate(prompts):
         assert replies[index] == greedy_reference(model, prompt, 12), index
+
+
+def test_a_compiled_prefill_runs_its_fixed_batch_at_a_bucketed_length():
+    engine = ContinuousBatchingEngine(tiny_model("mixed"), max_rows=8, max_cache_len=200, max_prefill_batch=4)
+    engine.compile_prefill = True  # the shapes alone: no compilation
+    assert [engine.prefill_length(n) for n in (1, 64, 65, 128, 129, 200)] == [64, 64, 128, 128, 200, 200]
+    shapes = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    with torch.inference_mode():
+        logits = engine.prefill([5, 2], random_prompts([9, 70]))
+    handle.remove()
+    assert shapes == [(4, 1), (4, 128)] and logits.shape[0] == 2  # the new cache's allocation, then the prefill
+    assert engine.rows.row_lengths[5] == 9 and engine.rows.row_lengths[2] == 70
 
 
 def test_chat_without_a_chat_template_is_a_400_that_says_what_to_do():

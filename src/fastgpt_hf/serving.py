@@ -6,7 +6,10 @@ A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocate
    to `max_prefill_batch`, through a `FastGPTStaticCache` of that batch size (one per size, reused), as
    `generate()`'s prefill runs a left-padded batch, and `load_rows` copies the sequences' states into their rows;
    their last logits give the first tokens (one forward for many prompts: on the GPU an eager prefill's cost is its
-   kernel launches, not its batch);
+   kernel launches, not its batch). With `compile_prefill` the forward is compiled (CUDA graphs on the GPU) at
+   fixed shapes: always `max_prefill_batch` sequences (the batch filled up with copies of its first prompt) of a
+   power-of-two length from `MIN_PREFILL_LENGTH` (capped at `max_cache_len`), so that a few compilations, one per
+   length met, serve every prefill;
 3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
    padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
    step without recompiling (tested on the CPU); by default the same loop runs eagerly.
@@ -29,6 +32,9 @@ import torch
 from transformers import CompileConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .cache_fastgpt import FastGPTRowCache, FastGPTStaticCache
+
+# The shortest prompt length a compiled prefill runs (`prefill_length`): shorter prompts are left-padded to it.
+MIN_PREFILL_LENGTH = 64
 
 
 class EngineOverloaded(RuntimeError):
@@ -102,6 +108,7 @@ class ContinuousBatchingEngine:
         eos_token_ids: tokens that end a reply.
         compile_decode: run the decode step through `torch.compile` (CUDA graphs); eager otherwise.
         max_prefill_batch: prompts of one length prefilled together, at most (rounded down to a power of two).
+        compile_prefill: run prefills through `torch.compile` (CUDA graphs) at fixed shapes (module docstring).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class ContinuousBatchingEngine:
         eos_token_ids: Iterable[int] = (),
         compile_decode: bool = False,
         max_prefill_batch: int = 16,
+        compile_prefill: bool = False,
     ):
         config = model.config
         if max_cache_len > config.max_position_embeddings:
@@ -131,7 +139,8 @@ class ContinuousBatchingEngine:
         self.rows = FastGPTRowCache(config, max_cache_len, max_rows)
         self.max_prefill_batch = 2 ** (min(max_prefill_batch, max_rows).bit_length() - 1)
         self.prefill_caches: dict[int, FastGPTStaticCache] = {}  # by batch size, built on first use
-        self.decode_call = model
+        self.decode_call = self.prefill_call = model
+        self.compile_prefill = compile_prefill
         self.row_requests: list[Request | None] = [None] * max_rows
         self.next_tokens = torch.zeros(max_rows, 1, dtype=torch.long)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -143,8 +152,10 @@ class ContinuousBatchingEngine:
         # It runs eagerly: compiled code would trace the allocation.
         with torch.inference_mode():
             self.decode_step()
-        if compile_decode:
-            self.decode_call = model.get_compiled_call(CompileConfig(fullgraph=True))
+        if compile_decode or compile_prefill:
+            compiled_call = model.get_compiled_call(CompileConfig(fullgraph=True))
+            self.decode_call = compiled_call if compile_decode else model
+            self.prefill_call = compiled_call if compile_prefill else model
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> Request:
         """Queue a prompt; its tokens come back through `emit`. Raises ValueError for a request that cannot be
@@ -242,24 +253,40 @@ class ContinuousBatchingEngine:
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run prompts, left-padded to the longest, into `rows` in one forward; returns their last logits
-        `[len(rows), V]`."""
-        cache = self.prefill_caches.get(len(rows))
+        `[len(rows), V]`. A compiled prefill runs its fixed batch and a bucketed length (module docstring)."""
+        lengths = [len(prompt) for prompt in prompts]
+        if self.compile_prefill:
+            prompts = prompts + [prompts[0]] * (self.max_prefill_batch - len(prompts))
+        cache = self.prefill_caches.get(len(prompts))
         if cache is None:
-            cache = self.prefill_caches[len(rows)] = FastGPTStaticCache(self.model.config, self.max_cache_len)
+            cache = self.prefill_caches[len(prompts)] = FastGPTStaticCache(self.model.config, self.max_cache_len)
+            if self.compile_prefill:  # one eager token allocates the buffers: compiled code must not trace that
+                self.model(input_ids=torch.zeros(len(prompts), 1, dtype=torch.long, device=self.device), cache=cache)
         cache.reset()
-        longest = max(len(prompt) for prompt in prompts)
+        longest = self.prefill_length(max(lengths))
         input_ids = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts])
         attention_mask = torch.tensor([[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded batch
-        logits = self.model(
+        logits = self.prefill_call(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             position_ids=position_ids.to(self.device),
             cache=cache,
             logits_to_keep=1,
         ).logits
-        self.rows.load_rows(cache, rows, [len(prompt) for prompt in prompts])
-        return logits[:, -1]
+        self.load_rows(cache, rows, lengths)
+        return logits[: len(rows), -1]
+
+    def prefill_length(self, longest: int) -> int:
+        """The length a prefill of prompts of at most `longest` tokens runs: `longest` eagerly; compiled, the next
+        power of two from `MIN_PREFILL_LENGTH`, at most `max_cache_len`."""
+        if not self.compile_prefill:
+            return longest
+        return min(max(MIN_PREFILL_LENGTH, 2 ** (longest - 1).bit_length()), self.max_cache_len)
+
+    def load_rows(self, cache: FastGPTStaticCache, rows: list[int], lengths: list[int]) -> None:
+        """Copy the sequences `cache` prefilled into `rows` (`FastGPTRowCache.load_rows`)."""
+        self.rows.load_rows(cache, rows, lengths)
 
     def decode_step(self) -> torch.Tensor:
         """Every row's next-token logits `[max_rows, V]`; free rows' tokens are padding."""

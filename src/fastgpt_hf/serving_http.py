@@ -15,7 +15,9 @@ place for FastGPT's dynamic layers. The HTTP layer here is written with the same
 
 import argparse
 import asyncio
+import collections
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,16 +106,47 @@ class ReplyText:
         return end
 
 
+class EngineEvents:
+    """Hands the engine thread's token events to the event loop in batches: one wake-up of the loop for all the
+    events that arrive before it turns to them (a decode step's tokens of every row), not one per token. Under load
+    the per-token `call_soon_threadsafe` (a lock, a pipe write, a loop turn) was most of this server's work."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: collections.deque = collections.deque()
+        self.wake_scheduled = False
+
+    def put(self, reply: "Reply", event: TokenEvent) -> None:
+        """On the engine's thread: queue `event` for `reply`, waking the loop unless a wake-up is already due."""
+        with self.lock:
+            self.pending.append((reply, event))
+            if self.wake_scheduled:
+                return
+            self.wake_scheduled = True
+        self.loop.call_soon_threadsafe(self.deliver_pending)
+
+    def deliver_pending(self) -> None:
+        """On the event loop: hand every queued event to its reply."""
+        with self.lock:
+            batch, self.pending = self.pending, collections.deque()
+            self.wake_scheduled = False
+        for reply, event in batch:
+            reply.deliver(event)
+
+
 class Reply:
     """One request in the engine: submitted on creation (so that a refusal is an HTTP error, not a broken stream),
     then read as text chunks. Leaving `chunks` early (a disconnect, a stop string) cancels it in the engine."""
 
-    def __init__(self, engine: ContinuousBatchingEngine, tokenizer, prompt_ids: list[int], params, stop):
+    def __init__(
+        self, engine: ContinuousBatchingEngine, events: EngineEvents, tokenizer, prompt_ids: list[int], params, stop
+    ):
         self.engine, self.prompt_length = engine, len(prompt_ids)
         self.text = ReplyText(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
         self.finish_reason: str | None = None
-        loop, self.events, self.arrived = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
-        self.request = engine.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(self.deliver, event))
+        self.events, self.arrived = collections.deque(), asyncio.Event()
+        self.request = engine.submit(prompt_ids, params, lambda event: events.put(self, event))
 
     async def chunks(self, http_request: HTTPRequest) -> AsyncIterator[str]:
         """The reply's text in pieces, one per batch of tokens that arrived together (under load, several tokens a
@@ -139,21 +172,21 @@ class Reply:
     async def next_events(self, http_request: HTTPRequest) -> list[TokenEvent]:
         """The engine's events that have arrived (waiting for one if none has), or none once the client has gone.
         A reply's events end with its last token, so no event is left behind."""
-        while self.events.empty():
+        while not self.events:
             try:
-                await asyncio.wait_for(self.arrived.wait(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(DISCONNECT_POLL_SECONDS):
+                    await self.arrived.wait()
+            except TimeoutError:
                 if await http_request.is_disconnected():
                     return []
             self.arrived.clear()
-        events = []
-        while not self.events.empty():
-            events.append(self.events.get_nowait())
+        events = list(self.events)
+        self.events.clear()
         return events
 
     def deliver(self, event: TokenEvent) -> None:
-        """On the event loop (the engine's thread hands each event over): queue it and wake `next_events`."""
-        self.events.put_nowait(event)
+        """On the event loop (`EngineEvents` hands each event over): queue it and wake `next_events`."""
+        self.events.append(event)
         self.arrived.set()
 
     def usage(self) -> dict[str, int]:
@@ -173,6 +206,13 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> F
     """The FastAPI app serving `engine` under `model_name`; the engine's scheduler runs on its own thread."""
     app = FastAPI(title="FastGPT", description="OpenAI-compatible completions with continuous batching")
     created = int(time.time())
+    relays: dict[asyncio.AbstractEventLoop, EngineEvents] = {}
+
+    def submitted_reply(prompt_ids: list[int], params: SamplingParams, stop) -> Reply:
+        """Submit a request whose events reach this event loop through its `EngineEvents`."""
+        loop = asyncio.get_running_loop()
+        events = relays.get(loop) or relays.setdefault(loop, EngineEvents(loop))
+        return Reply(engine, events, tokenizer, prompt_ids, params, stop)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
@@ -219,7 +259,7 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> F
         check_common(body)
         prompt_ids = tokenizer(body.prompt).input_ids
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
-        reply = Reply(engine, tokenizer, prompt_ids, params, body.stop)
+        reply = submitted_reply(prompt_ids, params, body.stop)
         identity = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         identity["model"] = model_name
 
@@ -244,7 +284,7 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str) -> F
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_cache_len - len(prompt_ids), 1)
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed)
-        reply = Reply(engine, tokenizer, prompt_ids, params, body.stop)
+        reply = submitted_reply(prompt_ids, params, body.stop)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def delta(text: str) -> dict:
@@ -292,9 +332,14 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=positive_int, default=8, help="sequences decoded together (default: 8)")
     parser.add_argument("--context", type=positive_int, default=1024, help="prompt + reply tokens per row")
     parser.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429")
+    parser.add_argument(
+        "--prefill-batch", type=positive_int, default=16, help="prompts prefilled together, at most (default: 16)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs; GPU)")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the decode step and the prefills (CUDA graphs; GPU)"
+    )
     return parser
 
 
@@ -313,7 +358,9 @@ def serve_main(argv: list[str] | None = None) -> None:
     model = model.to(device) if args.dtype == "auto" else model.to(device, getattr(torch, args.dtype))
     eos_token_ids = model.generation_config.eos_token_id
     eos_token_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids or []
-    engine = ContinuousBatchingEngine(model, args.rows, args.context, args.max_queue, eos_token_ids, args.compile)
+    engine = ContinuousBatchingEngine(
+        model, args.rows, args.context, args.max_queue, eos_token_ids, args.compile, args.prefill_batch, args.compile
+    )
     model_name = Path(checkpoint).resolve().name
     engine.start()
     print(
