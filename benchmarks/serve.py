@@ -117,7 +117,8 @@ async def load_test(
     request, then `ready.wait()` where several processes start together); the results of the requests done and the
     seconds from the start to the last one's end (perf_counter: one clock for every process of the machine)."""
     connections = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=limit, limits=connections) as http:
+    # The warm-up may wait for compilation, beyond `limit`; the load test itself stops at `limit`.
+    async with httpx.AsyncClient(base_url=base_url, timeout=limit + 600, limits=connections) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         for prompt in (min(prompts, key=len), max(prompts, key=len)):  # warm-up: the shortest and longest prompts
             await one_request(http, model, prompt, reply_tokens)
