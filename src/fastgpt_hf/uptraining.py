@@ -11,16 +11,23 @@ the teacher's (the source, full attention everywhere) by the mean per-token KL(t
 The data are long documents, `block_size`-token blocks of a WikiText-2 stream (the shipped excerpt, or a text
 file / a folder holding `train.txt`), mixed with synthetic pass-key sequences (`passkey`) whose needles lie
 anywhere in the block, so that retrieval across the windows is part of what the student learns from the teacher.
+
+Stopped by Ctrl-C or SIGTERM (a time limit, a scheduler's preemption), `fastgpt uptrain` ends the stage in progress
+at its next step, runs no further stage, and saves what was trained so far, saying how many steps ran: a run cut
+short on a rented GPU keeps its work.
 """
 
 import argparse
+import contextlib
 import random
+import signal
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .conversion import is_new_parameter, load_source
 from .data import CORPUS_FILES, load_text_dataset, pack_blocks, tokenize_dataset
@@ -52,6 +59,17 @@ class DistillationTrainer(PerplexityTrainer):
         outputs = model(**inputs)
         loss = distillation_kl(outputs.logits, teacher_logits)
         return (loss, outputs) if return_outputs else loss
+
+
+class StopWhenAsked(TrainerCallback):
+    """Ends a `Trainer` run at the end of its current step once `asked` is set."""
+
+    def __init__(self, asked: threading.Event):
+        self.asked = asked
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.asked.is_set():
+            control.should_training_stop = True
 
 
 def text_blocks(
@@ -117,13 +135,16 @@ def run_stage(
     steps: int,
     learning_rate: float,
     only_new_parameters: bool,
+    stop: threading.Event | None = None,
     **arguments,
 ) -> DistillationTrainer:
-    """One distillation run of `steps` optimizer steps; with `only_new_parameters`, everything else frozen."""
+    """One distillation run of `steps` optimizer steps (fewer once `stop` is set); with `only_new_parameters`,
+    everything else frozen."""
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(is_new_parameter(name) or not only_new_parameters)
     args = training_arguments(output_dir, max_steps=steps, learning_rate=learning_rate, **arguments)
-    trainer = DistillationTrainer(model=student, args=args, train_dataset=dataset, teacher=teacher)
+    callbacks = [] if stop is None else [StopWhenAsked(stop)]
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=dataset, teacher=teacher, callbacks=callbacks)
     trainer.train()
     student.requires_grad_(True)
     return trainer
@@ -138,12 +159,14 @@ def uptrain(
     stage2_steps: int = 100,
     stage1_lr: float = 3e-3,
     stage2_lr: float = 1e-5,
+    stop: threading.Event | None = None,
     **arguments,
-) -> PreTrainedModel:
+) -> tuple[int, int]:
     """Stage 1 (new parameters, `stage1_lr`) then stage 2 (everything, `stage2_lr`), distilling `teacher` into
-    `student` on `dataset` (`input_ids` blocks); a stage of 0 steps is skipped. `arguments` go to
+    `student` (trained in place) on `dataset` (`input_ids` blocks); a stage of 0 steps is skipped, and once `stop`
+    is set the stage in progress ends at its next step and no later one runs. `arguments` go to
     `training.training_arguments` (batch_size, gradient_accumulation_steps, warmup_steps, precision, seed, ...).
-    Trainer writes nothing into `output_dir` (no checkpoints); returns the student, trained in place."""
+    Trainer writes nothing into `output_dir` (no checkpoints). Returns the steps each stage ran."""
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(
             f"The teacher has {teacher.config.vocab_size} tokens and the student {student.config.vocab_size}; "
@@ -151,12 +174,17 @@ def uptrain(
         )
     arguments.setdefault("logging_steps", max(1, min(10, (stage1_steps + stage2_steps) // 10)))
     stages = ((stage1_steps, stage1_lr, True), (stage2_steps, stage2_lr, False))
+    steps_run = []
     for steps, learning_rate, only_new_parameters in stages:
-        if steps > 0:
-            run_stage(
-                student, teacher, dataset, Path(output_dir), steps, learning_rate, only_new_parameters, **arguments
-            )
-    return student.eval()
+        if steps == 0 or (stop is not None and stop.is_set()):
+            steps_run.append(0)
+            continue
+        trainer = run_stage(
+            student, teacher, dataset, Path(output_dir), steps, learning_rate, only_new_parameters, stop, **arguments
+        )
+        steps_run.append(trainer.state.global_step)
+    student.eval()
+    return steps_run[0], steps_run[1]
 
 
 def uptrain_main(argv: list[str] | None = None) -> None:
@@ -207,8 +235,9 @@ def uptrain_main(argv: list[str] | None = None) -> None:
         )
         held_out = text_blocks(tokenizer, args.block_size, training_text(args.data, "valid"), args.eval_blocks)
         before = mean_kl(student, teacher, held_out)
-        with staged_folder(output) as staging:
-            uptrain(
+        stop = threading.Event()
+        with staged_folder(output) as staging, stop_on_signals(stop):
+            steps_run = uptrain(
                 student,
                 teacher,
                 dataset,
@@ -217,6 +246,7 @@ def uptrain_main(argv: list[str] | None = None) -> None:
                 args.stage2_steps,
                 args.stage1_lr,
                 args.stage2_lr,
+                stop,
                 batch_size=args.batch_size,
                 gradient_accumulation_steps=args.grad_accum,
                 gradient_checkpointing=args.gradient_checkpointing,
@@ -226,4 +256,30 @@ def uptrain_main(argv: list[str] | None = None) -> None:
             after = mean_kl(student, teacher, held_out)
             student.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+    if stop.is_set():
+        print(
+            f"Stopped when asked, after {steps_run[0]} of {args.stage1_steps} stage 1 steps and {steps_run[1]} of "
+            f"{args.stage2_steps} stage 2 steps; the model trained so far is saved."
+        )
     print(f"KL to the teacher on {len(held_out)} held-out blocks: {before:.4f} -> {after:.4f} nats/token -> {output}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """While inside, SIGINT (Ctrl-C) and SIGTERM set `stop` instead of ending the process; a second one ends it."""
+
+    def ask_to_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step; what is trained so far will be saved.",
+            flush=True,
+        )
+
+    previous = {number: signal.signal(number, ask_to_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
