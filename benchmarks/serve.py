@@ -206,6 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="client processes sharing the load (default: half the CPUs, at most 8)",
     )
     parser.add_argument("--prefill-batch", type=int, default=16, help="FastGPT's prompts prefilled together, at most")
+    parser.add_argument("--stream-interval", type=int, default=1, help="FastGPT's tokens per streamed piece")
     parser.add_argument("--engine-only", action="store_true", help="the engines in this process, without HTTP")
 
 
@@ -228,11 +229,12 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         fastgpt_path, llama_path = save_models(args.preset, Path(folder))
         fastgpt_options = ["--rows", str(args.rows), "--context", str(context), "--max-queue", str(args.requests)]
-        fastgpt_options += ["--prefill-batch", str(args.prefill_batch)]
+        fastgpt_options += ["--prefill-batch", str(args.prefill_batch), "--stream-interval", str(args.stream_interval)]
         fastgpt_options += ["--device", args.device, "--dtype", args.dtype] + (["--compile"] if args.compile else [])
         transformers_cli = str(Path(sys.executable).parent / "transformers")
+        stream_note = f", {args.stream_interval} a piece" if args.stream_interval > 1 else ""
         servers = {
-            f"FastGPT (fastgpt serve, {args.rows} rows)": [
+            f"FastGPT (fastgpt serve, {args.rows} rows{stream_note})": [
                 sys.executable,
                 "-c",
                 FASTGPT_COMMAND,

@@ -1,6 +1,8 @@
 """Continuous batching (`serving`): every request gets the tokens `generate()` gives its prompt alone, rows are
 reused after a reply ends or is cancelled, and requests the engine cannot serve are refused with a reason."""
 
+import json
+
 import pytest
 import torch
 
@@ -164,3 +166,31 @@ def test_chat_without_a_chat_template_is_a_400_that_says_what_to_do():
     response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert response.status_code == 400
     assert "no chat template" in response.json()["error"]["message"]
+
+
+def test_a_stream_interval_sends_fewer_pieces_of_the_same_text():
+    testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra (pip install fastgpt_hf[serve])")
+    from fastgpt_hf.data import load_tokenizer
+    from fastgpt_hf.serving_http import build_app
+
+    tokenizer = load_tokenizer()
+    model = tiny_model("mixed", vocab_size=len(tokenizer))
+    body = {"prompt": " The game", "max_tokens": 13, "temperature": 0}
+    texts, pieces = {}, {}
+    for interval in (1, 4):
+        engine = ContinuousBatchingEngine(model, max_rows=1, max_cache_len=32)
+        engine.start()
+        try:
+            with testclient.TestClient(build_app(engine, tokenizer, "tiny", stream_interval=interval)) as http:
+                whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+                with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                    lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+        finally:
+            engine.stop()
+        chunks = [json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in lines]
+        texts[interval], pieces[interval] = whole, [chunk for chunk in chunks if chunk]
+        assert "".join(chunks) == whole
+    assert texts[1] == texts[4]
+    # One row, so one token per event: the first token alone, then 4 a piece (12 = 3 x 4); a piece whose text is
+    # held back (an incomplete character) can only merge into the next.
+    assert len(pieces[4]) <= 4 < len(pieces[1])
