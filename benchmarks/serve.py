@@ -207,6 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill-batch", type=int, default=16, help="FastGPT's prompts prefilled together, at most")
     parser.add_argument("--stream-interval", type=int, default=1, help="FastGPT's tokens per streamed piece")
+    parser.add_argument("--http-workers", type=int, default=1, help="FastGPT's HTTP processes")
     parser.add_argument("--engine-only", action="store_true", help="the engines in this process, without HTTP")
 
 
@@ -230,9 +231,11 @@ def run(args: argparse.Namespace) -> None:
         fastgpt_path, llama_path = save_models(args.preset, Path(folder))
         fastgpt_options = ["--rows", str(args.rows), "--context", str(context), "--max-queue", str(args.requests)]
         fastgpt_options += ["--prefill-batch", str(args.prefill_batch), "--stream-interval", str(args.stream_interval)]
+        fastgpt_options += ["--http-workers", str(args.http_workers)]
         fastgpt_options += ["--device", args.device, "--dtype", args.dtype] + (["--compile"] if args.compile else [])
         transformers_cli = str(Path(sys.executable).parent / "transformers")
         stream_note = f", {args.stream_interval} a piece" if args.stream_interval > 1 else ""
+        stream_note += f", {args.http_workers} HTTP processes" if args.http_workers > 1 else ""
         servers = {
             f"FastGPT (fastgpt serve, {args.rows} rows{stream_note})": [
                 sys.executable,

@@ -44,13 +44,15 @@ def checkpoint(tmp_path_factory):
     return folder, model, tokenizer
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """The base URL of `fastgpt serve` on a free port, with ROWS rows and a queue of QUEUE."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["one process", "two HTTP worker processes"])
+def server(checkpoint, tmp_path_factory, request):
+    """The base URL of `fastgpt serve` on a free port, with ROWS rows and a queue of QUEUE; the HTTP layer in the
+    engine's process, or in two worker processes of its own (`--http-workers 2`: every test holds for both)."""
     folder = checkpoint[0]
     port = free_port()
     script = "import sys; from fastgpt_console import main; sys.argv[0] = 'fastgpt'; sys.exit(main())"
     options = ["--port", str(port), "--rows", str(ROWS), "--max-queue", str(QUEUE), "--context", str(CONTEXT)]
+    options += ["--http-workers", str(request.param)]
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")  # noqa: SIM115 (closed at teardown)
     process = subprocess.Popen([sys.executable, "-c", script, "serve", str(folder), *options], stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"

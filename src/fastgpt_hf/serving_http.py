@@ -17,10 +17,11 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -117,10 +118,10 @@ class EngineEvents:
         self.pending: collections.deque = collections.deque()
         self.wake_scheduled = False
 
-    def put(self, reply: "Reply", event: TokenEvent) -> None:
-        """On the engine's thread: queue `event` for `reply`, waking the loop unless a wake-up is already due."""
+    def put(self, deliver: Callable[[TokenEvent], None], event: TokenEvent) -> None:
+        """On the engine's thread: queue `deliver(event)`, waking the loop unless a wake-up is already due."""
         with self.lock:
-            self.pending.append((reply, event))
+            self.pending.append((deliver, event))
             if self.wake_scheduled:
                 return
             self.wake_scheduled = True
@@ -131,29 +132,49 @@ class EngineEvents:
         with self.lock:
             batch, self.pending = self.pending, collections.deque()
             self.wake_scheduled = False
-        for reply, event in batch:
-            reply.deliver(event)
+        for deliver, event in batch:
+            deliver(event)
+
+
+class LocalEngine:
+    """The engine of this process as the app uses it (`serving_workers.RemoteEngine` is the same for an engine in
+    another process): `submit` queues a prompt whose events reach the calling event loop through `EngineEvents`."""
+
+    def __init__(self, engine: ContinuousBatchingEngine):
+        self.engine, self.max_cache_len = engine, engine.max_cache_len
+        self.relays: dict[asyncio.AbstractEventLoop, EngineEvents] = {}
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, deliver: Callable[[TokenEvent], None]):
+        """The engine's `Request` for the prompt, or its refusal raised (ValueError, EngineOverloaded, ...)."""
+        loop = asyncio.get_running_loop()
+        events = self.relays.get(loop) or self.relays.setdefault(loop, EngineEvents(loop))
+        return self.engine.submit(prompt_ids, params, lambda event: events.put(deliver, event))
+
+    def cancel(self, request) -> None:
+        self.engine.cancel(request)
+
+    async def status(self) -> tuple[str | None, dict[str, int]]:
+        """The engine's fatal error (None while it runs) and its load (`ContinuousBatchingEngine.load`)."""
+        return self.engine.fatal_error, self.engine.load()
 
 
 class Reply:
-    """One request in the engine: submitted on creation (so that a refusal is an HTTP error, not a broken stream),
-    then read as text chunks. Leaving `chunks` early (a disconnect, a stop string) cancels it in the engine."""
+    """One request in the engine, read as text chunks once `submitted` (awaited before the response starts, so that
+    a refusal is an HTTP error, not a broken stream). Leaving `chunks` early (a disconnect, a stop string) cancels it
+    in the engine."""
 
-    def __init__(
-        self,
-        engine: ContinuousBatchingEngine,
-        events: EngineEvents,
-        tokenizer,
-        prompt_ids: list[int],
-        params,
-        stop,
-        stream_interval: int = 1,
-    ):
-        self.engine, self.prompt_length, self.stream_interval = engine, len(prompt_ids), stream_interval
+    def __init__(self, engine: "LocalEngine", tokenizer, prompt_length: int, stop, stream_interval: int = 1):
+        self.engine, self.prompt_length, self.stream_interval = engine, prompt_length, stream_interval
         self.text = ReplyText(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
         self.finish_reason: str | None = None
         self.events, self.arrived = collections.deque(), asyncio.Event()
-        self.request = engine.submit(prompt_ids, params, lambda event: events.put(self, event))
+        self.request = None
+
+    @classmethod
+    async def submitted(cls, engine, tokenizer, prompt_ids: list[int], params, stop, stream_interval: int) -> "Reply":
+        reply = cls(engine, tokenizer, len(prompt_ids), stop, stream_interval)
+        reply.request = await engine.submit(prompt_ids, params, reply.deliver)
+        return reply
 
     async def chunks(self, http_request: HTTPRequest) -> AsyncIterator[str]:
         """The reply's text in pieces: the first token's as soon as it comes, then one piece per `stream_interval`
@@ -215,18 +236,17 @@ def error_response(status: int, message: str, error_type: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": error_type, "param": None, "code": None}}, status)
 
 
-def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str, stream_interval: int = 1) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`; the engine's scheduler runs on its own thread. Streamed
-    replies send a piece per `stream_interval` tokens at most (`Reply.chunks`)."""
+def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> FastAPI:
+    """The FastAPI app serving `engine` (a `ContinuousBatchingEngine` of this process, whose scheduler runs on its
+    own thread, or a `LocalEngine` / `serving_workers.RemoteEngine`) under `model_name`. Streamed replies send a
+    piece per `stream_interval` tokens at most (`Reply.chunks`)."""
+    if isinstance(engine, ContinuousBatchingEngine):
+        engine = LocalEngine(engine)
     app = FastAPI(title="FastGPT", description="OpenAI-compatible completions with continuous batching")
     created = int(time.time())
-    relays: dict[asyncio.AbstractEventLoop, EngineEvents] = {}
 
-    def submitted_reply(prompt_ids: list[int], params: SamplingParams, stop) -> Reply:
-        """Submit a request whose events reach this event loop through its `EngineEvents`."""
-        loop = asyncio.get_running_loop()
-        events = relays.get(loop) or relays.setdefault(loop, EngineEvents(loop))
-        return Reply(engine, events, tokenizer, prompt_ids, params, stop, stream_interval)
+    async def submitted_reply(prompt_ids: list[int], params: SamplingParams, stop) -> Reply:
+        return await Reply.submitted(engine, tokenizer, prompt_ids, params, stop, stream_interval)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
@@ -253,9 +273,10 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str, stre
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.fatal_error is not None:
-            return error_response(503, f"the engine stopped after an error: {engine.fatal_error}", "server_error")
-        return JSONResponse({"status": "ok", **engine.load()})
+        fatal_error, load = await engine.status()
+        if fatal_error is not None:
+            return error_response(503, f"the engine stopped after an error: {fatal_error}", "server_error")
+        return JSONResponse({"status": "ok", **load})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -273,7 +294,7 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str, stre
         check_common(body)
         prompt_ids = tokenizer(body.prompt).input_ids
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
-        reply = submitted_reply(prompt_ids, params, body.stop)
+        reply = await submitted_reply(prompt_ids, params, body.stop)
         identity = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         identity["model"] = model_name
 
@@ -298,7 +319,7 @@ def build_app(engine: ContinuousBatchingEngine, tokenizer, model_name: str, stre
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_cache_len - len(prompt_ids), 1)
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed)
-        reply = submitted_reply(prompt_ids, params, body.stop)
+        reply = await submitted_reply(prompt_ids, params, body.stop)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def delta(text: str) -> dict:
@@ -359,6 +380,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "token for the server and its clients under load, as vLLM's --stream-interval)",
     )
     parser.add_argument(
+        "--http-workers",
+        type=positive_int,
+        default=1,
+        help="processes for the HTTP layer (default: 1, in the engine's process; more: uvicorn workers reaching the "
+        "engine of this process, so that HTTP work and the engine do not share one interpreter)",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="compile the decode step and the prefills (CUDA graphs; GPU)"
     )
     return parser
@@ -390,7 +418,27 @@ def serve_main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     try:
-        app = build_app(engine, tokenizer, model_name, args.stream_interval)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        if args.http_workers == 1:
+            app = build_app(engine, tokenizer, model_name, args.stream_interval)
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        else:
+            from .serving_workers import WORKER_SETTINGS, EngineServer
+
+            engine_server = EngineServer(engine)
+            engine_server.start()
+            settings = {
+                "checkpoint": str(checkpoint),
+                "model_name": model_name,
+                "stream_interval": args.stream_interval,
+            }
+            os.environ[WORKER_SETTINGS] = engine_server.worker_settings(**settings)
+            uvicorn.run(
+                "fastgpt_hf.serving_workers:worker_app",
+                factory=True,
+                workers=args.http_workers,
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+            )
     finally:
         engine.stop()
