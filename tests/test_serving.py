@@ -118,23 +118,29 @@ def test_requests_it_cannot_serve_are_refused_with_the_reason():
         ContinuousBatchingEngine(tiny_model("mixed", max_position_embeddings=16), max_cache_len=32)
 
 
-@pytest.mark.slow  # compiling the decode step and a prefill takes about two minutes on 2 busy cores
+@pytest.mark.slow  # compiling the decode step and two prefills takes a few minutes on 2 busy cores
 def test_the_compiled_steps_serve_every_request_without_recompiling():
     model = tiny_model("mixed", dtype=torch.float32)
-    engine = ContinuousBatchingEngine(model, max_rows=3, max_cache_len=48, compile_decode=True, compile_prefill=True)
-    prompts = random_prompts([5, 23, 9, 17, 30])
+    engine = ContinuousBatchingEngine(model, max_rows=8, max_cache_len=48, compile_decode=True, compile_prefill=True)
+    prompts = random_prompts([5, 23, 9, 17, 30, 11, 2, 26, 14, 8])
     replies = {index: [] for index in range(len(prompts))}
 
-    def submit(index: int) -> None:
-        params = SamplingParams(max_new_tokens=12, temperature=0)
-        engine.submit(prompts[index], params, lambda event: replies[index].append(event.token_id))
+    def submit(indices: range) -> None:
+        for index in indices:
+            params = SamplingParams(max_new_tokens=12, temperature=0)
+            engine.submit(prompts[index], params, lambda event, index=index: replies[index].append(event.token_id))
 
-    submit(0)  # compiles the prefill (2 rows of 48 positions, whatever the prompts) and the decode step
+    # Every prefill runs 48 positions (the bucket is capped at max_cache_len). Batches of 2 (one prompt, padded)
+    # then 4 (three prompts): the batch dimension turns dynamic at its second size; the decode step compiles once.
+    submit(range(1))
     run_to_completion(engine)
-    for index in range(1, len(prompts)):
-        submit(index)
-    # Rows join and leave between steps: positions, masks and tokens change, the shapes never do.
+    submit(range(1, 4))
+    run_to_completion(engine)
+    # A batch of 8 (five prompts) and rows joining and leaving between steps: nothing compiles again.
     with torch._dynamo.config.patch(error_on_recompile=True):
+        submit(range(4, 9))
+        engine.step()
+        submit(range(9, 10))
         run_to_completion(engine)
     for index, prompt in enumerate(prompts):
         assert replies[index] == greedy_reference(model, prompt, 12), index
@@ -144,15 +150,16 @@ def test_a_compiled_prefill_runs_its_fixed_batch_at_a_bucketed_length():
     engine = ContinuousBatchingEngine(tiny_model("mixed"), max_rows=8, max_cache_len=200, max_prefill_batch=4)
     engine.compile_prefill = True  # the shapes alone: no compilation
     assert [engine.prefill_length(n) for n in (1, 64, 65, 128, 129, 200)] == [64, 64, 128, 128, 200, 200]
+    assert [engine.prefill_batch_size(n) for n in (1, 2, 3, 4)] == [2, 2, 4, 4]
     shapes = []
     handle = engine.model.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     with torch.inference_mode():
-        logits = engine.prefill([5, 2], random_prompts([9, 70]))
+        logits = engine.prefill([5, 2, 7], random_prompts([9, 70, 3]))
     handle.remove()
-    assert shapes == [(4, 1), (4, 128)] and logits.shape[0] == 2  # the new cache's allocation, then the prefill
-    assert engine.rows.row_lengths[5] == 9 and engine.rows.row_lengths[2] == 70
+    assert shapes == [(4, 1), (4, 128)] and logits.shape[0] == 3  # the new cache's allocation, then the prefill
+    assert [engine.rows.row_lengths[row] for row in (5, 2, 7)] == [9, 70, 3]
 
 
 def test_chat_without_a_chat_template_is_a_400_that_says_what_to_do():

@@ -7,9 +7,11 @@ A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocate
    `generate()`'s prefill runs a left-padded batch, and `load_rows` copies the sequences' states into their rows;
    their last logits give the first tokens (one forward for many prompts: on the GPU an eager prefill's cost is its
    kernel launches, not its batch). With `compile_prefill` the forward is compiled (CUDA graphs on the GPU) at
-   fixed shapes: always `max_prefill_batch` sequences (the batch filled up with copies of its first prompt) of a
-   power-of-two length from `MIN_PREFILL_LENGTH` (capped at `max_cache_len`), so that a few compilations, one per
-   length met, serve every prefill;
+   bucketed shapes: the waiting prompts, up to `max_prefill_batch`, in one batch of the next power of two from 2
+   (filled up with copies of its first prompt), of a power-of-two length from `MIN_PREFILL_LENGTH` (capped at
+   `max_cache_len`). The batch dimension turns dynamic at its second size (dynamo's automatic dynamic shapes), so a
+   length compiles twice at most and each new shape records a CUDA graph. Padding every prefill to
+   `max_prefill_batch` instead made the few prompts that arrive between two steps under load cost a full batch;
 3. one decode step runs over all rows at once: each row's last token at its own position, free rows masked as
    padding. The shapes never change, so a compiled step (`compile_decode`; CUDA graphs on the GPU) serves every
    step without recompiling (tested on the CPU); by default the same loop runs eagerly.
@@ -243,7 +245,9 @@ class ContinuousBatchingEngine:
         admitted.sort(key=lambda request: len(request.prompt_ids))  # little padding in each batch
         taken, free = bool(admitted), iter(free_rows)
         while admitted:
-            size = min(self.max_prefill_batch, 2 ** (len(admitted).bit_length() - 1))
+            size = min(
+                self.max_prefill_batch, len(admitted) if self.compile_prefill else 2 ** (len(admitted).bit_length() - 1)
+            )
             batch, admitted = admitted[:size], admitted[size:]
             rows = [next(free) for _ in batch]
             for row, request in zip(rows, batch, strict=True):
@@ -256,7 +260,7 @@ class ContinuousBatchingEngine:
         `[len(rows), V]`. A compiled prefill runs its fixed batch and a bucketed length (module docstring)."""
         lengths = [len(prompt) for prompt in prompts]
         if self.compile_prefill:
-            prompts = prompts + [prompts[0]] * (self.max_prefill_batch - len(prompts))
+            prompts = prompts + [prompts[0]] * (self.prefill_batch_size(len(prompts)) - len(prompts))
         cache = self.prefill_caches.get(len(prompts))
         if cache is None:
             cache = self.prefill_caches[len(prompts)] = FastGPTStaticCache(self.model.config, self.max_cache_len)
@@ -276,6 +280,11 @@ class ContinuousBatchingEngine:
         ).logits
         self.load_rows(cache, rows, lengths)
         return logits[: len(rows), -1]
+
+    def prefill_batch_size(self, count: int) -> int:
+        """The rows a compiled prefill of `count` prompts runs: the next power of two from 2 (a batch of 1 would
+        compile once more: dynamo specializes size 1), at most `max_prefill_batch`."""
+        return min(max(2, 2 ** (count - 1).bit_length()), self.max_prefill_batch)
 
     def prefill_length(self, longest: int) -> int:
         """The length a prefill of prompts of at most `longest` tokens runs: `longest` eagerly; compiled, the next
