@@ -299,10 +299,7 @@ class TimedEngine(ContinuousBatchingEngine):
         return result
 
     def prefill(self, rows, prompts):
-        return self.timed("prefill (with copies into rows)", super().prefill, rows, prompts)
-
-    def load_rows(self, cache, rows, lengths):
-        return self.timed("copies into rows", super().load_rows, cache, rows, lengths)
+        return self.timed("prefill (forward and copies into rows)", super().prefill, rows, prompts)
 
     def decode_step(self):
         return self.timed("decode step", super().decode_step)

@@ -858,8 +858,16 @@ class FastGPTRowCache(FastGPTStaticCache):
         real tokens each: every slot and block, the slots laid out oldest first in this cache's ring order, so
         that the next decode steps evict them in time order (left padding, never real, first). One indexed copy
         per buffer for all rows."""
-        targets = torch.tensor(rows, dtype=torch.long, device=self.layers[0].device)
-        count = len(rows)
+        self.copy_rows(source, torch.tensor(rows, dtype=torch.long, device=self.layers[0].device))
+        for row, length in zip(rows, lengths, strict=True):
+            self.row_lengths[row] = length
+
+    @torch.no_grad()
+    def copy_rows(self, source: FastGPTStaticCache, targets: torch.Tensor) -> None:
+        """`load_rows`'s copies, `source` row i into row `targets[i]` (a device tensor: no host value is read, so
+        the copies can be compiled, or captured in a CUDA graph, with the forward that filled `source`); the
+        caller sets `row_lengths`. Rows of `targets` named twice must receive equal sequences."""
+        count = targets.shape[0]
         for layer, source_layer in zip(self.layers, source.layers, strict=True):
             order, source_order = ring_order(layer), ring_order(source_layer)
             # x[rows, :, order] indexes `[n, slots, K, D]`: the advanced indices' dimensions come first.
@@ -869,8 +877,6 @@ class FastGPTRowCache(FastGPTStaticCache):
             if isinstance(layer, StaticCompressedLayer):
                 for buffer, source_buffer in zip(layer.block_buffers(), source_layer.block_buffers(), strict=True):
                     buffer[targets] = source_buffer[:count]
-        for row, length in zip(rows, lengths, strict=True):
-            self.row_lengths[row] = length
 
 
 def ring_order(layer: StaticRolledLayer) -> torch.Tensor:
