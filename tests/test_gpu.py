@@ -247,3 +247,25 @@ def test_default_generate_is_the_compiled_fast_path_with_the_dynamic_cache_token
     expected = model.generate(input_ids, cache_implementation="dynamic", **beam_options)
     assert torch.equal(model.generate(input_ids, **beam_options), expected)
     torch._dynamo.reset()
+
+
+def test_the_serving_engine_with_cuda_graphs_gives_each_prompt_its_generate_tokens():
+    """`fastgpt serve --compile` on CUDA: the decode step and the prefills (with the copies into the rows) replayed
+    as CUDA graphs, rows joining and leaving, batches of 2, 4 and 8; every reply is what `generate()` gives its prompt
+    alone (float32, TF32 off)."""
+    from fastgpt_hf.serving import ContinuousBatchingEngine, SamplingParams
+
+    from .test_serving import greedy_reference, random_prompts, run_to_completion
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", dtype=torch.float32).cuda()
+    engine = ContinuousBatchingEngine(model, max_rows=8, max_cache_len=48, compile_decode=True, compile_prefill=True)
+    prompts = random_prompts([5, 23, 9, 17, 30, 11, 2, 26, 14, 8])
+    replies = {index: [] for index in range(len(prompts))}
+    for batch in (range(1), range(1, 4), range(4, 10)):
+        for index in batch:
+            params = SamplingParams(max_new_tokens=12, temperature=0)
+            engine.submit(prompts[index], params, lambda event, index=index: replies[index].append(event.token_id))
+        run_to_completion(engine)
+    for index, prompt in enumerate(prompts):
+        assert replies[index] == greedy_reference(model, prompt, 12), index

@@ -24,7 +24,8 @@ def run_to_completion(engine: ContinuousBatchingEngine) -> int:
 
 
 def greedy_reference(model, prompt: list[int], new_tokens: int) -> list[int]:
-    return model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
+    input_ids = torch.tensor([prompt], device=model.device)
+    return model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
 
 
 def test_each_request_gets_what_generate_gives_its_prompt_alone():
