@@ -111,7 +111,7 @@ class ContinuousBatchingEngine:
         eos_token_ids: tokens that end a reply.
         compile_decode: run the decode step through `torch.compile` (CUDA graphs); eager otherwise.
         max_prefill_batch: prompts of one length prefilled together, at most (rounded down to a power of two).
-        compile_prefill: run prefills through `torch.compile` (CUDA graphs) at fixed shapes (module docstring).
+        compile_prefill: run prefills through `torch.compile` (CUDA graphs) at bucketed shapes (module docstring).
     """
 
     def __init__(
@@ -258,7 +258,7 @@ class ContinuousBatchingEngine:
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run prompts, left-padded to the longest, into `rows` in one forward; returns their last logits
-        `[len(rows), V]`. A compiled prefill runs its fixed batch and a bucketed length (module docstring)."""
+        `[len(rows), V]`. A compiled prefill runs a bucketed batch and length (module docstring)."""
         lengths, targets = [len(prompt) for prompt in prompts], list(rows)
         if self.compile_prefill:  # the copies of the first prompt go to its row too: the same sequence twice
             padding = self.prefill_batch_size(len(prompts)) - len(prompts)
