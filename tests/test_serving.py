@@ -86,6 +86,22 @@ def test_a_cancelled_request_frees_its_row_for_the_next_one():
     assert [event.token_id for event in second_tokens] == greedy_reference(model, second, 10)
 
 
+def test_a_request_cancelled_during_a_decode_step_gets_no_token_from_it():
+    # The HTTP side cancels from another thread, possibly while a step runs: that step's token is dropped, also when
+    # the cancelled request held the only busy row (an empty set of rows once failed with a dtype error).
+    model = tiny_model("mixed")
+    engine = ContinuousBatchingEngine(model, max_rows=2, max_cache_len=64)
+    tokens = []
+    request = engine.submit(random_prompts([9])[0], SamplingParams(40, temperature=0), tokens.append)
+    engine.step()  # the prefill's token, then one decode step's
+    handle = model.register_forward_pre_hook(lambda module, args: engine.cancel(request))
+    engine.step()
+    handle.remove()
+    assert len(tokens) == 2
+    assert not engine.step()
+    assert engine.load() == {"active_rows": 0, "free_rows": 2, "waiting": 0}
+
+
 def test_end_of_sequence_ends_a_reply_and_seeded_sampling_repeats():
     model = tiny_model("mixed")
     prompt = random_prompts([10])[0]

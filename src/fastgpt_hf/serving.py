@@ -334,7 +334,7 @@ class ContinuousBatchingEngine:
             greedy_tokens[index] if request.params.temperature == 0 else request.sample_token(logits[index])
             for index, request in enumerate(requests)
         ]
-        self.next_tokens[rows, 0] = torch.tensor(tokens)
+        self.next_tokens[rows, 0] = torch.tensor(tokens, dtype=torch.long)
         for token, request in zip(tokens, requests, strict=True):
             request.generated.append(token)
             finish_reason = None

@@ -75,8 +75,8 @@ class WorkerLink:
 
         try:
             request = self.engine.submit(prompt_ids, params, emit)
-        except (ValueError, EngineOverloaded, EngineStopped) as error:
-            kind = {ValueError: "value", EngineOverloaded: "overloaded", EngineStopped: "stopped"}[type(error)]
+        except tuple(REFUSALS.values()) as error:
+            kind = next(name for name, refusal in REFUSALS.items() if isinstance(error, refusal))
             self.post(("refused", key, kind, str(error)))
             return
         if not request.finished:
