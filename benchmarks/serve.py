@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import torch
 from models import DeviceUnavailable
+from timing import synchronize
 
 from fastgpt_hf import FastGPTConfig, FastGPTForCausalLM
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
@@ -306,11 +307,6 @@ class TimedEngine(ContinuousBatchingEngine):
 
     def add_tokens(self, rows, logits):
         return self.timed("choose tokens", super().add_tokens, rows, logits)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_fastgpt_engine(model, prompt_ids: list[list[int]], args: argparse.Namespace) -> dict:

@@ -245,9 +245,6 @@ def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> F
     app = FastAPI(title="FastGPT", description="OpenAI-compatible completions with continuous batching")
     created = int(time.time())
 
-    async def submitted_reply(prompt_ids: list[int], params: SamplingParams, stop) -> Reply:
-        return await Reply.submitted(engine, tokenizer, prompt_ids, params, stop, stream_interval)
-
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
@@ -294,7 +291,7 @@ def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> F
         check_common(body)
         prompt_ids = tokenizer(body.prompt).input_ids
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
-        reply = await submitted_reply(prompt_ids, params, body.stop)
+        reply = await Reply.submitted(engine, tokenizer, prompt_ids, params, body.stop, stream_interval)
         identity = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         identity["model"] = model_name
 
@@ -319,7 +316,7 @@ def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> F
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_cache_len - len(prompt_ids), 1)
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed)
-        reply = await submitted_reply(prompt_ids, params, body.stop)
+        reply = await Reply.submitted(engine, tokenizer, prompt_ids, params, body.stop, stream_interval)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def delta(text: str) -> dict:

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 
@@ -130,7 +131,10 @@ class EngineServer:
 
 @dataclass(eq=False)
 class RemoteRequest:
+    """A request of this worker in the serving process's engine; `deliver` takes its events on the event loop."""
+
     key: int
+    deliver: Callable[[TokenEvent], None]
     finished: bool = False
 
 
@@ -144,8 +148,7 @@ class RemoteEngine:
         self.send_lock = threading.Lock()
         self.keys = itertools.count()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.requests: dict[int, RemoteRequest] = {}
-        self.deliveries: dict[int, object] = {}
+        self.requests: dict[int, RemoteRequest] = {}  # until their last event
         self.answers: dict[int, asyncio.Future] = {}
 
     def attach(self) -> asyncio.AbstractEventLoop:
@@ -167,14 +170,12 @@ class RemoteEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, deliver) -> RemoteRequest:
         key, answer = self.new_answer()
-        request = self.requests[key] = RemoteRequest(key)
-        self.deliveries[key] = deliver
+        request = self.requests[key] = RemoteRequest(key, deliver)
         self.send(("submit", key, list(prompt_ids), params))
         try:
             await answer
         except BaseException:
             self.requests.pop(key, None)
-            self.deliveries.pop(key, None)
             raise
         return request
 
@@ -192,21 +193,21 @@ class RemoteEngine:
                 batch = self.connection.recv()
                 self.loop.call_soon_threadsafe(self.handle, batch)
         except (EOFError, OSError):
-            self.loop.call_soon_threadsafe(self.handle, [("gone", None)])
+            if not self.loop.is_closed():  # else this worker is shutting down: nobody waits
+                self.loop.call_soon_threadsafe(self.handle, [("gone", None)])
 
     def handle(self, batch: list[tuple]) -> None:
         """On the event loop: answers resolve their futures, events reach their replies."""
         for kind, key, *rest in batch:
             if kind == "event":
                 (event,) = rest
-                deliver = self.deliveries.get(key)
+                request = self.requests.get(key)
+                if request is None:
+                    continue
                 if event.finish_reason is not None:
-                    self.deliveries.pop(key, None)
-                    request = self.requests.pop(key, None)
-                    if request is not None:
-                        request.finished = True
-                if deliver is not None:
-                    deliver(event)
+                    request.finished = True
+                    del self.requests[key]
+                request.deliver(event)
             elif kind == "accepted":
                 self.resolve(key, None)
             elif kind == "refused":
@@ -232,9 +233,10 @@ class RemoteEngine:
         message = "the serving process's engine is gone"
         for key in list(self.answers):
             self.fail(key, EngineStopped(message))
-        for key, deliver in list(self.deliveries.items()):
-            deliver(TokenEvent(None, "error", message))
-            self.deliveries.pop(key, None)
+        requests, self.requests = self.requests, {}
+        for request in requests.values():
+            request.finished = True  # nothing left to cancel
+            request.deliver(TokenEvent(None, "error", message))
 
 
 def worker_app():
