@@ -12,10 +12,13 @@ the new tokens). Query t sees key s when
 
     s <= S - T + t                      (causal)
     S - T + t - s < window              (sliding window of `window` keys, itself included; None = unbounded)
+        or s is a sink                  (attention sinks, `num_sink_tokens` N > 0: one of the row's first N real keys)
     key_is_real[s] or s == S - T + t    (padding is never seen; a padding query sees itself so no row is empty)
 
 The last clause keeps softmax finite on padding rows; their outputs are never read, because padding keys are
-masked everywhere and padding tokens are left out of the compressed blocks.
+masked everywhere and padding tokens are left out of the compressed blocks. The sinks are counted on the S keys as
+given (`sink_token_mask`): the first N keys when every key is real. A cache that drops keys keeps each row's first
+N real ones ahead of the rest (`cache_fastgpt.SinkTokens`), so counting on its keys finds the same tokens.
 
 The global branch of a dynamic layer: its S = M + C keys are M memory slots, then C compressed blocks of b
 positions. A query at position p sees every memory slot and block c once the block is complete
@@ -40,15 +43,36 @@ def own_key_function(batch_idx, head_idx, q_idx, kv_idx):
     return kv_idx == q_idx
 
 
-def windowed_mask_function(window: int | None, key_is_real: torch.Tensor | None, query_offset: int) -> Callable:
+def sink_token_mask(key_is_real: torch.Tensor, num_sink_tokens: int) -> torch.Tensor:
+    """`[B, S]` bool: each row's first `num_sink_tokens` real keys (`key_is_real` `[B, S]`), its attention sinks."""
+    return key_is_real & (key_is_real.cumsum(-1) <= num_sink_tokens)
+
+
+def sink_key_function(key_is_real: torch.Tensor | None, num_sink_tokens: int) -> Callable:
+    """Key kv_idx is one of its row's attention sinks (`sink_token_mask`; the first keys when every key is real)."""
+    if key_is_real is not None:
+        return padding_mask_function(sink_token_mask(key_is_real, num_sink_tokens))
+
+    def is_sink(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx < num_sink_tokens
+
+    return is_sink
+
+
+def windowed_mask_function(
+    window: int | None, key_is_real: torch.Tensor | None, query_offset: int, num_sink_tokens: int = 0
+) -> Callable:
     """The windowed rule (module docstring) with query t at key index `query_offset + t` (`S - T`).
 
     Args:
         window: keys seen per query, itself included; None for full causal attention.
         key_is_real: `[B, S]` bool, False at padding; None when every key is real.
+        num_sink_tokens: N, each row's first N real keys seen besides the window (0: none).
     """
     rule = [causal_mask_function]
-    if window is not None:
+    if window is not None and num_sink_tokens > 0:
+        rule.append(or_masks(sliding_window_overlay(window), sink_key_function(key_is_real, num_sink_tokens)))
+    elif window is not None:
         rule.append(sliding_window_overlay(window))
     if key_is_real is not None:
         rule.append(or_masks(padding_mask_function(key_is_real), own_key_function))
@@ -107,7 +131,12 @@ def dense_mask(
 
 
 def windowed_visibility(
-    query_length: int, key_is_real: torch.Tensor | None, key_length: int, window: int | None, device: torch.device
+    query_length: int,
+    key_is_real: torch.Tensor | None,
+    key_length: int,
+    window: int | None,
+    device: torch.device,
+    num_sink_tokens: int = 0,
 ) -> torch.Tensor:
     """Boolean mask `[B or 1, 1, T, S]` of the windowed rule, True where query t may attend key s.
 
@@ -116,8 +145,9 @@ def windowed_visibility(
         key_is_real: `[B, S]` bool, False at padding; None when every key is real (the mask is then `[1, 1, T, S]`).
         key_length: S.
         window: keys seen per query, itself included; None for full causal attention.
+        num_sink_tokens: N, each row's first N real keys seen besides the window (0: none).
     """
-    rule = windowed_mask_function(window, key_is_real, key_length - query_length)
+    rule = windowed_mask_function(window, key_is_real, key_length - query_length, num_sink_tokens)
     batch_size = 1 if key_is_real is None else key_is_real.shape[0]
     return dense_mask(rule, batch_size, query_length, key_length, device)
 

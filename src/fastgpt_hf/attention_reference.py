@@ -4,8 +4,10 @@ Written for reading, not speed: it recomputes a whole `FastGPTForCausalLM` forwa
 building each layer's full score matrices from DESIGN.md's rules with explicit n x n masks and the block-averaging
 matrix P of the compressed branch (`Q (P K)^T`); a selective layer's global branch adds one column per token,
 allowed where the token's block is among the query's selected blocks (`top_blocks`, ranks counted pair by pair;
-README, "The selective layer"). It shares no attention code with the model; its masks are composed from the same
-mask functions (`attention_masks`), evaluated densely on every (query, key) pair.
+README, "The selective layer"). Attention sinks (`num_sink_tokens`; README, "Attention sinks") are found row by
+row (`sink_tokens`) and added to the windowed layers' mask, causally. It shares no attention code with the model;
+its masks are composed from the same mask functions (`attention_masks`), evaluated densely on every (query, key)
+pair.
 """
 
 import torch
@@ -96,6 +98,10 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
     if window is not None:
         rule.append(sliding_window_overlay(window))
     local_allowed = dense_mask(and_masks(*rule), batch, length, length, normed.device)  # [B, 1, T, T]
+    if window is not None and config.num_sink_tokens > 0:
+        causal = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril()
+        sinks = sink_tokens(is_real, config.num_sink_tokens)
+        local_allowed = local_allowed | (causal & sinks[:, None, None, :])
     local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
     output = masked_softmax_attention(local_scores, local_allowed, value)  # [B, H, T, D]
     if layer_type in GLOBAL_BRANCH_TYPES:
@@ -105,6 +111,14 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
         gate = gate.transpose(1, 2)[..., None]  # [B, H, T, 1]
         output = gate * output + (1 - gate) * global_output
     return output.transpose(1, 2).reshape(batch, length, -1) @ layer["self_attn.o_proj.weight"].T
+
+
+def sink_tokens(is_real: torch.Tensor, count: int) -> torch.Tensor:
+    """`[B, T]` bool: the first `count` real tokens of each row (`is_real` `[B, T]`), the attention sinks."""
+    sinks = torch.zeros_like(is_real)
+    for row in range(is_real.shape[0]):
+        sinks[row, is_real[row].nonzero().flatten()[:count]] = True
+    return sinks
 
 
 def compressed_global_attention(config, layer, query, key, value, position_ids, is_real, scale) -> torch.Tensor:

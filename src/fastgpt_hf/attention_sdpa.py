@@ -3,16 +3,17 @@
 Three paths, one rule (`attention_masks`), chosen per call from the shapes alone:
 - keys no more than the window (every full layer, and any layer whose input fits its window): one sdpa call, the
   causal kernel when nothing is padded (as Llama), a dense mask otherwise;
-- more keys than the window, nothing padded, on a GPU with PyTorch's flash kernel: that kernel's own sliding window
-  (`flash_window_attention`), one call that skips every key outside the band, forward and backward;
-- otherwise (the CPU, padding, float32, dropout): queries in chunks of `window`, each against the `2 * window` keys
-  that can reach it, so memory grows as T x window, not T x S.
+- more keys than the window, nothing padded, no attention sinks, on a GPU with PyTorch's flash kernel: that kernel's
+  own sliding window (`flash_window_attention`), one call that skips every key outside the band, forward and
+  backward;
+- otherwise (the CPU, padding, sinks, float32, dropout): queries in chunks of `window`, each against the
+  `2 * window` keys that can reach it (and the row's sinks), so memory grows as T x window, not T x S.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .attention_masks import windowed_visibility
+from .attention_masks import sink_token_mask, windowed_visibility
 
 
 def sdpa_windowed_attention(
@@ -23,15 +24,18 @@ def sdpa_windowed_attention(
     window: int | None,
     scaling: float,
     dropout: float = 0.0,
+    num_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, None]:
-    """Same contract as `eager_windowed_attention`; returns `([B, T, H, D], None)`."""
+    """Same contract as `eager_windowed_attention`; returns `([B, T, H, D], None)`. With attention sinks
+    (`num_sink_tokens` > 0) the flash kernel's band, which has no sinks, is never taken: the blocked path instead."""
+    arguments = (query, key, value, key_is_real, window, scaling, dropout, num_sink_tokens)
     if window is None or key.shape[2] <= window:
-        return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
-    if key_is_real is None and dropout == 0 and flash_window_supported(query):
+        return dense_sdpa_attention(*arguments), None
+    if key_is_real is None and dropout == 0 and num_sink_tokens == 0 and flash_window_supported(query):
         return flash_window_attention(query, key, value, window, scaling), None
     if query.shape[2] > window:
-        return blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout), None
-    return dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout), None
+        return blocked_window_attention(*arguments), None
+    return dense_sdpa_attention(*arguments), None
 
 
 def flash_window_supported(query: torch.Tensor) -> bool:
@@ -81,7 +85,7 @@ def flash_window_attention(query, key, value, window: int, scaling: float) -> to
     return output
 
 
-def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:
+def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout, num_sink_tokens) -> torch.Tensor:
     """One sdpa call over all S keys; the causal kernel when no mask is needed."""
     query_length, key_length = query.shape[2], key.shape[2]
     within_window = window is None or key_length <= window
@@ -89,16 +93,21 @@ def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropou
     is_causal = not needs_mask and query_length == key_length and query_length > 1
     mask = None
     if needs_mask or (query_length != key_length and query_length > 1):
-        mask = windowed_visibility(query_length, key_is_real, key_length, window, query.device)
+        mask = windowed_visibility(query_length, key_is_real, key_length, window, query.device, num_sink_tokens)
     output = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=True
     )
     return output.transpose(1, 2)
 
 
-def blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout) -> torch.Tensor:
-    """Chunks of `window` queries against their `2 * window` keys: `[B*N, H, w, D]` x `[B*N, K, 2w, D]`."""
+def blocked_window_attention(query, key, value, key_is_real, window, scaling, dropout, num_sink_tokens) -> torch.Tensor:
+    """Chunks of `window` queries against their `2 * window` keys: `[B*N, H, w, D]` x `[B*N, K, 2w, D]`; with
+    attention sinks, each chunk's keys start with the row's n sinks (`[B*N, K, n + 2w, D]`)."""
     batch, heads, query_length, head_dim = query.shape
+    sinks = None
+    if num_sink_tokens > 0:  # gathered before the keys no window reaches are dropped: sinks may be among them
+        sinks = row_sinks(key, value, key_is_real, num_sink_tokens)
+        first_query_index = key.shape[2] - query_length
     # Keys older than the first query's window are never seen: keep at most window - 1 of the past.
     dropped = max(0, key.shape[2] - query_length - (window - 1))
     key, value = key[:, :, dropped:], value[:, :, dropped:]
@@ -119,11 +128,15 @@ def blocked_window_attention(query, key, value, key_is_real, window, scaling, dr
     offset = torch.arange(2 * window, device=query.device)[None, :] - torch.arange(window, device=query.device)[:, None]
     band = (offset > 0) & (offset <= window)
     visible = band & (real_chunks[:, :, None, :] | (offset == window))  # [B, N, w, 2w]
+    if sinks is not None:
+        key_chunks, value_chunks, visible = with_sink_keys(
+            key_chunks, value_chunks, visible, *sinks, first_query_index, window
+        )
     output = F.scaled_dot_product_attention(
         query_chunks,
         key_chunks,
         value_chunks,
-        attn_mask=visible.reshape(batch * num_chunks, 1, window, 2 * window),
+        attn_mask=visible.reshape(batch * num_chunks, 1, window, -1),
         dropout_p=dropout,
         scale=scaling,
         enable_gqa=True,
@@ -139,3 +152,48 @@ def chunk_keys(states: torch.Tensor, padding: tuple[int, int], window: int) -> t
     spans = padded.unfold(2, 2 * window, window)  # [B, K, N, D, 2w]
     spans = spans.permute(0, 2, 1, 4, 3)  # [B, N, K, 2w, D]
     return spans.reshape(-1, kv_heads, 2 * window, head_dim)
+
+
+def row_sinks(
+    key: torch.Tensor, value: torch.Tensor, key_is_real: torch.Tensor | None, num_sink_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's attention sinks (`attention_masks.sink_token_mask`) in key order: keys and values
+    `[B, K, n, D]` (n = min(num_sink_tokens, S)), their key indices `[B, n]` and which of them are sinks `[B, n]`
+    (a row with fewer real keys has fewer; the rest are other keys, never seen)."""
+    batch, kv_heads, key_length, head_dim = key.shape
+    real = torch.ones(1, key_length, dtype=torch.bool, device=key.device) if key_is_real is None else key_is_real
+    is_sink = sink_token_mask(real, num_sink_tokens).expand(batch, -1)
+    count = min(num_sink_tokens, key_length)
+    # A stable sort puts each row's sinks first, in key order.
+    index = torch.sort((~is_sink).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # [B, n]
+    gather_index = index[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+    return key.gather(2, gather_index), value.gather(2, gather_index), index, is_sink.gather(1, index)
+
+
+def with_sink_keys(
+    key_chunks,
+    value_chunks,
+    visible,
+    sink_keys,
+    sink_values,
+    sink_index,
+    sink_is_real,
+    first_query_index: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row's n sinks put before every chunk's keys (`[B*N, K, 2w, D]` -> `[B*N, K, n + 2w, D]`) and the mask
+    `[B, N, w, 2w]` extended to `[B, N, w, n + 2w]`. Query a of chunk c sits at key index `first_query_index +
+    c * w + a`; a sink column is seen where the sink is further back than the window: within it, the sink is among
+    the chunk's own keys already and must not count twice."""
+    batch, num_chunks = visible.shape[:2]
+    kv_heads, count, head_dim = sink_keys.shape[1:]
+    query_index = first_query_index + torch.arange(num_chunks * window, device=visible.device).view(num_chunks, window)
+    distance = query_index[None, :, :, None] - sink_index[:, None, None, :]  # [B, N, w, n]
+    sink_visible = sink_is_real[:, None, None, :] & (distance >= window)
+
+    def per_chunk(states: torch.Tensor) -> torch.Tensor:  # [B, K, n, D] -> [B*N, K, n, D]
+        return states[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(-1, kv_heads, count, head_dim)
+
+    key_chunks = torch.cat([per_chunk(sink_keys), key_chunks], dim=2)
+    value_chunks = torch.cat([per_chunk(sink_values), value_chunks], dim=2)
+    return key_chunks, value_chunks, torch.cat([sink_visible, visible], dim=-1)

@@ -81,6 +81,12 @@ class FastGPTConfig(PreTrainedConfig):
         num_selected_blocks (`int`, defaults to 4):
             Blocks whose tokens a `selective_attention` query's global branch attends to exactly, besides their
             compressed entries (the top-scoring visible blocks; README, "The selective layer").
+        num_sink_tokens (`int`, defaults to 0):
+            Attention sinks: every windowed query (`sliding_attention` layers and the local branch of
+            `dynamic_attention` and `selective_attention` layers) also sees the first `num_sink_tokens` real tokens
+            of its row, causally, besides its window; full layers are unchanged. 0 (the default) turns them off.
+            The static cache (and so the compiled CUDA `generate()`, serving and ExecuTorch export) has none yet
+            (README, "Attention sinks").
         fastgpt_hf_version (`str`, *optional*):
             The fastgpt_hf version that wrote the checkpoint; another major.minor raises a `ValueError`. Always
             holds this code's version once the config is built, so saving records it.
@@ -147,6 +153,7 @@ class FastGPTConfig(PreTrainedConfig):
     num_memory_tokens: int = 8
     compress_block_size: int = 64
     num_selected_blocks: int = 4
+    num_sink_tokens: int = 0
     fastgpt_hf_version: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -197,9 +204,10 @@ class FastGPTConfig(PreTrainedConfig):
             )
 
     def validate_architecture(self):
-        """Positive sizes, heads that divide the width (without an explicit `head_dim`, as `LlamaConfig` requires),
-        grouped-query heads that divide, blocks that fit in the dynamic window, and the numbers that would turn the
-        forward pass into NaN: `rms_norm_eps` and rope theta must be positive, `initializer_range` non-negative."""
+        """Positive sizes, a sink count >= 0, heads that divide the width (without an explicit `head_dim`, as
+        `LlamaConfig` requires), grouped-query heads that divide, blocks that fit in the dynamic window, and the
+        numbers that would turn the forward pass into NaN: `rms_norm_eps` and rope theta must be positive,
+        `initializer_range` non-negative."""
         positive_fields = (
             "vocab_size",
             "hidden_size",
@@ -224,6 +232,9 @@ class FastGPTConfig(PreTrainedConfig):
                 )
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}.")
+        sinks = self.num_sink_tokens
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ValueError(f"num_sink_tokens must be an integer >= 0 (0 turns attention sinks off), got {sinks!r}.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "

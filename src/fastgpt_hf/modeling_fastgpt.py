@@ -189,8 +189,8 @@ class FastGPTAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rotary, the cache, then the backend of `config._attn_implementation` over `self.sliding_window`:
-        `[B, T, H, D]` and the weights (eager) or None."""
+        """Rotary, the cache, then the backend of `config._attn_implementation` over `self.sliding_window` (and the
+        attention sinks, `config.num_sink_tokens`): `[B, T, H, D]` and the weights (eager) or None."""
         rotary_query, rotary_key = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
         if cache is None:
             all_keys, all_values, key_is_real = rotary_key, value_states, attention_mask
@@ -199,7 +199,14 @@ class FastGPTAttention(nn.Module):
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         return windowed_attention(
-            rotary_query, all_keys, all_values, key_is_real, self.sliding_window, self.scaling, dropout
+            rotary_query,
+            all_keys,
+            all_values,
+            key_is_real,
+            self.sliding_window,
+            self.scaling,
+            dropout,
+            self.config.num_sink_tokens,
         )
 
     def output(self, attn_output: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
