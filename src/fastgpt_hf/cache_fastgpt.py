@@ -12,9 +12,11 @@ Transformers builds its own from `layer_types` (`generate()` builds them by itse
   (`CompressedBlocks`): O(window + length / b), and a decode step compresses one block.
 - `selective_attention`: `DynamicSelectiveLayer`, the dynamic layer's state and every real token's pre-rotary key
   and value by position (`BlockTokens`), since any complete block may be selected later: O(window + length).
+- with attention sinks (`num_sink_tokens` > 0), the windowed layers' `DynamicSink*Layer`s: the same, and each row's
+  first `num_sink_tokens` real tokens once they leave the window (`SinkTokens`).
 
 `FastGPTStaticCache` (`cache_implementation="static"`, `torch.compile`): the same state in buffers allocated once;
-it refuses `selective_attention` layers.
+it refuses `selective_attention` layers and attention sinks.
 Every layer keeps its last N + 1 keys and values, the newest in the last slot and the N before it in a ring
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks.
@@ -100,6 +102,110 @@ class DynamicFullLayer(KeyMaskFromAttentionMask, DynamicLayer):
 
 class DynamicSlidingLayer(KeyMaskFromAttentionMask, DynamicSlidingWindowLayer):
     """Cache of a `sliding_attention` layer: Transformers' `DynamicSlidingWindowLayer`, the last window - 1."""
+
+
+class SinkTokens:
+    """Attention sinks of a windowed layer of the dynamic cache (`config.num_sink_tokens` N > 0), mixed in before
+    the layer's class: beside its window, the layer keeps every token that leaves the window while it is one of
+    the first N real tokens of some row, so that the windowed rule's sink clause (`attention_masks`) still finds it.
+
+    `update` returns `[kept prefix][the window's last window - 1 keys][the new keys]`: the prefix, `sink_keys` /
+    `sink_values` `[B, K, P, D]` and `sink_is_real` `[B, P]`, holds one column per such token, at most B x N (rows
+    left-padded alike share theirs); `window_is_real` `[B, L]` flags the window's L keys. A prefix key left the
+    window, so it is at least `window` keys before every later query in that layout: only the sink clause admits
+    it. Counting real keys over the returned keys finds each row's first N real tokens: a row's real tokens that
+    left the window without a place in the prefix come after its sinks. Rollback (`crop`) moves into the prefix
+    the sinks among the tokens it drops from the window; beam search's row operations move the prefix with the
+    rows.
+    """
+
+    num_sink_tokens: int
+    SINK_STATE = ("sink_keys", "sink_values", "sink_is_real", "window_is_real")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The update contract (`KeyMaskFromAttentionMask`): `[B, K, T, D]` in; the prefix, the window and the new
+        keys and values out, and which keys are real (None when `attention_mask` is None: every key is)."""
+        batch, _, query_length, _ = key_states.shape
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.sink_keys, self.sink_values = key_states[:, :, :0], value_states[:, :, :0]
+            self.sink_is_real = torch.zeros(batch, 0, dtype=torch.bool, device=key_states.device)
+            self.window_is_real = self.sink_is_real
+        new_is_real = torch.ones(batch, query_length, dtype=torch.bool, device=key_states.device)
+        if attention_mask is not None:
+            new_is_real = attention_mask[:, -query_length:].bool()
+        self.cumulative_length += query_length
+        keys = torch.cat([self.keys, key_states], dim=2)
+        values = torch.cat([self.values, value_states], dim=2)
+        is_real = torch.cat([self.window_is_real, new_is_real], dim=1)
+        # The window keys a query can reach, as the base layer returns them, after the sinks among the older ones.
+        reachable = max(0, keys.shape[2] - (self.sliding_window - 1 + query_length))
+        prefix_keys, prefix_values, prefix_is_real = self.sinks_before(keys, values, is_real, reachable)
+        all_keys = torch.cat([prefix_keys, keys[:, :, reachable:]], dim=2)
+        all_values = torch.cat([prefix_values, values[:, :, reachable:]], dim=2)
+        key_is_real = torch.cat([prefix_is_real, is_real[:, reachable:]], dim=1)
+        # Recording the past (rollback), the window keeps every token until the next crop, as the base layer's does.
+        kept_from = 0 if self.record_past else max(0, keys.shape[2] - (self.sliding_window - 1))
+        self.keep_window(keys, values, is_real, kept_from, keys.shape[2])
+        return all_keys, all_values, None if attention_mask is None else key_is_real
+
+    def sinks_before(
+        self, keys: torch.Tensor, values: torch.Tensor, is_real: torch.Tensor, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prefix with the sinks among the window columns `[0, end)` appended: keys, values `[B, K, P', D]` and
+        which are real `[B, P']`. A column is kept if it is among the first N real tokens of any row."""
+        real_rank = self.sink_is_real.sum(1, keepdim=True) + is_real[:, :end].cumsum(1)  # [B, end]
+        is_sink = (is_real[:, :end] & (real_rank <= self.num_sink_tokens)).any(0)
+        columns = is_sink.nonzero().flatten()
+        return (
+            torch.cat([self.sink_keys, keys[:, :, columns]], dim=2),
+            torch.cat([self.sink_values, values[:, :, columns]], dim=2),
+            torch.cat([self.sink_is_real, is_real[:, columns]], dim=1),
+        )
+
+    def keep_window(self, keys: torch.Tensor, values: torch.Tensor, is_real: torch.Tensor, start: int, end: int):
+        """Keep window columns `[start, end)` of `keys`, `values` `[B, K, L, D]` and `is_real` `[B, L]`; the sinks
+        among the columns before `start` join the prefix."""
+        self.sink_keys, self.sink_values, self.sink_is_real = self.sinks_before(keys, values, is_real, start)
+        self.keys, self.values = keys[:, :, start:end], values[:, :, start:end]
+        self.window_is_real = is_real[:, start:end]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """The layer's own `crop` (its checks, the window, the blocks), then the sinks among the tokens it dropped
+        from the front of the window moved into the prefix."""
+        if not self.is_initialized:
+            super().crop(tokens_to_remove)
+            return
+        keys, values, is_real, seen = self.keys, self.values, self.window_is_real, self.cumulative_length
+        super().crop(tokens_to_remove)
+        # The base crop keeps a contiguous run of the window that ends where the removed tokens began.
+        end = keys.shape[2] - (seen - self.cumulative_length)
+        self.keep_window(keys, values, is_real, end - self.keys.shape[2], end)
+
+    def reset(self) -> None:
+        super().reset()
+        for name in self.SINK_STATE:
+            setattr(self, name, None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.map_sink_state(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.map_sink_state(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.map_sink_state(lambda state: state[indices, ...])
+
+    def map_sink_state(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every tensor of `SINK_STATE` by `function` of it (nothing before the first step)."""
+        if self.is_initialized:
+            for name in self.SINK_STATE:
+                setattr(self, name, function(getattr(self, name)))
 
 
 class CompressedBlocks:
@@ -481,6 +587,30 @@ class DynamicSelectiveLayer(BlockTokens, DynamicCompressedLayer):
         return positions[:, recorded - count :], is_real[:, recorded - count :]
 
 
+class DynamicSinkSlidingLayer(SinkTokens, DynamicSlidingLayer):
+    """Cache of a `sliding_attention` layer with attention sinks: the last window - 1 and the sinks (`SinkTokens`)."""
+
+    def __init__(self, sliding_window: int, num_sink_tokens: int):
+        super().__init__(sliding_window=sliding_window)
+        self.num_sink_tokens = num_sink_tokens
+
+
+class DynamicSinkCompressedLayer(SinkTokens, DynamicCompressedLayer):
+    """Cache of a `dynamic_attention` layer with attention sinks: its local branch's window keeps them."""
+
+    def __init__(self, sliding_window: int, compress_block_size: int, num_sink_tokens: int):
+        super().__init__(sliding_window, compress_block_size)
+        self.num_sink_tokens = num_sink_tokens
+
+
+class DynamicSinkSelectiveLayer(SinkTokens, DynamicSelectiveLayer):
+    """Cache of a `selective_attention` layer with attention sinks: its local branch's window keeps them."""
+
+    def __init__(self, sliding_window: int, compress_block_size: int, num_sink_tokens: int):
+        super().__init__(sliding_window, compress_block_size)
+        self.num_sink_tokens = num_sink_tokens
+
+
 class StaticRolledLayer(StaticLayer):
     """Fixed `[B, K, N + 1, D]` buffers holding the last N + 1 keys and values, for `torch.compile`.
 
@@ -723,8 +853,14 @@ def check_positions_are_distinct(cache: Cache | None, position_ids: torch.Tensor
 
 
 def layer_signature(config: FastGPTConfig) -> tuple:
-    """What a cache's layers depend on in the config: the layer kinds and the window and block sizes."""
-    return (tuple(config.layer_types), config.sliding_window, config.dynamic_window, config.compress_block_size)
+    """What a cache's layers depend on in the config: the layer kinds, the window and block sizes and the sinks."""
+    return (
+        tuple(config.layer_types),
+        config.sliding_window,
+        config.dynamic_window,
+        config.compress_block_size,
+        config.num_sink_tokens,
+    )
 
 
 class KeyMaskCache:
@@ -752,21 +888,28 @@ class KeyMaskCache:
         return returned
 
 
+def dynamic_layer(config: FastGPTConfig, layer_type: str) -> DynamicLayer:
+    """The dynamic cache's layer for a `layer_type` layer; its windows keep the attention sinks where
+    `config.num_sink_tokens` > 0."""
+    window, sinks = config.attention_window(layer_type), config.num_sink_tokens
+    if layer_type == DYNAMIC:
+        if sinks:
+            return DynamicSinkCompressedLayer(window, config.compress_block_size, sinks)
+        return DynamicCompressedLayer(window, config.compress_block_size)
+    if layer_type == SELECTIVE:
+        if sinks:
+            return DynamicSinkSelectiveLayer(window, config.compress_block_size, sinks)
+        return DynamicSelectiveLayer(window, config.compress_block_size)
+    if window is None:
+        return DynamicFullLayer()
+    return DynamicSinkSlidingLayer(window, sinks) if sinks else DynamicSlidingLayer(sliding_window=window)
+
+
 class FastGPTDynamicCache(KeyMaskCache, DynamicCache):
     """A `DynamicCache` whose layers follow `config.layer_types`; `generate()` builds it by itself."""
 
     def __init__(self, config: FastGPTConfig, offloading: bool = False):
-        layers = []
-        for layer_type in config.layer_types:
-            window = config.attention_window(layer_type)
-            if layer_type == DYNAMIC:
-                layers.append(DynamicCompressedLayer(window, config.compress_block_size))
-            elif layer_type == SELECTIVE:
-                layers.append(DynamicSelectiveLayer(window, config.compress_block_size))
-            elif window is not None:
-                layers.append(DynamicSlidingLayer(sliding_window=window))
-            else:
-                layers.append(DynamicFullLayer())
+        layers = [dynamic_layer(config, layer_type) for layer_type in config.layer_types]
         # DynamicCache's own constructor knows only Transformers' layer kinds: build the layers here instead.
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=False)
         self.layer_signature = layer_signature(config)
@@ -795,6 +938,13 @@ class FastGPTStaticCache(KeyMaskCache, StaticCache):
                 "the static cache's fixed buffers, compile, ExecuTorch export and serving rows do not provide yet). "
                 "Use FastGPTDynamicCache (generate(): cache_implementation='dynamic', the default on the CPU), or "
                 "turn the selective layers into dynamic_attention in config.layer_types."
+            )
+        if config.num_sink_tokens > 0:
+            raise ValueError(
+                f"FastGPTStaticCache keeps no attention sinks (num_sink_tokens={config.num_sink_tokens}): its rings "
+                "hold the window alone, and so do compile, ExecuTorch export and serving rows for now. Use "
+                "FastGPTDynamicCache (generate(): cache_implementation='dynamic', the default on the CPU), or set "
+                "num_sink_tokens=0 in the config."
             )
         layers = []
         for layer_type in config.layer_types:
@@ -896,7 +1046,7 @@ def check_cache(cache: Cache, config: FastGPTConfig, batch_size: int) -> None:
     if cache.layer_signature != layer_signature(config):
         raise ValueError(
             f"This cache was built for layers {cache.layer_signature} (layer_types, sliding_window, dynamic_window, "
-            f"compress_block_size) but the model has {layer_signature(config)}; "
+            f"compress_block_size, num_sink_tokens) but the model has {layer_signature(config)}; "
             "build the cache from this model's config."
         )
     # Under tensor parallelism (Transformers sets `config.distributed_config`) a rank holds its share of the heads.
@@ -917,12 +1067,16 @@ __all__ = [
     "DynamicCompressedLayer",
     "DynamicFullLayer",
     "DynamicSelectiveLayer",
+    "DynamicSinkCompressedLayer",
+    "DynamicSinkSelectiveLayer",
+    "DynamicSinkSlidingLayer",
     "DynamicSlidingLayer",
     "FastGPTDynamicCache",
     "FastGPTRowCache",
     "FastGPTStaticCache",
     "OnePassBlocks",
     "OnePassSelectiveBlocks",
+    "SinkTokens",
     "StaticCompressedLayer",
     "StaticRolledLayer",
     "check_cache",
