@@ -63,12 +63,22 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (counts, sizes and steps)."""
+    return integer_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (counts where 0 turns a feature off)."""
+    return integer_at_least(text, 0, "an integer >= 0")
+
+
+def integer_at_least(text: str, minimum: int, description: str) -> int:
+    """`text` as an int of at least `minimum`, or an argparse error saying it must be `description`."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {value}")
     return value
 
 

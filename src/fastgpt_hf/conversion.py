@@ -17,6 +17,8 @@ computation (nearly) untouched:
 
 So a FastGPT whose layers are all `full_attention` computes exactly what the source computes, and one with
 sliding / dynamic layers gives the source's greedy tokens on prompts shorter than every window (tests hold both).
+`--sink-tokens N` (`num_sink_tokens`) lets the windowed layers keep seeing the first N tokens, on which the source's
+heads park attention (README, "Attention sinks"); inside every window it changes nothing.
 
 SOURCE is a folder with `config.json` and safetensors, or a `.gguf` file, which Transformers dequantizes
 (`gguf_file=`; needs the `gguf` package: `pip install "fastgpt_hf[convert]"`). Nothing is filled in silently: the
@@ -68,8 +70,10 @@ COPIED_FIELDS = (
 # The parameters of a dynamic layer that no Llama has.
 NEW_PARAMETERS = ("memory_k", "memory_v", "compress_k", "compress_v", "mix_gate")
 GATE_BIAS = 7.0
-# Layout options of `fastgpt convert` (FastGPTConfig fields); None keeps FastGPT's default.
-LAYOUT_FIELDS = ("sliding_window", "dynamic_window", "num_memory_tokens", "compress_block_size")
+# Layout options of `fastgpt convert` (FastGPTConfig fields); None keeps FastGPT's default. The sizes are options of
+# their own names (`--sliding-window`), the attention sinks `--sink-tokens`.
+LAYOUT_SIZE_FIELDS = ("sliding_window", "dynamic_window", "num_memory_tokens", "compress_block_size")
+LAYOUT_FIELDS = (*LAYOUT_SIZE_FIELDS, "num_sink_tokens")
 
 
 def is_new_parameter(name: str) -> bool:
@@ -235,7 +239,7 @@ def convert(
 
 def convert_main(argv: list[str] | None = None) -> None:
     """`fastgpt convert SOURCE OUTPUT`: a Llama-family folder or GGUF file in, a FastGPT checkpoint out."""
-    from .cli import positive_int
+    from .cli import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(
         prog="fastgpt convert",
@@ -253,8 +257,15 @@ def convert_main(argv: list[str] | None = None) -> None:
         "(dynamic), full_attention (global); default: FastGPT's three stages. `--layer-types full_attention` "
         "computes exactly what the source computes",
     )
-    for field in LAYOUT_FIELDS:
+    for field in LAYOUT_SIZE_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=positive_int, help="default: FastGPT's")
+    parser.add_argument(
+        "--sink-tokens",
+        dest="num_sink_tokens",
+        type=non_negative_int,
+        help="attention sinks: every windowed query also sees the first N real tokens (num_sink_tokens; default 0, "
+        "none). The static cache, serving and export do not take them yet",
+    )
     parser.add_argument("--gate-bias", type=float, default=GATE_BIAS, help="initial gate bias (sigmoid: local share)")
     parser.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
     args = parser.parse_args(argv)

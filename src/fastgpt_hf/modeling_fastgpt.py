@@ -458,6 +458,8 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         A query at position i scores min(i + 1, window) keys in a sliding layer, i + 1 in a full layer, and in a
         dynamic layer min(i + 1, dynamic_window) local keys plus the memory slots and its (i + 1) // b blocks; a
         selective layer adds the b tokens of each of its min(num_selected_blocks, (i + 1) // b) selected blocks.
+        Attention sinks add, to every windowed query, the min(num_sink_tokens, i + 1 - window) first positions
+        beyond its window.
         """
         config = self.config
         scored_by_position = torch.arange(1, seq_len + 1, dtype=torch.float64)
@@ -465,6 +467,8 @@ class FastGPTPreTrainedModel(FastGPTCheckpointMixin, PreTrainedModel):
         for layer_type in config.layer_types:
             window = config.attention_window(layer_type)
             scored = scored_by_position if window is None else scored_by_position.clamp(max=window)
+            if window is not None:
+                scored = scored + (scored_by_position - window).clamp(min=0, max=config.num_sink_tokens)
             if layer_type in GLOBAL_BRANCH_TYPES:
                 blocks = scored_by_position // config.compress_block_size
                 scored = scored + config.num_memory_tokens + blocks
