@@ -1,14 +1,17 @@
 """Every attention backend against the float64 dense reference, outputs and gradients.
 
 The grid covers each layer kind alone and mixed, lengths from 1 to 299 with windows of 8 / 16 and blocks of 4 that
-they are not multiples of, left-padded batches (padding positions are not compared), and grouped-query ratios.
+they are not multiples of, left-padded batches (padding positions are not compared), and grouped-query ratios;
+attention sinks (`num_sink_tokens`) on sequences several windows long, and sdpa's blocked path against eager.
 """
 
 import pytest
 import torch
 
 from fastgpt_hf.attention_compressed import global_branch_attention
+from fastgpt_hf.attention_eager import eager_windowed_attention
 from fastgpt_hf.attention_reference import reference_logits
+from fastgpt_hf.attention_sdpa import blocked_window_attention
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -140,3 +143,57 @@ def test_indexed_global_branch_is_the_scatter_path(length):
         indexed = attention.global_branch(query, key, value, positions, None, None, positions_are_indices=True)
         scattered = attention.global_branch(query, key, value, positions, None, None, positions_are_indices=False)
     torch.testing.assert_close(indexed, scattered, rtol=1e-12, atol=1e-12)
+
+
+# Attention sinks (README, "Attention sinks"): 61 tokens are several windows (8 / 16), so a query far from the start
+# sees the first tokens only through the sink clause; sdpa takes its blocked path there (more queries than a window).
+SINK_STACKS = {
+    "mixed": STACKS["mixed"],
+    "selective": ["sliding_attention", "selective_attention", "full_attention"],
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("stack", sorted(SINK_STACKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_sinks_match_reference_in_float64(backend, stack, padded):
+    model = tiny_model(SINK_STACKS[stack], backend, num_sink_tokens=3)
+    assert reference_error(model, 61, padded) < FLOAT64_TOLERANCE
+
+
+def test_attention_sinks_change_windowed_layers_only():
+    """Past the windows the sinks change the logits; in a model of full layers, or inside every window, nothing."""
+    input_ids, _ = left_padded_batch(61)
+    with torch.no_grad():
+        for stack, changes in (("mixed", True), ("full", False)):
+            with_sinks = tiny_model(stack, num_sink_tokens=3)(input_ids).logits
+            without = tiny_model(stack)(input_ids).logits
+            assert (with_sinks - without).abs().max().item() > 1e-3 if changes else torch.equal(with_sinks, without)
+            torch.testing.assert_close(with_sinks[:, :8], without[:, :8], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_attention_sinks_gradients_match_reference(backend, padded):
+    assert_gradients_match_reference(tiny_model("mixed", backend, num_sink_tokens=3), 37, padded)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("num_sink_tokens", [0, 1, 3, 50])
+def test_blocked_sdpa_with_sinks_matches_eager(num_sink_tokens, padded):
+    """sdpa's blocked path alone (29 queries after 16 cached keys, window 5): each chunk's keys start with the row's
+    sinks, which lie before the keys it drops as out of every window; more sinks than keys included."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 4, 29, 8, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(3, 2, 45, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    key_is_real = None
+    if padded:
+        key_is_real = torch.ones(3, 45, dtype=torch.bool)
+        key_is_real[1, :4], key_is_real[2, :30] = False, False
+    arguments = (query, key, value, key_is_real, 5, 0.3, 0.0, num_sink_tokens)
+    blocked = blocked_window_attention(*arguments)
+    exact, _ = eager_windowed_attention(*arguments)
+    torch.testing.assert_close(blocked, exact, rtol=1e-12, atol=1e-12)
+    if num_sink_tokens:
+        without_sinks, _ = eager_windowed_attention(*arguments[:-1])
+        assert (exact - without_sinks).abs().max() > 1e-3

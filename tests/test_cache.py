@@ -1,6 +1,7 @@
 """FastGPT's caches against the float64 reference: incremental decoding equals the full forward pass.
 
-Tolerance: float64 models, logits within 1e-9 of `reference_logits` (measured: about 4e-14).
+Tolerance: float64 models, logits within 1e-9 of `reference_logits` (measured: about 4e-14). With attention sinks
+the dynamic cache keeps each row's first real tokens; the static cache and what builds on it refuse them.
 """
 
 import re
@@ -13,10 +14,14 @@ from transformers import DynamicCache
 from fastgpt_hf.attention_reference import reference_logits
 from fastgpt_hf.cache_fastgpt import (
     FastGPTDynamicCache,
+    FastGPTRowCache,
     FastGPTStaticCache,
+    SinkTokens,
     StaticCompressedLayer,
     StaticRolledLayer,
 )
+from fastgpt_hf.export_executorch import FastGPTWithStaticCache
+from fastgpt_hf.serving import ContinuousBatchingEngine
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -253,3 +258,92 @@ def test_decode_without_attention_mask_matches_the_reference(cache_kind):
     with torch.no_grad():
         logits = torch.cat([model(token, cache=cache).logits for token in input_ids.split([5] + [1] * 19, dim=1)], 1)
     assert (logits - reference).abs().max().item() < TOLERANCE
+
+
+# Attention sinks (README, "Attention sinks"): the dynamic cache's windows keep each row's first 3 real tokens.
+SINK_STACK = ["sliding_attention", "dynamic_attention", "full_attention", "selective_attention"]
+
+
+@pytest.mark.parametrize(
+    "backend, schedule",
+    [
+        ("eager", CHUNKED_PREFILL_THEN_DECODE),
+        ("sdpa", CHUNKED_PREFILL_THEN_DECODE),
+        ("flex_attention", [5, 20, 15]),
+        pytest.param("sdpa", [1] * LENGTH, marks=pytest.mark.slow),
+    ],
+    ids=["eager-chunked-prefill", "sdpa-chunked-prefill", "flex-chunks", "sdpa-token-by-token"],
+)
+def test_dynamic_cache_with_sinks_matches_the_reference(backend, schedule):
+    """Rows padded by 0, 3 and 20 have their sinks at positions 0-2, 3-5 and 20-22 of the batch: the windows keep
+    those 9 columns once they leave, beside the last window - 1."""
+    model = tiny_model(SINK_STACK, backend, num_sink_tokens=3, num_selected_blocks=2)
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    reference = reference_logits(model, input_ids, attention_mask)
+    cache = FastGPTDynamicCache(model.config)
+    logits = incremental_logits(model, input_ids, attention_mask, cache, schedule)
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < TOLERANCE
+    for layer, window in zip(cache.layers, (8, 16, None, 16), strict=True):
+        if window is not None:
+            assert isinstance(layer, SinkTokens)
+            assert (layer.sink_keys.shape[2], layer.keys.shape[2]) == (9, window - 1)
+            assert layer.sink_is_real.sum(1).tolist() == [9, 6, 3]
+
+
+def test_reordered_and_reselected_cache_with_sinks_continues_those_rows():
+    """Beam search's row operations (`reorder_cache`, `batch_repeat_interleave`, `batch_select_indices`) move the
+    kept sinks with their rows."""
+    model = tiny_model(SINK_STACK, num_sink_tokens=3)
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    operations = [
+        (lambda cache: cache.reorder_cache(torch.tensor([2, 0, 0])), [2, 0, 0]),
+        (lambda cache: cache.batch_repeat_interleave(2), [0, 0, 1, 1, 2, 2]),
+        (lambda cache: cache.batch_select_indices(torch.tensor([2, 1])), [2, 1]),
+    ]
+    for operation, rows in operations:
+        cache = FastGPTDynamicCache(model.config)
+        incremental_logits(model, input_ids[:, :30], attention_mask[:, :30], cache, [30])
+        operation(cache)
+        moved_ids, moved_mask = input_ids[rows], attention_mask[rows]
+        with torch.no_grad():
+            logits = model(moved_ids[:, 30:], attention_mask=moved_mask, cache=cache).logits
+        reference = reference_logits(model, moved_ids, moved_mask)[:, 30:]
+        assert max_error_on_real_tokens(logits, reference, moved_mask[:, 30:]) < TOLERANCE
+
+
+def test_sink_state_stays_bounded_after_400_tokens():
+    model = tiny_model("mixed", dtype=torch.float32, num_sink_tokens=4)
+    cache = FastGPTDynamicCache(model.config)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 401), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for chunk in tokens.split(23, dim=1):
+            model(chunk, cache=cache, use_cache=True)
+    sliding, dynamic, _, _ = cache.layers
+    assert (sliding.sink_keys.shape[2], sliding.keys.shape[2]) == (4, model.config.sliding_window - 1)
+    assert (dynamic.sink_keys.shape[2], dynamic.keys.shape[2]) == (4, model.config.dynamic_window - 1)
+
+
+SINK_REFUSAL = r"FastGPTStaticCache keeps no attention sinks \(num_sink_tokens=3\).*set num_sink_tokens=0"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda model: FastGPTStaticCache(model.config, max_cache_len=32),
+        lambda model: model.generate(torch.arange(6)[None], max_new_tokens=3, cache_implementation="static"),
+        lambda model: FastGPTRowCache(model.config, max_cache_len=32, max_rows=2),
+        lambda model: ContinuousBatchingEngine(model, max_rows=2, max_cache_len=32),
+        lambda model: FastGPTWithStaticCache(model, max_cache_len=32),
+    ],
+    ids=["static-cache", "generate-static", "serving-rows", "serving-engine", "executorch-export"],
+)
+def test_static_cache_and_what_builds_on_it_refuse_sinks(build):
+    with pytest.raises(ValueError, match=SINK_REFUSAL):
+        build(tiny_model("mixed", num_sink_tokens=3))
+
+
+def test_a_cache_built_without_sinks_is_refused_by_a_model_with_sinks():
+    model = tiny_model("mixed", num_sink_tokens=3)
+    cache = FastGPTDynamicCache(tiny_model("mixed").config)
+    with pytest.raises(ValueError, match=r"\(layer_types, sliding_window, dynamic_window, compress_block_size, num_"):
+        model(torch.arange(6)[None], cache=cache)

@@ -69,6 +69,20 @@ def test_dynamic_cache_rolls_back_exactly(stack):
     assert_matches_reference(model, FastGPTDynamicCache(model.config))
 
 
+@pytest.mark.parametrize(
+    "stack",
+    [
+        ["sliding_attention", "dynamic_attention", "full_attention"],
+        pytest.param(["selective_attention", "sliding_attention"], marks=pytest.mark.slow),
+    ],
+    ids=["mixed", "selective"],
+)
+def test_dynamic_cache_with_sinks_rolls_back_exactly(stack):
+    """A crop moves the sinks among the tokens it drops from the window into the kept prefix (`SinkTokens`)."""
+    model = tiny_model(stack, num_sink_tokens=3)
+    assert_matches_reference(model, FastGPTDynamicCache(model.config))
+
+
 @pytest.mark.parametrize("stack", STACKS_MIXED_QUICK)
 def test_static_cache_holding_every_position_rolls_back_exactly(stack):
     """As Transformers' static sliding layers: croppable where the windows hold every position the cache sees."""

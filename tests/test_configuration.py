@@ -87,6 +87,7 @@ def test_unknown_preset():
             r"rope_parameters\['rope_theta'\] must be a positive number, got 0.0",
         ),
         ({"rope_theta": -1e4}, r"rope_parameters\['rope_theta'\] must be a positive number, got -10000.0"),
+        ({"num_sink_tokens": -1}, r"num_sink_tokens must be an integer >= 0 \(0 turns attention sinks off\), got -1"),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(value),
 )
@@ -99,3 +100,9 @@ def test_an_explicit_head_dim_needs_no_divisible_width():
     """Only a derived head_dim must divide the width (it would be floored silently); an explicit one sizes q_proj."""
     config = FastGPTConfig.from_preset("tiny", hidden_size=65, head_dim=16)
     assert (config.hidden_size, config.num_attention_heads, config.head_dim) == (65, 4, 16)
+
+
+def test_attention_sinks_are_off_by_default_and_round_trip(tmp_path):
+    assert FastGPTConfig.from_preset("tiny").num_sink_tokens == 0
+    FastGPTConfig.from_preset("tiny", num_sink_tokens=4).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).num_sink_tokens == 4

@@ -126,6 +126,28 @@ def test_fastgpt_layout_gives_the_source_greedy_tokens_inside_the_windows(family
         torch.testing.assert_close(model(input_ids).logits, original(input_ids).logits, rtol=0, atol=1e-2)
 
 
+def test_sink_tokens_option_sets_the_sinks_and_the_start_stays_the_sources(tmp_path, capsys):
+    """`fastgpt convert --sink-tokens 4`: inside every window the sinks change nothing, so the converted model still
+    starts as the source and computes what the same conversion without sinks computes."""
+    source = build_source(tmp_path / "source")
+    layout = ["--layer-types", "local", "dynamic", "global", "dynamic", "--sliding-window", "16"]
+    layout += ["--dynamic-window", "24", "--compress-block-size", "4", "--num-memory-tokens", "2"]
+    status, _, err = run_cli(["convert", str(source), str(tmp_path / "fastgpt"), *layout, "--sink-tokens", "4"], capsys)
+    assert status == 0, err
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fastgpt").eval()
+    assert model.config.num_sink_tokens == 4
+    original, _ = load_source(source)
+    without_sinks = converted_model(original, **SHORT_LAYOUT)
+    assert converted_model(original, **SHORT_LAYOUT, num_sink_tokens=4).config.num_sink_tokens == 4
+    input_ids = prompt_ids()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        torch.testing.assert_close(logits, original(input_ids).logits, rtol=0, atol=1e-2)
+        torch.testing.assert_close(logits, without_sinks(input_ids).logits, rtol=1e-6, atol=1e-6)
+    status, _, err = run_cli(["convert", str(source), str(tmp_path / "other"), "--sink-tokens", "-1"], capsys)
+    assert status == 2 and "--sink-tokens: must be an integer >= 0, got -1" in err
+
+
 def test_new_parameters_start_neutral_and_the_checkpoint_carries_tokenizer_and_code(tmp_path):
     source = build_source(tmp_path / "source", "qwen2")
     convert(source, tmp_path / "fastgpt", **SHORT_LAYOUT)

@@ -49,6 +49,15 @@ def test_greedy_generate_equals_an_argmax_loop_over_full_recomputation(model, ca
     assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, NEW_TOKENS))
 
 
+def test_greedy_generate_with_attention_sinks_equals_an_argmax_loop():
+    """Past every window (10 + 14 tokens, windows 8 / 16): the dynamic cache keeps the sinks the reference sees."""
+    model = tiny_model("mixed", num_sink_tokens=3)
+    model.generation_config.pad_token_id = 0
+    input_ids, attention_mask = left_padded_batch(10)
+    generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=14, do_sample=False)
+    assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, 14))
+
+
 def test_left_padded_batch_equals_each_prompt_generated_alone(model):
     input_ids, attention_mask = left_padded_batch(20)  # prompts longer than the sliding window
     batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False)

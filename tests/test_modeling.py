@@ -204,3 +204,12 @@ def test_attention_sparsity_at_4096_matches_the_design():
     assert full == pytest.approx(1 - n * (n + 1) // 2 / n**2, rel=1e-12)
     # DESIGN.md's figures: about 88% / 77% / 50% skipped.
     assert (round(sliding, 2), round(dynamic, 2), round(full, 2)) == (0.88, 0.77, 0.5)
+
+
+def test_attention_sparsity_counts_the_sinks_beyond_the_window():
+    """A sliding query at i (window 8) sees its window and the min(2, i + 1 - 8) sinks beyond it; full layers none."""
+    with_sinks = tiny_model("mixed", num_sink_tokens=2).attention_sparsity(64)
+    without = tiny_model("mixed").attention_sparsity(64)
+    extra = sum(min(2, max(0, position + 1 - 8)) for position in range(64)) / 64**2
+    assert with_sinks[0] == pytest.approx(without[0] - extra)
+    assert with_sinks[2] == without[2]
