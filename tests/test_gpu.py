@@ -135,6 +135,23 @@ def test_sdpa_without_the_flash_kernel_takes_the_blocked_path():
     assert ((flash.double() - blocked.double()).norm() / blocked.double().norm()).item() < 1e-2
 
 
+def test_sdpa_with_sinks_leaves_the_flash_window_for_a_path_that_sees_them():
+    """Unpadded bf16 where the flash window would run: with attention sinks sdpa takes the blocked path, which
+    matches eager's mask with sinks in float64."""
+    from fastgpt_hf.attention_eager import eager_windowed_attention
+    from fastgpt_hf.attention_sdpa import flash_window_supported, sdpa_windowed_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((1, 8, 500, 64), (1, 2, 500, 64), (1, 2, 500, 64))
+    inputs = [torch.randn(*s, device="cuda", generator=generator, dtype=torch.bfloat16) for s in shapes]
+    assert flash_window_supported(inputs[0])
+    with_sinks = sdpa_windowed_attention(*inputs, None, 128, 0.125, 0.0, 4)[0]
+    exact = eager_windowed_attention(*(tensor.double() for tensor in inputs), None, 128, 0.125, 0.0, 4)[0]
+    without_sinks = eager_windowed_attention(*(tensor.double() for tensor in inputs), None, 128, 0.125)[0]
+    assert ((with_sinks.double() - exact).norm() / exact.norm()).item() < 1e-2
+    assert ((without_sinks - exact).norm() / exact.norm()).item() > 5e-2
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
 def test_cuda_gradients_match_reference(backend):
     torch.backends.cuda.matmul.allow_tf32 = False
