@@ -1,7 +1,8 @@
 """FastGPT's caches against the float64 reference: incremental decoding equals the full forward pass.
 
 Tolerance: float64 models, logits within 1e-9 of `reference_logits` (measured: about 4e-14). With attention sinks
-the dynamic cache keeps each row's first real tokens; the static cache and what builds on it refuse them.
+both caches keep each row's first real tokens (the static cache in slots of their own, eager and compiled); ExecuTorch
+export refuses them.
 """
 
 import re
@@ -14,14 +15,12 @@ from transformers import DynamicCache
 from fastgpt_hf.attention_reference import reference_logits
 from fastgpt_hf.cache_fastgpt import (
     FastGPTDynamicCache,
-    FastGPTRowCache,
     FastGPTStaticCache,
     SinkTokens,
     StaticCompressedLayer,
     StaticRolledLayer,
 )
 from fastgpt_hf.export_executorch import FastGPTWithStaticCache
-from fastgpt_hf.serving import ContinuousBatchingEngine
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -150,11 +149,13 @@ def test_first_static_prefill_attends_to_its_own_tokens_only():
             assert key_is_real is None if expected_mask is None else torch.equal(key_is_real, expected_mask)
 
 
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "3-sinks"])
 @pytest.mark.parametrize("past_tokens", [0, 5, 20])
-def test_compiled_prefill_update_stores_what_eager_stores(past_tokens):
+def test_compiled_prefill_update_stores_what_eager_stores(past_tokens, sinks):
     """Compiled code reads no token count, so its multi-token update also returns the slots never written (flagged
-    not real); both store the same slots and return the same real keys in the same order."""
-    layers = [StaticRolledLayer(64, 15) for _ in range(2)]
+    not real) and the sink slots; both store the same slots and return the same real keys in the same order (after
+    20 tokens, the 3 sinks that left the window of 16 first)."""
+    layers = [StaticRolledLayer(64, 15, num_sink_tokens=sinks) for _ in range(2)]
     past, new = torch.randn(2, 2, past_tokens, 4), torch.randn(2, 2, 6, 4)
     returned = []
     for layer, update in zip(layers, (layers[0].update, torch.compile(layers[1].update, fullgraph=True)), strict=True):
@@ -165,19 +166,24 @@ def test_compiled_prefill_update_stores_what_eager_stores(past_tokens):
         keys, _, key_is_real = update(new, new)
         returned.append((keys.shape[2], keys if key_is_real is None else keys[:, :, key_is_real[0]]))  # None: all real
     (eager_length, eager_keys), (compiled_length, compiled_keys) = returned
-    assert (eager_length, compiled_length) == (min(past_tokens, 16) + 6, 16 + 6)
+    sinks_returned = sinks if past_tokens > 16 else 0
+    assert (eager_length, compiled_length) == (sinks_returned + min(past_tokens, 16) + 6, sinks + 16 + 6)
     assert torch.equal(eager_keys, compiled_keys)
     assert torch.equal(eager_keys[:, :, -6:], new)
+    if sinks and past_tokens > 16:
+        assert torch.equal(eager_keys[:, :, :3], past[:, :, :3])
     eager, compiled = layers
-    for name in ("keys", "values", "slot_is_real", "cumulative_length"):
+    for name in eager.state_names():
         assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
 
 
 def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, StaticRolledLayer]:
-    """Inductor's code for one decode step's update of a static layer (ring of 1023 + 1 slots; dynamic: blocks of
-    4 over 4096 positions, 1024 blocks) holding `[2, 4, *, 64]` keys, and the layer after that step."""
+    """Inductor's code for one decode step's update of a static layer (ring of 1023 + 1 slots, with sinks 4 more;
+    dynamic: blocks of 4 over 4096 positions, 1024 blocks) holding `[2, 4, *, 64]` keys, and the layer after that
+    step."""
     dynamic = layer_kind == "dynamic"
-    layer = StaticCompressedLayer(4096, 1023, 4) if dynamic else StaticRolledLayer(4096, 1023)
+    sinks = 4 if layer_kind == "sliding with sinks" else 0
+    layer = StaticCompressedLayer(4096, 1023, 4) if dynamic else StaticRolledLayer(4096, 1023, num_sink_tokens=sinks)
     new_keys = torch.randn(2, 4, 1, 64, device=device)
     layer.lazy_initialization(new_keys, new_keys)
     compressor = torch.nn.Linear(64, 64, device=device)
@@ -203,13 +209,16 @@ def compiled_one_token_update(layer_kind: str, device: str) -> tuple[str, Static
     return "\n".join(code), layer
 
 
-@pytest.mark.parametrize("layer_kind", ["sliding or full", "dynamic"])
+@pytest.mark.parametrize("layer_kind", ["sliding or full", "dynamic", "sliding with sinks"])
 def test_compiled_one_token_update_loops_over_no_slots_or_blocks(layer_kind):
     """A compiled decode step writes a few slots and blocks in place: the CPU code's loops run over batch, heads and
     head_dim only (the open block's sums, `[2, 4, 64]`, flattened: 512). Two writes into one key buffer (the rolled
     layer's first version) and a scatter into the block sums each made inductor copy the whole buffer every step, in
-    loops over its 1024 slots or blocks."""
-    code, _ = compiled_one_token_update(layer_kind, "cpu")
+    loops over its 1024 slots or blocks. With sinks, the new token also lands in its row's first sink slot."""
+    code, layer = compiled_one_token_update(layer_kind, "cpu")
+    if layer_kind == "sliding with sinks":
+        assert torch.equal(layer.keys[:, :, 0], layer.keys[:, :, -1])
+        assert layer.sink_counts.tolist() == [1, 1]
     loop_bounds = [int(bound) for bound in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", code)]
     assert loop_bounds, "no loop in the generated code"
     assert max(loop_bounds) < 1024
@@ -323,23 +332,63 @@ def test_sink_state_stays_bounded_after_400_tokens():
     assert (dynamic.sink_keys.shape[2], dynamic.keys.shape[2]) == (4, model.config.dynamic_window - 1)
 
 
-SINK_REFUSAL = r"FastGPTStaticCache keeps no attention sinks \(num_sink_tokens=3\).*set num_sink_tokens=0"
+def test_executorch_export_refuses_sinks():
+    with pytest.raises(ValueError, match=r"ExecuTorch export keeps no attention sinks yet \(num_sink_tokens=3\)"):
+        FastGPTWithStaticCache(tiny_model("mixed", num_sink_tokens=3), max_cache_len=32)
+
+
+# The static cache with sinks: n slots ahead of each windowed layer's window (`StaticRolledLayer`).
+STATIC_SINK_SCHEDULES = {
+    "chunked-prefill-then-decode": CHUNKED_PREFILL_THEN_DECODE,
+    "token-by-token": [5] + [1] * (LENGTH - 5),
+    "chunk-after-ring-wrapped": [5] + [1] * 20 + [6] + [1] * (LENGTH - 31),
+}
 
 
 @pytest.mark.parametrize(
-    "build",
-    [
-        lambda model: FastGPTStaticCache(model.config, max_cache_len=32),
-        lambda model: model.generate(torch.arange(6)[None], max_new_tokens=3, cache_implementation="static"),
-        lambda model: FastGPTRowCache(model.config, max_cache_len=32, max_rows=2),
-        lambda model: ContinuousBatchingEngine(model, max_rows=2, max_cache_len=32),
-        lambda model: FastGPTWithStaticCache(model, max_cache_len=32),
-    ],
-    ids=["static-cache", "generate-static", "serving-rows", "serving-engine", "executorch-export"],
+    "backend, schedule", [*(("eager", schedule) for schedule in STATIC_SINK_SCHEDULES), ("sdpa", "token-by-token")]
 )
-def test_static_cache_and_what_builds_on_it_refuse_sinks(build):
-    with pytest.raises(ValueError, match=SINK_REFUSAL):
-        build(tiny_model("mixed", num_sink_tokens=3))
+def test_static_cache_with_sinks_matches_the_reference(backend, schedule):
+    """Rows padded by 0, 3 and 20 have their sinks at columns 0-2, 3-5 and 20-22: by the 40th token all have left
+    both windows (8, 16), and the sink slots, flagged real, hold them."""
+    model = tiny_model("mixed", backend, num_sink_tokens=3)
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    reference = reference_logits(model, input_ids, attention_mask)
+    cache = FastGPTStaticCache(model.config, LENGTH)
+    logits = incremental_logits(model, input_ids, attention_mask, cache, STATIC_SINK_SCHEDULES[schedule])
+    assert max_error_on_real_tokens(logits, reference, attention_mask) < TOLERANCE
+    sliding, dynamic, full, _ = cache.layers
+    for layer in (sliding, dynamic):
+        assert layer.sink_columns.tolist() == [[0, 1, 2], [3, 4, 5], [20, 21, 22]]
+        assert layer.slot_is_real[:, :3].all()
+    assert full.num_sink_tokens == 0 and full.keys.shape[2] == LENGTH
+
+
+def test_compiled_static_decode_with_sinks_matches_the_reference():
+    """The whole decode step compiled (fullgraph; dynamo's graph run as traced, as generate()'s compile test does):
+    one graph serves 30 steps past both windows, which give the reference's logits."""
+    model = tiny_model("mixed", num_sink_tokens=3)
+    input_ids, attention_mask = left_padded_batch(LENGTH)
+    reference = reference_logits(model, input_ids, attention_mask)
+    cache = FastGPTStaticCache(model.config, LENGTH)
+    logits = [incremental_logits(model, input_ids, attention_mask, cache, [10])]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    decode = torch.compile(model, fullgraph=True, backend=counting_backend)
+    with torch.no_grad():
+        for step in range(10, LENGTH):
+            token = slice(step, step + 1)
+            inputs = {"attention_mask": attention_mask[:, token], "position_ids": positions[:, token]}
+            logits.append(decode(input_ids[:, token], cache=cache, **inputs).logits)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert max_error_on_real_tokens(torch.cat(logits, dim=1), reference, attention_mask) < TOLERANCE
 
 
 def test_a_cache_built_without_sinks_is_refused_by_a_model_with_sinks():

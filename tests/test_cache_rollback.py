@@ -92,6 +92,20 @@ def test_static_cache_holding_every_position_rolls_back_exactly(stack):
     assert_matches_reference(model, cache)
 
 
+def test_static_cache_with_sinks_forgets_the_sinks_it_crops():
+    """The rejected tokens that took a row's first sink slots (row 2's real tokens start at column 7) leave them at
+    the crop: the row's true first real tokens hold them at the end."""
+    model = tiny_model("mixed", sliding_window=64, dynamic_window=64, num_sink_tokens=3)
+    cache = FastGPTStaticCache(model.config, max_cache_len=64)
+    input_ids, attention_mask = left_padded_batch(15)
+    logits = logits_with_rollbacks(model, input_ids, attention_mask, cache, ROLLBACK_SCHEDULE[:6])
+    reference = reference_logits(model, input_ids, attention_mask)
+    assert (logits - reference).abs().amax(-1)[attention_mask.bool()].max().item() < TOLERANCE
+    for layer in cache.layers[:2]:
+        assert layer.sink_counts.tolist() == [3, 3, 3]
+        assert layer.sink_columns.tolist() == [[0, 1, 2], [3, 4, 5], [7, 8, 9]]
+
+
 def test_rollback_keeps_what_the_design_keeps():
     """DESIGN.md section 4 after rollbacks: the window, one entry and count per block, the open block's sums."""
     model = tiny_model("dynamic", dtype=torch.float32)

@@ -82,6 +82,12 @@ class FastGPTWithStaticCache(nn.Module):
     def __init__(self, model: PreTrainedModel, max_cache_len: int):
         super().__init__()
         config = model.config
+        if config.num_sink_tokens > 0:
+            raise ValueError(
+                f"ExecuTorch export keeps no attention sinks yet (num_sink_tokens={config.num_sink_tokens}): the "
+                "exported cache and its runner have not been checked with them. Export a model with "
+                "num_sink_tokens=0, or run this one through Transformers (generate(), fastgpt serve)."
+            )
         self.model = model
         self.max_cache_len = max_cache_len
         self.cache = FastGPTStaticCache(config, max_cache_len)
