@@ -58,6 +58,17 @@ def test_greedy_generate_with_attention_sinks_equals_an_argmax_loop():
     assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, 14))
 
 
+def test_greedy_generate_with_sinks_and_the_static_cache_equals_the_dynamic_cache():
+    """10 + 20 tokens, left-padded: the static cache's sink slots give the dynamic cache's tokens once every row's
+    sinks have left both windows (8, 16)."""
+    model = tiny_model("mixed", num_sink_tokens=3)
+    model.generation_config.pad_token_id = 0
+    input_ids, attention_mask = left_padded_batch(10)
+    options = {"attention_mask": attention_mask, "max_new_tokens": 20, "do_sample": False}
+    static = model.generate(input_ids, cache_implementation="static", **options)
+    assert torch.equal(static, model.generate(input_ids, cache_implementation="dynamic", **options))
+
+
 def test_left_padded_batch_equals_each_prompt_generated_alone(model):
     input_ids, attention_mask = left_padded_batch(20)  # prompts longer than the sliding window
     batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False)

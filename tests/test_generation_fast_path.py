@@ -72,13 +72,15 @@ def test_the_vision_language_model_keeps_the_eager_default_on_cuda(monkeypatch):
     assert isinstance(default_cache(captioner)[0], FastGPTDynamicCache)
 
 
-def test_a_model_with_attention_sinks_keeps_the_eager_dynamic_cache_on_cuda(reported_on_cuda):
-    """The static cache keeps no sinks: such a model decodes with the dynamic cache, as a selective one does."""
+def test_a_model_with_attention_sinks_takes_the_compiled_static_cache_on_cuda(reported_on_cuda):
+    """The static cache keeps the sinks in slots of their own: such a model takes the fast path too."""
     model = tiny_model("mixed", num_sink_tokens=4)
     model.generation_config.pad_token_id = 0
     cache, compiles = default_cache(model)
-    assert isinstance(cache, FastGPTDynamicCache)
-    assert not compiles
+    assert isinstance(cache, FastGPTStaticCache)
+    assert compiles
+    sliding, dynamic, full, _ = cache.layers
+    assert [layer.num_sink_tokens for layer in (sliding, dynamic, full)] == [4, 4, 0]
 
 
 def test_cpu_default_is_the_eager_dynamic_cache(model):

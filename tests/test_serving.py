@@ -46,6 +46,22 @@ def test_each_request_gets_what_generate_gives_its_prompt_alone():
     assert engine.load() == {"active_rows": 0, "free_rows": 3, "waiting": 0}
 
 
+def test_a_model_with_sinks_gets_generate_tokens_and_a_reused_row_forgets_the_sinks_before():
+    # Attention sinks (3) in the rows: prompts of 9 and 30 tokens are prefilled together (rows 0 and 1), then the
+    # 2-token prompt takes row 1 after the 30-token reply (its sinks long out of the window), with fewer real tokens
+    # than sinks (its decode steps write the third), and the 5-token one row 0; every reply runs past both windows.
+    model = tiny_model("mixed", num_sink_tokens=3)
+    engine = ContinuousBatchingEngine(model, max_rows=2, max_cache_len=48, max_queue=4)
+    prompts = random_prompts([30, 9, 2, 5], seed=7)
+    new_tokens = [10, 20, 24, 15]
+    replies = {index: [] for index in range(len(prompts))}
+    for index, (prompt, count) in enumerate(zip(prompts, new_tokens, strict=True)):
+        engine.submit(prompt, SamplingParams(count, temperature=0), replies[index].append)
+    run_to_completion(engine)
+    for index, (prompt, count) in enumerate(zip(prompts, new_tokens, strict=True)):
+        assert [event.token_id for event in replies[index]] == greedy_reference(model, prompt, count), index
+
+
 def test_waiting_prompts_are_prefilled_together_left_padded():
     # 9 prompts of lengths 6 to 30 into 9 free rows, at most 4 a batch (max_prefill_batch=5 rounds down to a power
     # of two): shortest first in batches of 4, 4 and 1, each left-padded to its longest prompt: three prefill

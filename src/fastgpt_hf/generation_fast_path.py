@@ -22,9 +22,9 @@ Transformers does this only for a cache that is not returned, which the fast pat
 
 Everywhere else (CPU, `cache_implementation` set, a cache passed in, `disable_compile=True`, a quantizer or device
 map that cannot compile, `return_dict_in_generate=True`, whose returned cache a later turn may grow, other
-decoding modes, the vision-language model, a model with `selective_attention` layers or attention sinks
-(`num_sink_tokens` > 0), which the static cache does not hold) the default stays `FastGPTDynamicCache`, eager:
-nothing is compiled that the user did not ask for.
+decoding modes, the vision-language model, a model with `selective_attention` layers, which the static cache does
+not hold) the default stays `FastGPTDynamicCache`, eager: nothing is compiled that the user did not ask for. Attention
+sinks (`num_sink_tokens` > 0) take the fast path: the static cache keeps them in slots of their own.
 """
 
 import threading
@@ -67,8 +67,6 @@ def uses_cuda_fast_path(model, generation_config: GenerationConfig, generation_m
     if not isinstance(model.config, FastGPTConfig):  # the vision-language model: its compiled decode is not measured
         return False
     if SELECTIVE in model.config.layer_types:  # the static cache has no selective layer: the dynamic cache, eager
-        return False
-    if model.config.num_sink_tokens > 0:  # nor attention sinks
         return False
     if generation_config.cache_implementation is not None or model_kwargs.get("cache") is not None:
         return False
