@@ -1116,7 +1116,7 @@ class FastGPTRowCache(FastGPTStaticCache):
     def load_rows(self, source: FastGPTStaticCache, rows: list[int], lengths: list[int]) -> None:
         """Overwrite rows `rows` with the sequences of `source` (a static cache of the same config and
         `max_cache_len` that prefilled them, `source` row i into `rows[i]`, left padding allowed), `lengths[i]`
-        real tokens each: every slot and block, the slots laid out oldest first in this cache's ring order, so
+        real tokens each: every slot, block and sink, the slots laid out oldest first in this cache's ring order, so
         that the next decode steps evict them in time order (left padding, never real, first). One indexed copy
         per buffer for all rows."""
         self.copy_rows(source, torch.tensor(rows, dtype=torch.long, device=self.layers[0].device))

@@ -14,7 +14,8 @@ The cache is `FastGPTStaticCache` (DESIGN.md section 4) with its tensors registe
 windowed layers keep rings of their window, full layers of `max_cache_len`, dynamic layers add the block sums,
 counts and compressed entries of ceil(max_cache_len / b) blocks; positions count from the cache's own counter,
 so the methods take only token ids. A sequence is at most `max_cache_len` tokens (`run_executorch` refuses
-longer ones): a dynamic layer has block state for no more.
+longer ones): a dynamic layer has block state for no more. A model with attention sinks (`num_sink_tokens` > 0) is
+refused: the static cache keeps them, but the exported program and its runner have not been checked with them.
 
 `prefill` has a fixed length: every shape of both graphs is static, so the attention backends' choices on shapes
 are made once at export, and nothing in the model needs rewriting for export. A prompt is fed as whole chunks

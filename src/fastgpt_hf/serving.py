@@ -20,9 +20,10 @@ A `FastGPTRowCache` holds `max_rows` rows of `max_cache_len` positions, allocate
 Each request samples from its own row's logits (greedy at temperature 0, the greedy rows of a step chosen by one
 argmax and read back in one transfer; otherwise Transformers' temperature and top-p warpers and a CPU generator of
 its own, seeded by `seed`, so that a seed gives the same tokens on every device), and stops at an end-of-sequence
-token or after `max_new_tokens`. Rows never share positions, slots or blocks, so a request's tokens are those it
-gets alone. Tokens go back through each request's `emit` callback, called on the scheduler thread. Waiting requests
-are bounded by `max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
+token or after `max_new_tokens`. Rows never share positions, slots, blocks or attention sinks (a row's sink slots
+are overwritten with the rest when a request enters it), so a request's tokens are those it gets alone. Tokens go
+back through each request's `emit` callback, called on the scheduler thread. Waiting requests are bounded by
+`max_queue` beyond the rows: when every row is busy and `max_queue` requests wait, `submit` raises
 `EngineOverloaded` instead of queueing without limit.
 """
 
