@@ -676,8 +676,8 @@ class StaticRolledLayer(StaticLayer):
             return self.keys, self.values, self.slot_is_real
         past_order, window_length = self.returned_past()
         # A token keeps its slot once in the ring (token t in slot t % N, the newest in slot N): only the new tokens
-        # and the one leaving slot N are written, the last min(T + 1, N + 1) of the window returned, oldest first.
-        # Rewriting the whole kept past instead made each prefill chunk copy a full layer's every slot.
+        # and the one leaving slot N are written, the last min(P + T, T + 1, N + 1) of the window's returned keys,
+        # oldest first. Rewriting the whole kept past instead made each prefill chunk copy a full layer's every slot.
         stored = min(window_length + key_states.shape[2], key_states.shape[2] + 1, self.window_slots)
         sink_writes = self.sink_writes(key_states, value_states, is_real) if self.num_sink_tokens else None
         self.cumulative_length.add_(key_states.shape[2])
@@ -704,7 +704,7 @@ class StaticRolledLayer(StaticLayer):
             past_order = past_order[self.window_slots - window_length :]
             sinks_returned = sinks_returned and seen > self.window_slots
         if sinks_returned:
-            past_order = torch.cat([torch.arange(self.num_sink_tokens, device=self.device), past_order])
+            past_order = torch.cat([self.sink_slots(), past_order])
         return past_order, window_length
 
     def window_order(self) -> torch.Tensor:
@@ -750,7 +750,7 @@ class StaticRolledLayer(StaticLayer):
         inductor copy the whole buffer every step."""
         if sink_writes is not None:
             sink_keys, sink_values, sink_is_real = sink_writes
-            slots = torch.cat([torch.arange(self.num_sink_tokens, device=self.device), slots])
+            slots = torch.cat([self.sink_slots(), slots])
             keys, values = torch.cat([sink_keys, keys], dim=2), torch.cat([sink_values, values], dim=2)
             is_real = torch.cat([sink_is_real, is_real], dim=1)
         self.keys.index_copy_(2, slots, keys)
@@ -763,10 +763,9 @@ class StaticRolledLayer(StaticLayer):
         """The sink slots after a step of `[B, K, T, D]` new tokens (`is_real` `[B, T]`), call before it advances
         the clock: keys and values `[B, K, n, D]` and which are real `[B, n]`, as of the clock after the step.
         `sink_columns` and `sink_counts` are updated in place. Tensor arithmetic only, no host read."""
-        batch, kv_heads, query_length, head_dim = key_states.shape
+        kv_heads, query_length = key_states.shape[1:3]
         rank = self.sink_counts[:, None] + is_real.cumsum(1) - 1  # [B, T]: each real token's rank in its row
-        sink_index = torch.arange(self.num_sink_tokens, device=self.device)
-        arrives = is_real[:, :, None] & (rank[:, :, None] == sink_index)  # [B, T, n]: token t is the row's sink j
+        arrives = is_real[:, :, None] & (rank[:, :, None] == self.sink_slots())  # [B, T, n]: token t is sink j
         arrived = arrives.any(1)  # [B, n]
         source = (arrives * torch.arange(query_length, device=self.device)[None, :, None]).sum(1)  # [B, n]
         sink_states = []
@@ -775,13 +774,17 @@ class StaticRolledLayer(StaticLayer):
             sink_states.append(torch.where(arrived[:, None, :, None], gathered, buffer[:, :, : self.num_sink_tokens]))
         self.sink_columns.copy_(torch.where(arrived, self.cumulative_length + source, self.sink_columns))
         self.sink_counts.add_(arrived.sum(1))
-        return *sink_states, self.sinks_left_window(self.cumulative_length + query_length)
+        # The window holds the last N + 1 tokens: a sink has left it once N + 1 arrived after it.
+        left_window = self.sinks_arrived_before(self.cumulative_length + query_length - self.window_slots)
+        return *sink_states, left_window
 
-    def sinks_left_window(self, tokens_seen: torch.Tensor) -> torch.Tensor:
-        """`[B, n]` bool: the sink slots whose token has left the window after `tokens_seen` tokens (the window
-        holds the last N + 1)."""
-        sink_index = torch.arange(self.num_sink_tokens, device=self.device)
-        return (sink_index < self.sink_counts[:, None]) & (self.sink_columns < tokens_seen - self.window_slots)
+    def sinks_arrived_before(self, tokens_seen: int | torch.Tensor) -> torch.Tensor:
+        """`[B, n]` bool: the sink slots holding a token that arrived among the first `tokens_seen` (the clock)."""
+        return (self.sink_slots() < self.sink_counts[:, None]) & (self.sink_columns < tokens_seen)
+
+    def sink_slots(self) -> torch.Tensor:
+        """The sink slots' indices, `[n]`: the first n of the buffers."""
+        return torch.arange(self.num_sink_tokens, device=self.device)
 
     def get_seq_length(self) -> torch.Tensor:
         """Tokens seen, a 0-d tensor (`int()` it outside compiled code)."""
@@ -839,11 +842,6 @@ class StaticRolledLayer(StaticLayer):
             self.sink_counts.copy_(self.sinks_arrived_before(kept).sum(1))
         self.cumulative_length.sub_(-tokens_to_remove)
 
-    def sinks_arrived_before(self, tokens_seen: int) -> torch.Tensor:
-        """`[B, n]` bool: the sink slots holding a token that arrived among the first `tokens_seen`."""
-        sink_index = torch.arange(self.num_sink_tokens, device=self.device)
-        return (sink_index < self.sink_counts[:, None]) & (self.sink_columns < tokens_seen)
-
     def reset(self) -> None:
         """Zero the buffers in place (they keep their address) and forget the positions seen."""
         if self.is_initialized:
@@ -873,7 +871,7 @@ class StaticRolledLayer(StaticLayer):
         """Every slot: the sink slots, then the window's from the oldest kept token to the newest."""
         if not self.num_sink_tokens:
             return self.window_order()
-        return torch.cat([torch.arange(self.num_sink_tokens, device=self.device), self.window_order()])
+        return torch.cat([self.sink_slots(), self.window_order()])
 
     def state_names(self) -> list[str]:
         """The attributes holding the layer's state (ExecuTorch export registers them as buffers)."""
