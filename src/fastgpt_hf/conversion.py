@@ -264,7 +264,7 @@ def convert_main(argv: list[str] | None = None) -> None:
         dest="num_sink_tokens",
         type=non_negative_int,
         help="attention sinks: every windowed query also sees the first N real tokens (num_sink_tokens; default 0, "
-        "none). The static cache, serving and export do not take them yet",
+        "none). ExecuTorch export does not take them yet",
     )
     parser.add_argument("--gate-bias", type=float, default=GATE_BIAS, help="initial gate bias (sigmoid: local share)")
     parser.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
