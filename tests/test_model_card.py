@@ -64,6 +64,15 @@ def test_card_body_lists_each_layer_with_window_and_sparsity():
         assert section in text
 
 
+def test_card_window_column_names_the_attention_sinks():
+    model = tiny_model("mixed", dtype=torch.float32, num_sink_tokens=4)
+    text = build_model_card(model, "someone/fastgpt-tiny").text
+    windows = {"sliding_attention": "8 + the first 4 tokens", "dynamic_attention": "16 + the first 4 tokens"}
+    windows["full_attention"] = "all"
+    for index, layer_type in enumerate(model.config.layer_types):
+        assert f"| {index} | `{layer_type}` | {windows[layer_type]} |" in text
+
+
 def test_captioning_model_is_saved_with_the_card_of_its_task(tmp_path):
     """The captioning model saves through the same mixin: a card whose task, loading class and layer table are the
     captioner's (its language model's layers)."""

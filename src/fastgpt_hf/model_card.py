@@ -184,17 +184,18 @@ def speed_results(speeds: "list[GenerationSpeed]", new_tokens: int, device: str)
 
 
 def layer_rows(model: PreTrainedModel, sparsity_length: int) -> list[dict]:
-    """One row per layer of the (language) model for the card's layer table: index, type, window, global branch,
-    sparsity."""
+    """One row per layer of the (language) model for the card's layer table: index, type, window (and the attention
+    sinks every window also sees), global branch, sparsity."""
     config = model.config.get_text_config(decoder=True)
     sparsities = model.get_decoder().attention_sparsity(sparsity_length)
     global_branch = f"{config.num_memory_tokens} memory slots + 1 entry per {config.compress_block_size} positions"
     selected = f" + the tokens of its top {config.num_selected_blocks} blocks"
+    sinks = f" + the first {config.num_sink_tokens} tokens" if config.num_sink_tokens else ""
     return [
         {
             "index": index,
             "type": layer_type,
-            "window": config.attention_window(layer_type) or "all",
+            "window": f"{window}{sinks}" if (window := config.attention_window(layer_type)) else "all",
             "global_branch": global_branch + (selected if layer_type == SELECTIVE else "")
             if layer_type in GLOBAL_BRANCH_TYPES
             else "",
