@@ -106,6 +106,19 @@ def test_cached_generation_equals_generation_without_cache(model, cache_implemen
     assert torch.equal(*outputs)
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_beam_search_with_sinks_equals_beam_search_without_cache(cache_implementation):
+    """10 + 20 tokens, left-padded, past both windows (8, 16): each cache's beam operations keep its sinks. (The
+    beams that survive share their first tokens, so this cannot tell whether the sinks themselves are reordered;
+    tests/test_cache.py holds each cache's row operations to the reference.)"""
+    model = tiny_model("mixed", num_sink_tokens=3)
+    model.generation_config.pad_token_id = 0
+    input_ids, attention_mask = left_padded_batch(10)
+    options = {"attention_mask": attention_mask, "max_new_tokens": 20, "num_beams": 3, "num_return_sequences": 2}
+    cached = model.generate(input_ids, cache_implementation=cache_implementation, do_sample=False, **options)
+    assert torch.equal(cached, model.generate(input_ids, use_cache=False, do_sample=False, **options))
+
+
 def test_generation_continues_from_a_returned_cache(model):
     """Multi-turn chat: turn two reuses `out.cache` and equals generating the whole conversation afresh."""
     input_ids, attention_mask = left_padded_batch(10)
