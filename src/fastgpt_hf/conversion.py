@@ -17,6 +17,7 @@ computation (nearly) untouched:
 
 So a FastGPT whose layers are all `full_attention` computes exactly what the source computes, and one with
 sliding / dynamic layers gives the source's greedy tokens on prompts shorter than every window (tests hold both).
+`--full-layers K` keeps full the K layers whose heads retrieve (`retrieval_layout`) instead of the deepest ones.
 `--sink-tokens N` (`num_sink_tokens`) lets the windowed layers keep seeing the first N tokens, on which the source's
 heads park attention (README, "Attention sinks"); inside every window it changes nothing.
 
@@ -46,6 +47,7 @@ from .checkpoints import loading_problems
 from .configuration_fastgpt import FULL, GLOBAL_BRANCH_TYPES, FastGPTConfig
 from .modeling_fastgpt import FastGPTForCausalLM
 from .output_folders import refuse_occupied, refuse_unwritable, staged_folder, writer_lock
+from .retrieval_layout import retrieval_layout, retrieval_scores
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Config fields copied as they are (Llama's names; Mistral and Qwen2 use the same ones).
@@ -219,22 +221,44 @@ def convert(
     layer_types: list[str] | str | None = None,
     gate_bias: float = GATE_BIAS,
     overwrite: bool = False,
+    full_layers: int | None = None,
     **layout,
 ) -> FastGPTForCausalLM:
     """Write the FastGPT checkpoint of `source` (`converted_model`) with its tokenizer to `output` and return the
-    model. `output` must be new or empty unless `overwrite`; it is written beside its final name and renamed into
-    place, under a lock, and never a folder holding the source."""
+    model. `full_layers` (instead of `layer_types`): keep the source's most retrieving layers full
+    (`retrieval_layout`). `output` must be new or empty unless `overwrite`; it is written beside its final name and
+    renamed into place, under a lock, and never a folder holding the source."""
+    if full_layers is not None and layer_types is not None:
+        raise ValueError("Give either the layer types or the number of full layers to choose them, not both.")
     output = Path(output)
     refuse_unwritable(output, [Path(source)])
     with writer_lock(output):
         if not overwrite:
             refuse_occupied(output, "pass overwrite=True (--overwrite) to replace them, or another output folder")
         source_model, tokenizer = load_source(source)
+        if full_layers is not None:
+            layer_types = retrieving_layout(source_model, tokenizer, full_layers)
         model = converted_model(source_model, layer_types, gate_bias, **layout)
         with staged_folder(output) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     return model
+
+
+def retrieving_layout(source: PreTrainedModel, tokenizer, full_layers: int) -> list[str]:
+    """`retrieval_layout` of the source's `retrieval_scores` (eager attention while scoring), each layer's score and
+    kind printed."""
+    implementation = source.config._attn_implementation
+    source.set_attn_implementation("eager")
+    try:
+        scores = retrieval_scores(source, tokenizer)
+    finally:
+        source.set_attn_implementation(implementation)
+    layer_types = retrieval_layout(scores, full_layers)
+    print("retrieval score by layer (the most retrieving head's attention share on a pass key's needle):")
+    for index, (score, kind) in enumerate(zip(scores, layer_types, strict=True)):
+        print(f"  {index:3d}  {score:.3f}  {kind}")
+    return layer_types
 
 
 def convert_main(argv: list[str] | None = None) -> None:
@@ -266,10 +290,20 @@ def convert_main(argv: list[str] | None = None) -> None:
         help="attention sinks: every windowed query also sees the first N real tokens (num_sink_tokens; default 0, "
         "none). ExecuTorch export does not take them yet",
     )
+    parser.add_argument(
+        "--full-layers",
+        type=positive_int,
+        help="instead of --layer-types: keep the K layers whose heads retrieve most full (scored on pass-key samples "
+        "the source answers), the other layers below them sliding and the rest dynamic",
+    )
     parser.add_argument("--gate-bias", type=float, default=GATE_BIAS, help="initial gate bias (sigmoid: local share)")
     parser.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
     args = parser.parse_args(argv)
     layout = {field: getattr(args, field) for field in LAYOUT_FIELDS}
-    model = convert(args.source, args.output, args.layer_types, args.gate_bias, args.overwrite, **layout)
+    if args.full_layers is not None and args.layer_types is not None:
+        parser.error("--layer-types and --full-layers choose the same thing: give one of them")
+    model = convert(
+        args.source, args.output, args.layer_types, args.gate_bias, args.overwrite, args.full_layers, **layout
+    )
     kinds = {kind: model.config.layer_types.count(kind) for kind in dict.fromkeys(model.config.layer_types)}
     print(f"{args.source} -> {args.output}: {model.num_parameters():,} parameters, layers {kinds}")
