@@ -96,6 +96,17 @@ def test_training_mix_has_its_shares_and_labels(tokenizer, vocabulary):
         training_mix(text, tokenizer, vocabulary, 16, mqar_share=0.75, passkey_share=0.5, num_pairs=4)
 
 
+def test_training_mix_takes_the_text_again_when_it_needs_more_blocks(tokenizer, vocabulary):
+    """The `gpu` size of the quality harness needs more text blocks than WikiText-2's train split holds at its
+    block length: the text is taken again from its first block, each block at most twice here."""
+    text = [[7 + index] * 128 for index in range(3)]
+    mix = training_mix(text, tokenizer, vocabulary, 10, mqar_share=0.2, passkey_share=0.3, num_pairs=4)
+    text_rows = sorted(ids[0] for ids, labels in zip(mix["input_ids"], mix["labels"], strict=True) if ids == labels)
+    assert text_rows == [7, 7, 8, 8, 9]
+    with pytest.raises(ValueError, match="the text gives none"):
+        training_mix([], tokenizer, vocabulary, 10, mqar_share=0.2, passkey_share=0.3, num_pairs=4)
+
+
 def test_sequence_mean_loss_weighs_each_sequence_equally():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[1, 2, 3, 4, 5], [IGNORE_INDEX] * 4 + [6]])

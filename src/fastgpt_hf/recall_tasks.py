@@ -17,6 +17,7 @@
   answered, without matching keys, scores 1/n, 1/(n-1), ..., 1 for n pairs: 52% overall for 4).
 """
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -134,15 +135,16 @@ def training_mix(
     seed: int = 0,
 ) -> Dataset:
     """`count` blocks of the text blocks' length (`input_ids`, `labels`), shuffled: an `mqar_share` of MQAR samples,
-    a `passkey_share` of pass-key samples (labelled on the answer), the rest the first `text_blocks`."""
+    a `passkey_share` of pass-key samples (labelled on the answer), the rest the `text_blocks` in order (from the
+    first again where the mix needs more: a second epoch of the text)."""
     if not (0 <= mqar_share and 0 <= passkey_share and mqar_share + passkey_share <= 1):
         raise ValueError(f"The shares must be >= 0 with a sum <= 1, got MQAR {mqar_share}, pass key {passkey_share}.")
+    if not text_blocks:
+        raise ValueError("The mix takes its block length from the text blocks and the text gives none; give more text.")
     length = len(text_blocks[0])
     num_mqar, num_passkey = round(count * mqar_share), round(count * passkey_share)
     num_text = count - num_mqar - num_passkey
-    if num_text > len(text_blocks):
-        raise ValueError(f"The mix needs {num_text} text blocks, got {len(text_blocks)}; give more text.")
-    rows = [(block, block) for block in text_blocks[:num_text]]
+    rows = [(block, block) for block in itertools.islice(itertools.cycle(text_blocks), num_text)]
     rows += [
         (sample.input_ids, sample.labels) for sample in mqar_samples(vocabulary, length, num_pairs, num_mqar, seed)
     ]
