@@ -20,7 +20,6 @@ from fastgpt_hf.cache_fastgpt import (
     StaticCompressedLayer,
     StaticRolledLayer,
 )
-from fastgpt_hf.export_executorch import FastGPTWithStaticCache
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -329,11 +328,6 @@ def test_sink_state_stays_bounded_after_400_tokens():
     sliding, dynamic, _, _ = cache.layers
     assert (sliding.sink_keys.shape[2], sliding.keys.shape[2]) == (4, model.config.sliding_window - 1)
     assert (dynamic.sink_keys.shape[2], dynamic.keys.shape[2]) == (4, model.config.dynamic_window - 1)
-
-
-def test_executorch_export_refuses_sinks():
-    with pytest.raises(ValueError, match=r"ExecuTorch export keeps no attention sinks yet \(num_sink_tokens=3\)"):
-        FastGPTWithStaticCache(tiny_model("mixed", num_sink_tokens=3), max_cache_len=32)
 
 
 # The static cache with sinks: n slots ahead of each windowed layer's window (`StaticRolledLayer`).

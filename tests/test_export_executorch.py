@@ -62,6 +62,29 @@ def test_float_pte_gives_eager_greedy_tokens_across_windows_blocks_and_wraps(exp
     assert list(generate_tokens(pte, prompt, 64)) == eager
 
 
+def test_pte_with_attention_sinks_gives_eager_greedy_tokens(tmp_path):
+    """Attention sinks in the exported cache: 40 + 64 tokens, the first 3 seen by every window long after they left
+    it, through prefill chunks, decode steps and ring wraps, as eager generate() sees them; and again after reset."""
+    tokenizer = load_tokenizer()
+    model = model_for_tokenizer("tiny", tokenizer, seed=0, initializer_range=0.2, num_sink_tokens=3).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    options = ["--max-cache-len", str(MAX_CACHE_LEN), "--prefill-chunk", str(PREFILL_CHUNK)]
+    main(["export", str(tmp_path / "checkpoint"), str(tmp_path / "sinks.pte"), *options])
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(
+        prompt[None],
+        attention_mask=torch.ones(1, 40, dtype=torch.long),
+        max_new_tokens=64,
+        min_new_tokens=64,
+        do_sample=False,
+    )[0, 40:].tolist()
+    without_sinks = model_for_tokenizer("tiny", tokenizer, seed=0, initializer_range=0.2).eval()
+    assert without_sinks.generate(prompt[None], max_new_tokens=64, do_sample=False)[0, 40:].tolist() != eager
+    pte = PteLanguageModel(tmp_path / "sinks.pte")
+    assert list(generate_tokens(pte, prompt, 64)) == eager
+    assert list(generate_tokens(pte, prompt, 64)) == eager
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     pte = PteLanguageModel(exported[2]["none"])
     prompt = torch.arange(5, 25)

@@ -85,8 +85,8 @@ class FastGPTConfig(PreTrainedConfig):
             Attention sinks: every windowed query (`sliding_attention` layers and the local branch of
             `dynamic_attention` and `selective_attention` layers) also sees the first `num_sink_tokens` real tokens
             of its row, causally, besides its window; full layers are unchanged. 0 (the default) turns them off.
-            Every cache keeps them (the static one too, so the compiled CUDA `generate()` and serving); ExecuTorch
-            export refuses them for now (README, "Attention sinks").
+            Every cache keeps them (the static one too, so the compiled CUDA `generate()`, serving and the
+            ExecuTorch export; README, "Attention sinks").
         fastgpt_hf_version (`str`, *optional*):
             The fastgpt_hf version that wrote the checkpoint; another major.minor raises a `ValueError`. Always
             holds this code's version once the config is built, so saving records it.

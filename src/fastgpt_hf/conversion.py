@@ -288,7 +288,7 @@ def convert_main(argv: list[str] | None = None) -> None:
         dest="num_sink_tokens",
         type=non_negative_int,
         help="attention sinks: every windowed query also sees the first N real tokens (num_sink_tokens; default 0, "
-        "none). ExecuTorch export does not take them yet",
+        "none)",
     )
     parser.add_argument(
         "--full-layers",

@@ -14,8 +14,9 @@ The cache is `FastGPTStaticCache` (DESIGN.md section 4) with its tensors registe
 windowed layers keep rings of their window, full layers of `max_cache_len`, dynamic layers add the block sums,
 counts and compressed entries of ceil(max_cache_len / b) blocks; positions count from the cache's own counter,
 so the methods take only token ids. A sequence is at most `max_cache_len` tokens (`run_executorch` refuses
-longer ones): a dynamic layer has block state for no more. A model with attention sinks (`num_sink_tokens` > 0) is
-refused: the static cache keeps them, but the exported program and its runner have not been checked with them.
+longer ones): a dynamic layer has block state for no more. Attention sinks (`num_sink_tokens` > 0) live in slots
+ahead of each window's ring and in two small tensors per windowed layer (when each sink arrived, how many there
+are), buffers like the rest; `reset` zeroes them too.
 
 `prefill` has a fixed length: every shape of both graphs is static, so the attention backends' choices on shapes
 are made once at export, and nothing in the model needs rewriting for export. A prompt is fed as whole chunks
@@ -83,12 +84,6 @@ class FastGPTWithStaticCache(nn.Module):
     def __init__(self, model: PreTrainedModel, max_cache_len: int):
         super().__init__()
         config = model.config
-        if config.num_sink_tokens > 0:
-            raise ValueError(
-                f"ExecuTorch export keeps no attention sinks yet (num_sink_tokens={config.num_sink_tokens}): the "
-                "exported cache and its runner have not been checked with them. Export a model with "
-                "num_sink_tokens=0, or run this one through Transformers (generate(), fastgpt serve)."
-            )
         self.model = model
         self.max_cache_len = max_cache_len
         self.cache = FastGPTStaticCache(config, max_cache_len)
