@@ -44,10 +44,9 @@ def exported(tmp_path_factory):
     return model, folder / "checkpoint", files
 
 
-def test_float_pte_gives_eager_greedy_tokens_across_windows_blocks_and_wraps(exported):
-    model, _, files = exported
-    # 40 prompt tokens (two prefill chunks and 8 decode steps) and 64 new ones: past the sliding window (8), the
-    # dynamic window (16) and many blocks of 4, the windows' rings wrapping many times.
+def long_prompt_and_eager_tokens(model) -> tuple[torch.Tensor, list[int]]:
+    """40 prompt tokens (two prefill chunks and 8 decode steps) and eager generate()'s 64 greedy new ones: past the
+    sliding window (8), the dynamic window (16) and many blocks of 4, the windows' rings wrapping many times."""
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
     eager = model.generate(
         prompt[None],
@@ -55,7 +54,13 @@ def test_float_pte_gives_eager_greedy_tokens_across_windows_blocks_and_wraps(exp
         max_new_tokens=64,
         min_new_tokens=64,
         do_sample=False,
-    )[0, 40:].tolist()
+    )
+    return prompt, eager[0, 40:].tolist()
+
+
+def test_float_pte_gives_eager_greedy_tokens_across_windows_blocks_and_wraps(exported):
+    model, _, files = exported
+    prompt, eager = long_prompt_and_eager_tokens(model)
     pte = PteLanguageModel(files["none"])
     assert list(generate_tokens(pte, prompt, 64)) == eager
     # The cache is emptied between sequences: the same prompt again gives the same tokens.
@@ -70,16 +75,9 @@ def test_pte_with_attention_sinks_gives_eager_greedy_tokens(tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     options = ["--max-cache-len", str(MAX_CACHE_LEN), "--prefill-chunk", str(PREFILL_CHUNK)]
     main(["export", str(tmp_path / "checkpoint"), str(tmp_path / "sinks.pte"), *options])
-    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
-    eager = model.generate(
-        prompt[None],
-        attention_mask=torch.ones(1, 40, dtype=torch.long),
-        max_new_tokens=64,
-        min_new_tokens=64,
-        do_sample=False,
-    )[0, 40:].tolist()
+    prompt, eager = long_prompt_and_eager_tokens(model)
     without_sinks = model_for_tokenizer("tiny", tokenizer, seed=0, initializer_range=0.2).eval()
-    assert without_sinks.generate(prompt[None], max_new_tokens=64, do_sample=False)[0, 40:].tolist() != eager
+    assert long_prompt_and_eager_tokens(without_sinks)[1] != eager  # the sinks change these tokens
     pte = PteLanguageModel(tmp_path / "sinks.pte")
     assert list(generate_tokens(pte, prompt, 64)) == eager
     assert list(generate_tokens(pte, prompt, 64)) == eager
