@@ -1,5 +1,6 @@
 """`fastgpt convert --full-layers K`: each layer's retrieval score on pass-key samples, and the layout it gives."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from fastgpt_hf.configuration_fastgpt import DYNAMIC, FULL, SLIDING
 from fastgpt_hf.conversion import convert
 from fastgpt_hf.data import load_tokenizer
-from fastgpt_hf.passkey import encode
+from fastgpt_hf.passkey import sample_pieces
 from fastgpt_hf.retrieval_layout import retrieval_layout, retrieval_scores
 
 from .conftest import run_cli
@@ -18,34 +19,36 @@ from .test_conversion import HAS_SMOLLM2, build_source, smollm2_gguf
 
 class NeedleOracle(nn.Module):
     """A stand-in for a source that retrieves: it predicts every next token (teacher-forced, so it answers every
-    pass key), layer 0 attends uniformly to the past, and layer 1's second head puts all of its attention on the
-    needle's opening words (its first head attends uniformly)."""
+    pass key); layer 1's second head spreads all of its attention over the needle (its first head attends to
+    nothing), layer 0's heads attend to the token just before the needle and to the one just after it."""
 
     def __init__(self, tokenizer):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # a parameter, for the device
         self.config = SimpleNamespace(_attn_implementation="eager", max_position_embeddings=512)
-        self.vocab_size = len(tokenizer)
-        self.needle_opening = encode(tokenizer, " The pass key is")  # before the question's copy of these words
+        self.tokenizer = tokenizer
 
     def forward(self, input_ids: torch.Tensor, output_attentions: bool) -> SimpleNamespace:
         ids = input_ids[0].tolist()
-        length, opening = len(ids), len(self.needle_opening)
-        logits = nn.functional.one_hot(torch.tensor([*ids[1:], 0]), self.vocab_size).float()[None]
-        start = next(i for i in range(length) if ids[i : i + opening] == self.needle_opening)
-        uniform = torch.tril(torch.ones(length, length))
-        uniform = uniform / uniform.sum(-1, keepdim=True)
-        on_needle = torch.zeros(length, length)
-        on_needle[:, start : start + opening] = 1 / opening
-        attentions = (torch.stack([uniform, uniform])[None], torch.stack([uniform, on_needle])[None])
+        length = len(ids)
+        logits = nn.functional.one_hot(torch.tensor([*ids[1:], 0]), len(self.tokenizer)).float()[None]
+        key = int(re.findall(r"\d{5}", self.tokenizer.decode(ids[-8:]))[-1])  # the answer ends the sample
+        needle = sample_pieces(self.tokenizer, key)["needle"]
+        start = next(i for i in range(length) if ids[i : i + len(needle)] == needle)
+        on_needle, before, after = (torch.zeros(length, length) for _ in range(3))
+        on_needle[:, start : start + len(needle)] = 1 / len(needle)
+        before[:, start - 1] = 1
+        after[:, start + len(needle)] = 1
+        nothing = torch.zeros(length, length)
+        attentions = (torch.stack([before, after])[None], torch.stack([nothing, on_needle])[None])
         return SimpleNamespace(logits=logits, attentions=attentions)
 
 
-def test_scores_find_the_layer_whose_head_attends_to_the_needle():
+def test_scores_are_the_attention_share_on_the_needle_exactly():
+    """The needle's span, no token before or after it: layer 1 scores 1 (its second head), layer 0 scores 0."""
     tokenizer = load_tokenizer()
     scores = retrieval_scores(NeedleOracle(tokenizer), tokenizer, samples=3)
-    assert scores[1] == pytest.approx(1.0)
-    assert 0 < scores[0] < 0.1  # uniform attention: the needle's 5 tokens among the 300+ before each answer row
+    assert scores == [0.0, pytest.approx(1.0)]
     assert retrieval_layout(scores, 1) == [SLIDING, FULL]
 
 

@@ -1,17 +1,17 @@
 """Which layers of a source model retrieve, and the FastGPT layout that keeps them full: `fastgpt convert
 --full-layers K`.
 
-A converted model finds a fact beyond its windows only through its full layers (and, weakly, the dynamic layers'
-global branch), so which layers stay full decides whether it keeps the source's retrieval. Retrieval heads sit in
-a few layers, not the deepest ones: in SmolLM2-135M, keeping its 15 deepest layers full loses every pass key
-beyond the windows, keeping the 15 that retrieve finds them (benchmarks/RESULTS.md, "convert").
+A converted model sees a token beyond its windows only through its full layers and the dynamic layers' block
+summaries, so which layers stay full decides whether it keeps the source's retrieval. Retrieval heads sit in a
+few layers, not the deepest ones: SmolLM2-135M converted with its 15 deepest layers full and attention sinks finds
+no pass key 3,000 to 8,000 tokens back, with the 15 layers that retrieve most full it finds those up to 5,000
+back as the source does (benchmarks/RESULTS.md, "convert").
 
 `retrieval_scores` runs the source with eager attention on pass-key samples (`passkey`) that it answers and scores
 each layer by its most retrieving head: the share of attention the head gives, from the positions that predict the
 answer, to the needle (the sentence holding the key), averaged over the samples. `retrieval_layout` keeps the K
-highest-scoring layers full; of the others, those below the first full layer are sliding (they only build local
-features for it) and the rest dynamic (their global branch can still bring distant context to the full layers
-above).
+highest-scoring layers full; of the others, those below the first full layer are sliding (FastGPT's lowest stage)
+and the rest dynamic.
 """
 
 import random
@@ -49,7 +49,7 @@ def retrieval_scores(
         nearest, farthest = needle_distances(pieces, length)
         distance = rng.randint(max(nearest, length // 2), farthest)
         sample = passkey_sample(tokenizer, length, distance, key)
-        needle_start = sample.answer_start - len(pieces["question"]) - distance
+        needle_start = sample.answer_start - distance  # the distance runs from the needle's start to the question's end
         needle = slice(needle_start, needle_start + len(pieces["needle"]))
         answer_rows = slice(sample.answer_start - 1, length - 1)
         output = model(torch.tensor([sample.input_ids], device=device), output_attentions=True)
