@@ -72,6 +72,8 @@ def test_convert_full_layers_refuses_a_source_that_retrieves_nothing(tmp_path, c
     both = ["--full-layers", "2", "--layer-types", "full_attention"]
     status, _, err = run_cli(["convert", str(source), str(tmp_path / "out"), *both], capsys)
     assert status == 2 and "give one of them" in err
+    with pytest.raises(ValueError, match="either the layer types or the number of full layers"):
+        convert(source, tmp_path / "out", layer_types="full_attention", full_layers=2)
 
 
 @pytest.mark.slow

@@ -721,8 +721,8 @@ class StaticRolledLayer(StaticLayer):
         return slots + self.num_sink_tokens if self.num_sink_tokens else slots
 
     def push_one(self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor) -> None:
-        """Move the newest token from slot N into the ring, over its oldest slot, and write the new one in slot N
-        (and in its row's next sink slot, if it is one of the row's first n real tokens)."""
+        """Move the newest token from slot n + N into the ring, over its oldest slot, and write the new one in slot
+        n + N (and in its row's next sink slot, if it is one of the row's first n real tokens)."""
         sink_writes = self.sink_writes(key_states, value_states, is_real) if self.num_sink_tokens else None
         oldest = self.ring_slots(self.cumulative_length)[:1]
         slots = torch.cat([oldest, oldest.new_full((1,), self.keys.shape[2] - 1)])
