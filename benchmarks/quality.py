@@ -18,14 +18,15 @@ distance, perplexity against training tokens). `--report-only` summarizes the fi
 cut short, or elsewhere for the plot).
 
     python benchmarks/bench.py quality --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
-    python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu   # no GPU run yet
+    python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu
     python benchmarks/bench.py quality --size cpu --recall-probe --variants llama sliding dynamic fastgpt --seeds 0
     python benchmarks/bench.py quality --size cpu --recall-probe --variants fastgpt --seeds 0 \
         --layer-types full_attention selective_attention selective_attention   # the proposed selective layer
 
 Sizes (`SIZES`): `cpu` (3 layers of width 64, windows 4 / 8) runs every variant x 3 seeds in about 15-20 minutes
-on 2 cores; `gpu` (6 layers of width 256, windows 32 / 64) is sized for about 7 minutes on one H100, the seeds in
-parallel processes; `test` is the unit test's seconds-long run.
+on 2 cores; `gpu` (6 layers of width 256, windows 32 / 64) took 5.7 minutes for 4 variants x 3 seeds on one H100,
+the seeds in parallel processes (RESULTS.md: too short a run for any model to learn retrieval); `test` is the unit
+test's seconds-long run.
 """
 
 import argparse
