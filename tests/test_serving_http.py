@@ -195,3 +195,24 @@ def test_closed_streams_free_their_rows_and_a_full_queue_answers_429(server):
             stream.__exit__(None, None, None)
         assert [future.result().status_code for future in queued] == [200] * QUEUE
     assert wait_for_load(server, active_rows=0) == {"status": "ok", "active_rows": 0, "free_rows": ROWS, "waiting": 0}
+
+
+@pytest.mark.parametrize(
+    "options, device, compiled, http_workers",
+    [
+        ([], "cpu", False, 1),
+        ([], "cuda", True, 4),
+        ([], "cuda:1", True, 4),
+        (["--no-compile", "--http-workers", "1"], "cuda", False, 1),
+        (["--compile", "--http-workers", "2"], "cpu", True, 2),
+    ],
+)
+def test_serve_defaults_are_the_measured_fast_setting_on_cuda_and_eager_on_the_cpu(
+    options, device, compiled, http_workers
+):
+    """Left out, --compile and --http-workers take what RESULTS.md measured fastest on CUDA, and on the CPU the
+    eager engine in one process; given, they are kept."""
+    from fastgpt_hf.serving_http import device_defaults, serve_parser
+
+    args = device_defaults(serve_parser().parse_args(["folder", *options]), device)
+    assert (args.compile, args.http_workers) == (compiled, http_workers)
