@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> None:
         fastgpt_options = ["--rows", str(args.rows), "--context", str(context), "--max-queue", str(args.requests)]
         fastgpt_options += ["--prefill-batch", str(args.prefill_batch), "--stream-interval", str(args.stream_interval)]
         fastgpt_options += ["--http-workers", str(args.http_workers)]
-        fastgpt_options += ["--device", args.device, "--dtype", args.dtype, "--compile" if args.compile else "--no-compile"]
+        fastgpt_options += ["--device", args.device, "--dtype", args.dtype]
+        fastgpt_options += ["--compile" if args.compile else "--no-compile"]
         transformers_cli = str(Path(sys.executable).parent / "transformers")
         stream_note = f", {args.stream_interval} a piece" if args.stream_interval > 1 else ""
         stream_note += f", {args.http_workers} HTTP processes" if args.http_workers > 1 else ""
