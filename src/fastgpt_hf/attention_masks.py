@@ -112,12 +112,20 @@ def nonempty_block_function(block_counts: torch.Tensor, num_memory_tokens: int) 
 def compressed_mask_function(
     query_positions: torch.Tensor, block_counts: torch.Tensor, block_size: int, num_memory_tokens: int
 ) -> Callable:
-    """The global branch's rule (module docstring): memory slots, then the complete blocks that hold a real token."""
-    visible_block = and_masks(
-        complete_block_function(query_positions, block_size, num_memory_tokens),
-        nonempty_block_function(block_counts, num_memory_tokens),
-    )
-    return or_masks(memory_slot_function(num_memory_tokens), visible_block)
+    """The global branch's rule (module docstring): memory slots, then the complete blocks that hold a real token.
+    Composed with `|` and `&` directly: `and_masks` / `or_masks` start from a tensor of ones / zeros, four more
+    operators in every decode step of every dynamic layer."""
+    is_memory_slot = memory_slot_function(num_memory_tokens)
+    is_complete = complete_block_function(query_positions, block_size, num_memory_tokens)
+    holds_real_token = nonempty_block_function(block_counts, num_memory_tokens)
+
+    def is_visible(batch_idx, head_idx, q_idx, kv_idx):
+        block_is_visible = is_complete(batch_idx, head_idx, q_idx, kv_idx) & holds_real_token(
+            batch_idx, head_idx, q_idx, kv_idx
+        )
+        return is_memory_slot(batch_idx, head_idx, q_idx, kv_idx) | block_is_visible
+
+    return is_visible
 
 
 def dense_mask(
@@ -125,10 +133,10 @@ def dense_mask(
 ) -> torch.Tensor:
     """`mask_function` evaluated on every (batch, query, key): a boolean `[B', 1, T, S]`, with B' 1 where the rule
     does not depend on the row (broadcasting keeps only the dimensions the rule reads)."""
-    batch_idx = torch.arange(batch_size, device=device)[:, None, None, None]
+    batch_idx = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
     head_idx = torch.zeros((), dtype=torch.long, device=device)
-    q_idx = torch.arange(query_length, device=device)[None, None, :, None]
-    kv_idx = torch.arange(key_length, device=device)[None, None, None, :]
+    q_idx = torch.arange(query_length, device=device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(key_length, device=device).view(1, 1, 1, -1)
     return mask_function(batch_idx, head_idx, q_idx, kv_idx).expand(-1, 1, query_length, key_length)
 
 

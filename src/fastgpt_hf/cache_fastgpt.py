@@ -258,13 +258,15 @@ class CompressedBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store the compressed entries of `add_to_blocks`' means (`BlockMeans.written` says where), in place;
         return every compressed key and value `[B, K, C, D]` and the blocks' real-token counts `[B, C]`."""
+        if written.dim() == 1:  # one block per row: its index [B, K, 1] in every buffer
+            batch, kv_heads = self.compressed_keys.shape[:2]
+            rows = torch.arange(batch, device=written.device).view(-1, 1, 1)
+            heads = torch.arange(kv_heads, device=written.device).view(1, -1, 1)
+            one_block = (rows, heads, written.view(-1, 1, 1))
         for buffer, entries in ((self.compressed_keys, key_entries), (self.compressed_values, value_entries)):
             entries = entries.to(buffer.dtype)
-            if written.dim() == 1:  # one block per row
-                batch, kv_heads = buffer.shape[:2]
-                rows = torch.arange(batch, device=buffer.device)[:, None, None]
-                heads = torch.arange(kv_heads, device=buffer.device)[None, :, None]
-                buffer.index_put_((rows, heads, written[:, None, None]), entries)  # [B, K, 1]
+            if written.dim() == 1:
+                buffer.index_put_(one_block, entries)  # [B, K, 1]
             else:
                 buffer.copy_(torch.where(written[:, None, :, None], entries, buffer))
         return self.compressed_keys, self.compressed_values, self.block_counts
