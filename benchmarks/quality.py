@@ -75,9 +75,17 @@ SIZES = {
             "curve_blocks": 32, "curve_points": 5, "mqar_trials": 64, "passkey_trials": 32, "workers": 3},
 }  # fmt: skip
 MQAR_SHARE, PASSKEY_SHARE = 0.25, 0.25
-# `--recall-probe`: MQAR blocks only, short and many, so that a model that can retrieve learns to within minutes on
-# 2 cores (the mixed CPU run leaves every variant, Llama included, at chance); a plain AdamW loop, one-cycle schedule.
-RECALL_PROBE = {"block_size": 64, "batch_size": 32, "steps": 1500, "lr": 3e-3, "num_pairs": 4, "trials": 64}
+# `--recall-probe`: MQAR blocks only, short and many, so that a model that can retrieve learns it: a plain AdamW loop,
+# one-cycle schedule. The CPU's within minutes on 2 cores (the mixed CPU run leaves every variant, Llama included, at
+# chance); the GPU's (block: 4x the largest window and the pairs) one process per variant on one card.
+CPU_RECALL_PROBE = {"block_size": 64, "batch_size": 32, "steps": 1500, "lr": 3e-3, "num_pairs": 4, "trials": 64,
+                    "workers": 1}  # fmt: skip
+RECALL_PROBES = {
+    "test": CPU_RECALL_PROBE,
+    "cpu": CPU_RECALL_PROBE,
+    "gpu": {"block_size": 320, "batch_size": 32, "steps": 2000, "lr": 2e-3, "num_pairs": 8, "trials": 128,
+            "workers": 8},
+}  # fmt: skip
 DISTANCE_MULTIPLES = (1, 4, 16)
 PASSKEY_CHANCE = 0.0  # three answer tokens out of 16,384 each: about 2e-13 for a uniform guess
 
@@ -87,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the size's)")
-    parser.add_argument("--workers", type=int, help="processes, one seed each at a time (default: the size's)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes: one seed each at a time, or with --recall-probe one run each (default: the size's)",
+    )
     parser.add_argument(
         "--data", help="WikiText-2 folder with train.txt, valid.txt, test.txt (default: the shipped excerpt, no test)"
     )
@@ -99,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recall-probe",
         action="store_true",
-        help="instead: can each variant learn MQAR at all? MQAR-only training at the size's shape (RECALL_PROBE)",
+        help="instead: can each variant learn MQAR at all? MQAR-only training at the size's shape (RECALL_PROBES)",
     )
     parser.add_argument(
         "--layer-types",
@@ -135,14 +147,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def recall_probe(args: argparse.Namespace, output: Path) -> None:
-    """Each variant of `--variants` at each seed trained on MQAR samples alone (`RECALL_PROBE`, `--steps` overrides
-    its steps) at the `--size` shape (`--layer-types`: another base layout, which `fastgpt` takes as it is), then
-    its share of queries answered with keys 1x and 4x the largest window before the query; the table is printed
-    and written to `recall-probe.json` in `--output`."""
+    """Each variant of `--variants` at each seed trained on MQAR samples alone (`RECALL_PROBES[size]`, `--steps`
+    overrides its steps) at the `--size` shape (`--layer-types`: another base layout, which `fastgpt` takes as it
+    is), then its share of queries answered with keys 1x and 4x the largest window before the query. The runs go to
+    `--workers` processes (default: the probe's); each writes `probe-runs/<variant>-seed<N>.json` when it is done,
+    and the table is printed and written to `recall-probe.json` in `--output`."""
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
-    probe = {**RECALL_PROBE, "steps": args.steps or RECALL_PROBE["steps"], "size": size}
+    probe = {**RECALL_PROBES[size], "size": size}
+    probe["steps"] = args.steps or probe["steps"]
     tokenizer = load_tokenizer()
-    vocabulary = mqar_vocabulary(tokenizer)
     shape = model_shape(size, tokenizer, probe["block_size"])
     if args.layer_types:
         shape["layer_types"] = args.layer_types
@@ -150,44 +163,70 @@ def recall_probe(args: argparse.Namespace, output: Path) -> None:
     distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES[:2]}
     steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
     print(f"recall probe: {size} shape, {steps} steps of {batch} MQAR blocks of {block} tokens, {pairs} pairs; "
-          f"chance {100 / len(vocabulary.values):.2f}%", flush=True)  # fmt: skip
-    records = []
-    for seed in args.seeds:
-        samples = mqar_samples(vocabulary, block, pairs, steps * batch, seed=seed)
-        for name in args.variants:
-            model = variant_model(name, shape, seed)
-            started = time.perf_counter()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=probe["lr"], weight_decay=0.01)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, probe["lr"], total_steps=steps, pct_start=0.1)
-            model.train()
-            for step in range(steps):
-                chunk = samples[step * batch : (step + 1) * batch]
-                input_ids = torch.tensor([sample.input_ids for sample in chunk])
-                labels = torch.tensor([sample.labels for sample in chunk])
-                loss = model(input_ids, labels=labels, use_cache=False).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-            model.eval()
-            with torch.no_grad():
-                by_query = {
-                    label: mqar_accuracy_by_query(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
-                    for label, distance in distances.items()
-                }
-            accuracy = {label: sum(shares) / pairs for label, shares in by_query.items()}
-            records.append({"variant": name, "seed": seed, "final_loss": loss.item(), "accuracy": accuracy,
-                            "accuracy_by_query": by_query, "train_seconds": time.perf_counter() - started})  # fmt: skip
-            shares = ", ".join(
-                f"{label} {100 * accuracy[label]:.1f}% (by query asked: "
-                f"{' / '.join(f'{100 * share:.1f}' for share in by_query[label])})"
-                for label in accuracy
-            )
-            print(f"{name} seed {seed}: loss {loss.item():.3f}, MQAR {shares}", flush=True)
-    output.mkdir(parents=True, exist_ok=True)
-    results = {"probe": probe, "shape": shape, "distances": distances, "runs": records}
+          f"chance {100 / len(mqar_vocabulary(tokenizer).values):.2f}%", flush=True)  # fmt: skip
+    (output / "probe-runs").mkdir(parents=True, exist_ok=True)
+    setup = {"probe": probe, "shape": shape, "distances": distances, "output": str(output)}
+    jobs = [(name, seed) for seed in args.seeds for name in args.variants]
+    workers = min(args.workers or probe["workers"], len(jobs))
+    started = time.perf_counter()
+    if workers == 1:
+        records = [probe_run(name, seed, setup) for name, seed in jobs]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            records = list(pool.map(probe_run, *zip(*jobs, strict=True), [setup] * len(jobs)))
+    results = {**setup, "wall_seconds": time.perf_counter() - started, "runs": records}
     (output / "recall-probe.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def probe_run(name: str, seed: int, setup: dict) -> dict:
+    """One variant at one seed through the recall probe: a plain AdamW loop (one-cycle schedule, bf16 autocast on
+    CUDA, float32 on the CPU), then its accuracy by query at each distance; the loss is printed ten times a run."""
+    probe, distances = setup["probe"], setup["distances"]
+    steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocabulary = mqar_vocabulary(load_tokenizer())
+    samples = mqar_samples(vocabulary, block, pairs, steps * batch, seed=seed)
+    model = variant_model(name, setup["shape"], seed).to(device)
+    started = time.perf_counter()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=probe["lr"],
+                                  weight_decay=0.01)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, probe["lr"], total_steps=steps, pct_start=0.1)
+    model.train()
+    curve = []
+    for step in range(steps):
+        chunk = samples[step * batch : (step + 1) * batch]
+        input_ids = torch.tensor([sample.input_ids for sample in chunk], device=device)
+        labels = torch.tensor([sample.labels for sample in chunk], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "loss": loss.item()})
+            print(f"{name} seed {seed}: step {step + 1}, loss {curve[-1]['loss']:.3f}", flush=True)
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        by_query = {
+            label: mqar_accuracy_by_query(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
+            for label, distance in distances.items()
+        }
+    accuracy = {label: sum(shares) / pairs for label, shares in by_query.items()}
+    record = {"variant": name, "seed": seed, "final_loss": curve[-1]["loss"], "curve": curve, "accuracy": accuracy,
+              "accuracy_by_query": by_query, "train_seconds": train_seconds,
+              "tokens_per_second": steps * batch * block / train_seconds}  # fmt: skip
+    Path(setup["output"], "probe-runs", f"{name}-seed{seed}.json").write_text(json.dumps(record, indent=1))
+    shares = ", ".join(
+        f"{label} {100 * accuracy[label]:.1f}% (by query asked: "
+        f"{' / '.join(f'{100 * share:.1f}' for share in by_query[label])})"
+        for label in accuracy
+    )
+    print(f"{name} seed {seed}: loss {record['final_loss']:.3f}, MQAR {shares}, "
+          f"{record['tokens_per_second']:,.0f} tokens/s", flush=True)  # fmt: skip
+    return record
 
 
 def collect(output: Path) -> dict:

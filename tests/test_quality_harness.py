@@ -59,6 +59,11 @@ def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
     layout = ["sliding_attention", "full_attention", "full_attention"]
     quality.run(parse(quality, [*argv, "--layer-types", *layout, "--output", str(tmp_path)]))
     results = json.loads((tmp_path / "recall-probe.json").read_text(encoding="utf-8"))
+    assert sorted(path.name for path in (tmp_path / "probe-runs").glob("*.json")) == [
+        "dynamic-seed0.json",
+        "llama-seed0.json",
+        "selective-seed0.json",
+    ]
     assert results["shape"]["layer_types"] == layout
     window = max(results["shape"]["sliding_window"], results["shape"]["dynamic_window"])
     assert results["distances"] == {"1x": window, "4x": 4 * window}
