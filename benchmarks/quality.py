@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt_hf.ablations import NOT_EXPRESSIBLE, VARIANTS, variant_model
+from fastgpt_hf.ablations import NOT_EXPRESSIBLE, VARIANTS, variant_config, variant_model
 from fastgpt_hf.data import evaluate_perplexity, load_tokenizer
 from fastgpt_hf.passkey import needle_distances, passkey_accuracy, sample_pieces
 from fastgpt_hf.recall_tasks import (
@@ -176,6 +176,27 @@ def recall_probe(args: argparse.Namespace, output: Path) -> None:
             records = list(pool.map(probe_run, *zip(*jobs, strict=True), [setup] * len(jobs)))
     results = {**setup, "wall_seconds": time.perf_counter() - started, "runs": records}
     (output / "recall-probe.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    table = probe_table(results)
+    (output / "recall-probe.md").write_text(table, encoding="utf-8")
+    print(table, end="")
+
+
+def probe_table(results: dict) -> str:
+    """The recall probe's runs as a markdown table: each run's layers, final loss, share of queries answered at each
+    distance, and the first query asked alone (the one that elimination cannot answer above 1 in `num_pairs`)."""
+    labels = list(results["distances"])
+    distances = " / ".join(f"{label} ({results['distances'][label]} tokens)" for label in labels)
+    lines = [
+        f"| variant | seed | layers | final loss | MQAR {distances} | first query asked | tokens/s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for run in results["runs"]:
+        layers = ", ".join(kind.removesuffix("_attention") for kind in run["layer_types"])
+        shares = " / ".join(f"{100 * run['accuracy'][label]:.1f}%" for label in labels)
+        first = " / ".join(f"{100 * run['accuracy_by_query'][label][0]:.1f}%" for label in labels)
+        lines.append(f"| `{run['variant']}` | {run['seed']} | {layers} | {run['final_loss']:.3f} | {shares} | {first} "
+                     f"| {run['tokens_per_second']:,.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def probe_run(name: str, seed: int, setup: dict) -> dict:
@@ -215,9 +236,9 @@ def probe_run(name: str, seed: int, setup: dict) -> dict:
             for label, distance in distances.items()
         }
     accuracy = {label: sum(shares) / pairs for label, shares in by_query.items()}
-    record = {"variant": name, "seed": seed, "final_loss": curve[-1]["loss"], "curve": curve, "accuracy": accuracy,
-              "accuracy_by_query": by_query, "train_seconds": train_seconds,
-              "tokens_per_second": steps * batch * block / train_seconds}  # fmt: skip
+    record = {"variant": name, "seed": seed, "layer_types": variant_config(name, setup["shape"]).layer_types,
+              "final_loss": curve[-1]["loss"], "curve": curve, "accuracy": accuracy, "accuracy_by_query": by_query,
+              "train_seconds": train_seconds, "tokens_per_second": steps * batch * block / train_seconds}  # fmt: skip
     Path(setup["output"], "probe-runs", f"{name}-seed{seed}.json").write_text(json.dumps(record, indent=1))
     shares = ", ".join(
         f"{label} {100 * accuracy[label]:.1f}% (by query asked: "
