@@ -99,6 +99,31 @@ def assert_gradients_match_reference(model, length: int, padded: bool) -> None:
         torch.testing.assert_close(fast[name], gradient, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("length", [9, 70], ids=lambda length: f"T{length}")
+def test_masked_sdpa_calls_keep_gradients_away_from_cudnn(monkeypatch, length):
+    """Every masked sdpa call of a training forward (dynamic layers' global branch, padded windows) runs with cuDNN's
+    kernel switched off (its backward returns NaN for some masked shapes on H100 / H200, pytorch#196678) and its key
+    and value heads repeated to the query's; a forward without gradients leaves sdpa's choice as it is."""
+    calls = []
+    plain_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            calls.append((torch.backends.cuda.cudnn_sdp_enabled(), key.shape[1] == query.shape[1]))
+        return plain_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny_model("mixed", "sdpa", num_key_value_heads=2)
+    input_ids, attention_mask = left_padded_batch(length)
+    model(input_ids, attention_mask=attention_mask, use_cache=False).logits.sum().backward()
+    assert calls and set(calls) == {(False, True)}
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, use_cache=False)
+    assert calls and all(cudnn_enabled for cudnn_enabled, _ in calls)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.parametrize("queries_per_call", [1, 7])
 def test_global_branch_is_the_same_in_any_number_of_sdpa_calls(queries_per_call):
     """A long prefill's global branch goes to sdpa in chunks of queries; chunked or not, the same output."""

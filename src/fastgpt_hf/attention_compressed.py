@@ -11,10 +11,10 @@ precision in bf16.
 import functools
 
 import torch
-import torch.nn.functional as F
 from transformers.masking_utils import or_masks
 
 from .attention_masks import complete_block_function, compressed_visibility, dense_mask, memory_slot_function
+from .attention_sdpa import masked_sdpa
 
 # Mask entries (batch x queries x keys) per sdpa call of the global branch: bounds each call's mask, and its scores
 # (times the heads) where a backend materializes them, while a long prefill makes a few large calls, not many small
@@ -126,14 +126,7 @@ def global_branch_attention(
         positions = query_positions[:, start : start + queries_per_call]
         visible = compressed_visibility(positions, block_counts, block_size, memory_keys.shape[0])  # [B, 1, t, M + C]
         outputs.append(
-            F.scaled_dot_product_attention(
-                query_states[:, :, start : start + queries_per_call],
-                keys,
-                values,
-                attn_mask=visible,
-                dropout_p=dropout,
-                scale=scaling,
-            )
+            masked_sdpa(query_states[:, :, start : start + queries_per_call], keys, values, visible, dropout, scaling)
         )
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2)
@@ -154,9 +147,7 @@ def indexed_global_branch_attention(
     by every dynamic layer (`indexed_global_visibility`); one sdpa call. `[B, H, T, D]` in, `[B, T, H, D]` out."""
     keys, values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, query_states.shape[1])
     visible = indexed_global_visibility(query_states.shape[2], memory_keys.shape[0], block_size, query_states.device)
-    output = F.scaled_dot_product_attention(
-        query_states, keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling
-    )
+    output = masked_sdpa(query_states, keys, values, visible, dropout, scaling)
     return output.transpose(1, 2)
 
 

@@ -8,12 +8,38 @@ Three paths, one rule (`attention_masks`), chosen per call from the shapes alone
   backward;
 - otherwise (the CPU, padding, sinks, float32, dropout): queries in chunks of `window`, each against the
   `2 * window` keys that can reach it (and the row's sinks), so memory grows as T x window, not T x S.
+
+Every call with a mask goes through `masked_sdpa`, which keeps gradients away from cuDNN's kernel (see there).
 """
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention_masks import sink_token_mask, windowed_visibility
+
+# sdpa's kernels for a masked call that gradients flow through: all but cuDNN's. On H100 / H200 with PyTorch 2.11
+# cuDNN's backward returns NaN in the query's gradient when a mask is given, the query length is 64 more than a
+# multiple of 128 and a row's logsumexp is below ln(FLT_MAX) = -88.7 (pytorch/pytorch#196678): measured here as the
+# loss of every variant with a dynamic layer turning NaN within 400 steps of the GPU recall probe (320-token blocks),
+# whose global branch learns to score its entries very low. Inference keeps sdpa's own choice.
+BACKWARD_SAFE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_sdpa(query, key, value, mask, dropout: float, scale: float, enable_gqa: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` with `attn_mask=mask`; where gradients flow through it (grad mode on and
+    the query needs one), without cuDNN's kernel (`BACKWARD_SAFE_BACKENDS`), the key and value heads repeated to
+    the query's (the remaining fused kernel with a mask, memory-efficient attention, takes no grouped heads; the
+    math path would materialize the scores). `[B, H, T, D]` in and out."""
+    if not (torch.is_grad_enabled() and query.requires_grad):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=enable_gqa
+        )
+    group = query.shape[1] // key.shape[1]
+    if enable_gqa and group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    with sdpa_kernel(BACKWARD_SAFE_BACKENDS):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
 def sdpa_windowed_attention(
@@ -94,9 +120,12 @@ def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropou
     mask = None
     if needs_mask or (query_length != key_length and query_length > 1):
         mask = windowed_visibility(query_length, key_is_real, key_length, window, query.device, num_sink_tokens)
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=True
-    )
+    if mask is None:
+        output = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=True
+        )
+    else:
+        output = masked_sdpa(query, key, value, mask, dropout, scaling, enable_gqa=True)
     return output.transpose(1, 2)
 
 
@@ -132,15 +161,8 @@ def blocked_window_attention(query, key, value, key_is_real, window, scaling, dr
         key_chunks, value_chunks, visible = with_sink_keys(
             key_chunks, value_chunks, visible, *sinks, first_query_index, window
         )
-    output = F.scaled_dot_product_attention(
-        query_chunks,
-        key_chunks,
-        value_chunks,
-        attn_mask=visible.reshape(batch * num_chunks, 1, window, -1),
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=True,
-    )
+    mask = visible.reshape(batch * num_chunks, 1, window, -1)
+    output = masked_sdpa(query_chunks, key_chunks, value_chunks, mask, dropout, scaling, enable_gqa=True)
     output = output.view(batch, num_chunks, heads, window, head_dim).permute(0, 1, 3, 2, 4)
     return output.reshape(batch, num_chunks * window, heads, head_dim)[:, :query_length]
 
