@@ -73,10 +73,11 @@ def prefill_flops(model: FastGPTForCausalLM, length: int) -> float:
     return 2 * dense_parameters * length + 4 * config.num_attention_heads * config.head_dim * attention_entries
 
 
-def training_flops(model: FastGPTForCausalLM, batch: int, length: int) -> float:
-    """Forward and backward: three times the prefill's FLOPs plus the output head's, every row."""
+def training_flops(model: FastGPTForCausalLM, batch: int, length: int, recompute_layers: bool = False) -> float:
+    """Forward and backward: three times the prefill's FLOPs plus the output head's, every row; with
+    `recompute_layers` (gradient checkpointing) the decoder layers' forward once more."""
     head = 2 * model.config.vocab_size * model.config.hidden_size * length
-    return 3 * batch * (prefill_flops(model, length) + head)
+    return batch * ((3 + recompute_layers) * prefill_flops(model, length) + 3 * head)
 
 
 def compute_floor_ms(flops: float, tflops: float) -> float:

@@ -9,7 +9,8 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   eager prefill of each model is profiled and its device time split by kernel kind (attention, matmul, other).
 - Training (`--train BxT ...`): one forward and backward (no optimizer) of the mean next-token cross-entropy, its
   logits computed a chunk of positions at a time (the same for both models), with each backend of
-  `--train-backends`, eager and with `--compile` the decoder stack compiled; peak memory (GPU) is this model's
+  `--train-backends`, eager and with `--compile` the decoder stack compiled (`--gradient-checkpointing`: both models
+  recompute each layer in backward); peak memory (GPU) is this model's
   weights, gradients and activations. With `--liger` the training table runs once more with both models patched
   in place by Liger-Kernel as `Trainer(use_liger_kernel=True)` patches them (`_apply_liger_kernel_to_instance`:
   Llama's own patch, FastGPT's `fastgpt_hf.liger`), the loss from the forward with labels (Liger's fused linear
@@ -22,6 +23,7 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
 
     python benchmarks/bench.py prefill --preset 1b --shapes 512 1024 2048 8x2048 8192 32768 --train 8x2048 1x32768
     python benchmarks/bench.py prefill --preset 1b --shapes --train 8x2048 1x32768 --liger
+    python benchmarks/bench.py prefill --preset 1b --shapes --train 1x32768 --gradient-checkpointing
     python benchmarks/bench.py prefill --device cpu --preset small --shapes 4096 --caches none dynamic static
 """
 
@@ -58,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--liger", action="store_true", help="also time the training steps with Liger-Kernel (pip install liger-kernel)"
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="training steps recompute each decoder layer in backward (both models; what 1 x 32K of 1b needs on 80 GB)",
+    )
     parser.add_argument("--caches", nargs="*", default=[], choices=CACHES, help="also prefill through these caches")
     parser.add_argument("--repeats", type=int, help="timed calls per figure (default 15, 5 past 16K tokens)")
 
@@ -75,10 +82,15 @@ def run(args: argparse.Namespace) -> None:
     if shapes:
         prefill_table(pair, shapes, rate, args.backends, settings, args.repeats)
     if args.train:
-        print("\nTraining step (forward + backward):", flush=True)
+        recompute = args.gradient_checkpointing
+        if recompute:
+            for model in pair.values():
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        print(f"\nTraining step (forward + backward{', layers recomputed in backward' if recompute else ''}):",
+              flush=True)  # fmt: skip
         train_settings = [setting for setting in settings if setting != "cuda graph"]
         train_shapes = [models.parse_shape(shape) for shape in args.train]
-        training_table(pair, train_shapes, rate, args.train_backends, train_settings)
+        training_table(pair, train_shapes, rate, args.train_backends, train_settings, recompute)
     if args.caches:
         print(f"\nPrefill through each cache ({args.backends[0]}, eager):", flush=True)
         cache_table(pair, [length for _, length in shapes], args.caches, args.backends[0], args.repeats)
@@ -88,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         for model in pair.values():
             _apply_liger_kernel_to_instance(model=model)
         print("\nTraining step with Liger-Kernel's kernels (forward with labels + backward):", flush=True)
-        training_table(pair, train_shapes, rate, args.train_backends, ["liger"])
+        training_table(pair, train_shapes, rate, args.train_backends, ["liger"], recompute)
 
 
 def random_ids(vocab_size: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -317,8 +329,9 @@ def best_training(model, input_ids, backend: str, settings) -> dict[str, tuple[f
     return results
 
 
-def training_table(pair: dict, shapes, rate: float, backends, settings) -> list[str]:
-    """Both models' fastest training step per shape and backend, with the FLOP floor and peak memory."""
+def training_table(pair: dict, shapes, rate: float, backends, settings, recompute: bool = False) -> list[str]:
+    """Both models' fastest training step per shape and backend, with the FLOP floor (with `recompute`, gradient
+    checkpointing, the layers' second forward counted) and peak memory."""
     fastgpt = pair["FastGPT"]
     rows = [
         "| batch x tokens | backend | Llama ms (setting) | FastGPT ms (setting) | FastGPT speed-up | floor ms "
@@ -337,7 +350,8 @@ def training_table(pair: dict, shapes, rate: float, backends, settings) -> list[
             (llama_setting, (llama_ms, llama_gib)), (our_setting, (ours_ms, our_gib)) = (
                 min(by_setting.items(), key=lambda item: item[1][0]) for by_setting in results.values()
             )
-            floor_ms = floors.compute_floor_ms(floors.training_flops(fastgpt, batch, length), rate)
+            flops = floors.training_flops(fastgpt, batch, length, recompute_layers=recompute)
+            floor_ms = floors.compute_floor_ms(flops, rate)
             rows.append(
                 f"| {batch} x {length} | {backend} | {llama_ms:.1f} ({llama_setting}) | {ours_ms:.1f} ({our_setting}) "
                 f"| {llama_ms / ours_ms:.2f}x | {floor_ms:.1f} | {gib(llama_gib)} / {gib(our_gib)} |"
