@@ -291,31 +291,37 @@ def test_the_serving_engine_with_cuda_graphs_gives_each_prompt_its_generate_toke
 def test_masked_training_attention_has_finite_gradients_where_cudnn_returns_nan():
     """pytorch#196678's case: a mask, 320 queries (64 more than a multiple of 128) and every row's logsumexp below
     -88.7. cuDNN's backward (PyTorch 2.11 on H100 / H200) returns NaN in the query's gradient here; `masked_sdpa`,
-    which every masked call of FastGPT's attention goes through, keeps gradients finite and equal to the math
-    path's."""
+    which every masked call of FastGPT's attention goes through, keeps every gradient finite and close to the float64
+    reference. The query gradient's first component is left out of the comparison: every score gets the same -120
+    from it, so its exact gradient is 0 and bf16 leaves only rounding there (on the CPU: 3x the reference's norm
+    with it, 0.2% without it)."""
     from fastgpt_hf.attention_sdpa import masked_sdpa
 
     torch.manual_seed(0)
     length, head_dim = 320, 64
-    query = torch.randn(1, 4, length, head_dim, device="cuda", dtype=torch.bfloat16) * 0.1
-    key = torch.randn(1, 2, length, head_dim, device="cuda", dtype=torch.bfloat16) * 0.1
-    value = torch.randn(1, 2, length, head_dim, device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(1, 4, length, head_dim, dtype=torch.bfloat16) * 0.1
+    key = torch.randn(1, 2, length, head_dim, dtype=torch.bfloat16) * 0.1
+    value = torch.randn(1, 2, length, head_dim, dtype=torch.bfloat16)
     query[..., 0], key[..., 0] = 1.0, -120 * head_dim**0.5  # every score about -120
-    mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
-    upstream = torch.randn(1, 4, length, head_dim, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    upstream = torch.randn(1, 4, length, head_dim, dtype=torch.bfloat16)
 
-    def gradients(attention) -> list[torch.Tensor]:
-        leaves = [tensor.detach().clone().requires_grad_() for tensor in (query, key, value)]
-        attention(*leaves).backward(upstream)
-        return [leaf.grad.double() for leaf in leaves]
+    def gradients(attention, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [tensor.to(device, dtype).requires_grad_() for tensor in (query, key, value)]
+        attention(*leaves, mask.to(device)).backward(upstream.to(device, dtype))
+        return [leaf.grad.double().cpu() for leaf in leaves]
 
-    fused = gradients(lambda q, k, v: masked_sdpa(q, k, v, mask, 0.0, head_dim**-0.5, enable_gqa=True))
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-        math = gradients(
-            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=head_dim**-0.5, enable_gqa=True
-            )
-        )
-    for fast, reference in zip(fused, math, strict=True):
-        assert torch.isfinite(fast).all()
-        assert (fast - reference).norm() <= 2e-2 * reference.norm()
+    fused = gradients(
+        lambda q, k, v, m: masked_sdpa(q, k, v, m, 0.0, head_dim**-0.5, enable_gqa=True), "cuda", torch.bfloat16
+    )
+    reference = gradients(
+        lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, scale=head_dim**-0.5, enable_gqa=True
+        ),
+        "cpu",
+        torch.float64,
+    )
+    assert all(torch.isfinite(gradient).all() for gradient in fused)
+    fused[0], reference[0] = fused[0][..., 1:], reference[0][..., 1:]
+    for fast, exact in zip(fused, reference, strict=True):
+        assert (fast - exact).norm() <= 2e-2 * exact.norm()
