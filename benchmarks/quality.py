@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--recall-probe: the base layout the variants derive from (default: the shape's own), e.g. "
         "sliding_attention full_attention full_attention",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="--recall-probe: each run's training forward compiled (torch.compile), fewer and fused kernels a step",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -155,6 +160,7 @@ def recall_probe(args: argparse.Namespace, output: Path) -> None:
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
     probe = {**RECALL_PROBES[size], "size": size}
     probe["steps"] = args.steps or probe["steps"]
+    probe["compile"] = args.compile
     tokenizer = load_tokenizer()
     shape = model_shape(size, tokenizer, probe["block_size"])
     if args.layer_types:
@@ -201,13 +207,15 @@ def probe_table(results: dict) -> str:
 
 def probe_run(name: str, seed: int, setup: dict) -> dict:
     """One variant at one seed through the recall probe: a plain AdamW loop (one-cycle schedule, bf16 autocast on
-    CUDA, float32 on the CPU), then its accuracy by query at each distance; the loss is printed ten times a run."""
+    CUDA, float32 on the CPU; with `compile` the model's forward compiled, its time in `train_seconds`), then its
+    accuracy by query at each distance, eager; the loss is printed ten times a run."""
     probe, distances = setup["probe"], setup["distances"]
     steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocabulary = mqar_vocabulary(load_tokenizer())
     samples = mqar_samples(vocabulary, block, pairs, steps * batch, seed=seed)
     model = variant_model(name, setup["shape"], seed).to(device)
+    forward = torch.compile(model) if probe["compile"] else model
     started = time.perf_counter()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=probe["lr"],
                                   weight_decay=0.01)  # fmt: skip
@@ -219,7 +227,7 @@ def probe_run(name: str, seed: int, setup: dict) -> dict:
         input_ids = torch.tensor([sample.input_ids for sample in chunk], device=device)
         labels = torch.tensor([sample.labels for sample in chunk], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids, labels=labels, use_cache=False).loss
+            loss = forward(input_ids, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -76,3 +76,23 @@ def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
         assert set(run["accuracy"]) == {"1x", "4x"}
         assert all(0.0 <= share <= 1.0 for share in run["accuracy"].values())
         assert 0 < run["final_loss"] < 20
+
+
+@pytest.mark.slow  # about a minute on 2 cores: two compilations
+def test_compiled_recall_probe_trains_as_the_eager_one(tmp_path):
+    """`--recall-probe --compile` runs the same loop through the compiled forward (dynamo compiles graphs): the same
+    losses as eager, to float32 rounding."""
+    from torch._dynamo.utils import counters
+
+    quality = harness_module()
+    argv = ["--size", "test", "--recall-probe", "--variants", "llama", "dynamic", "--seeds", "0", "--steps", "20"]
+    losses = {}
+    for extra in ([], ["--compile"]):
+        output = tmp_path / ("compiled" if extra else "eager")
+        counters.clear()
+        quality.run(parse(quality, [*argv, *extra, "--output", str(output)]))
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(extra)
+        results = json.loads((output / "recall-probe.json").read_text(encoding="utf-8"))
+        assert results["probe"]["compile"] == bool(extra)
+        losses[bool(extra)] = [point["loss"] for run in results["runs"] for point in run["curve"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
