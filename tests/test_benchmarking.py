@@ -168,24 +168,25 @@ def test_prefill_prints_both_models_with_ratio_and_floor_per_shape_cache_and_tra
     assert [row[1] for row in table_rows(output, "24")] == ["none", "dynamic", "static"]
 
 
-def test_prefill_training_step_with_gradient_checkpointing_counts_the_second_forward(harness, capsys):
+def test_prefill_training_step_with_gradient_checkpointing_counts_the_second_forward(harness, capsys, monkeypatch):
     """`--gradient-checkpointing`: both models recompute their layers in backward, the header says so, and the floor
     adds the layers' forward FLOPs once more (floors.training_flops)."""
     argv = ["prefill", "--device", "cpu", "--preset", "tiny", "--shapes", "--train", "2x16", "--repeats", "1"]
-    floors_ms = []
+    models, pairs = harness[3], []
+    build_pair = models.model_pair
+    monkeypatch.setattr(models, "model_pair", lambda *args: pairs.append(build_pair(*args)) or pairs[-1])
     for extra in ([], ["--gradient-checkpointing"]):
         status, output, _ = run_bench(harness, [*argv, *extra], capsys)
         assert status == 0
         assert ("layers recomputed in backward" in output) == bool(extra)
+        assert all(model.is_gradient_checkpointing == bool(extra) for model in pairs[-1].values())
         (training,) = [row for row in table_rows(output, "2 x 16") if row[1] == "sdpa"]
-        assert training[4].endswith("x")
-        floors_ms.append(float(training[5]))
+        assert training[4].endswith("x") and float(training[5]) > 0
     model = FastGPTForCausalLM(FastGPTConfig.from_preset("tiny"))
     floors = harness[2]
     assert floors.training_flops(model, 2, 16, recompute_layers=True) == pytest.approx(
         floors.training_flops(model, 2, 16) + 2 * floors.prefill_flops(model, 16)
     )
-    assert floors_ms[1] > floors_ms[0]
 
 
 def test_decode_prints_ms_per_token_floor_and_ratio_per_setting(harness, capsys):
