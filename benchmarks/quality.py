@@ -15,7 +15,7 @@ Writes into `--output`: `settings.json`, `runs/<variant>-seed<N>.json` as each r
 (settings, runs, summary), `results.md` (mean +- standard deviation over the seeds, the targets of issue 26
 checked, the variants not run and why) and, where matplotlib is installed, `quality.png` (accuracy against
 distance, perplexity against training tokens). `--report-only` summarizes the finished runs again (after a run
-cut short, or elsewhere for the plot).
+cut short, or elsewhere for the plot). `--recall-probe` trains on MQAR alone instead (`recall_probe.py`).
 
     python benchmarks/bench.py quality --size cpu --data /work/shared/data/wikitext-2 --output runs/quality-cpu
     python benchmarks/bench.py quality --size gpu --data data/wikitext-2 --output runs/quality-gpu
@@ -38,17 +38,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import recall_probe
 import torch
 
-from fastgpt_hf.ablations import NOT_EXPRESSIBLE, VARIANTS, variant_config, variant_model
+from fastgpt_hf.ablations import NOT_EXPRESSIBLE, VARIANTS, variant_model
 from fastgpt_hf.data import evaluate_perplexity, load_tokenizer
 from fastgpt_hf.passkey import needle_distances, passkey_accuracy, sample_pieces
 from fastgpt_hf.recall_tasks import (
     SequenceMeanTrainer,
     mqar_accuracy,
-    mqar_accuracy_by_query,
     mqar_distances,
-    mqar_samples,
     mqar_vocabulary,
     training_mix,
 )
@@ -75,17 +74,6 @@ SIZES = {
             "curve_blocks": 32, "curve_points": 5, "mqar_trials": 64, "passkey_trials": 32, "workers": 3},
 }  # fmt: skip
 MQAR_SHARE, PASSKEY_SHARE = 0.25, 0.25
-# `--recall-probe`: MQAR blocks only, short and many, so that a model that can retrieve learns it: a plain AdamW loop,
-# one-cycle schedule. The CPU's within minutes on 2 cores (the mixed CPU run leaves every variant, Llama included, at
-# chance); the GPU's (block: 4x the largest window and the pairs) one process per variant on one card.
-CPU_RECALL_PROBE = {"block_size": 64, "batch_size": 32, "steps": 1500, "lr": 3e-3, "num_pairs": 4, "trials": 64,
-                    "workers": 1}  # fmt: skip
-RECALL_PROBES = {
-    "test": CPU_RECALL_PROBE,
-    "cpu": CPU_RECALL_PROBE,
-    "gpu": {"block_size": 320, "batch_size": 32, "steps": 2000, "lr": 2e-3, "num_pairs": 8, "trials": 128,
-            "workers": 8},
-}  # fmt: skip
 DISTANCE_MULTIPLES = (1, 4, 16)
 PASSKEY_CHANCE = 0.0  # three answer tokens out of 16,384 each: about 2e-13 for a uniform guess
 
@@ -108,28 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="summarize the finished runs of --output again (results.*, plot)"
     )
-    parser.add_argument(
-        "--recall-probe",
-        action="store_true",
-        help="instead: can each variant learn MQAR at all? MQAR-only training at the size's shape (RECALL_PROBES)",
-    )
-    parser.add_argument(
-        "--layer-types",
-        nargs="+",
-        help="--recall-probe: the base layout the variants derive from (default: the shape's own), e.g. "
-        "sliding_attention full_attention full_attention",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="--recall-probe: each run's training forward compiled (torch.compile), fewer and fused kernels a step",
-    )
+    recall_probe.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if args.recall_probe:
-        recall_probe(args, output)
+        size = chosen_size(args)
+        block_size = recall_probe.RECALL_PROBES[size]["block_size"]
+        recall_probe.run(args, size, model_shape(size, load_tokenizer(), block_size), output)
         return
     if not args.report_only:
         settings = run_settings(args)
@@ -151,113 +126,6 @@ def run(args: argparse.Namespace) -> None:
     write_report(collect(output), output)
 
 
-def recall_probe(args: argparse.Namespace, output: Path) -> None:
-    """Each variant of `--variants` at each seed trained on MQAR samples alone (`RECALL_PROBES[size]`, `--steps`
-    overrides its steps) at the `--size` shape (`--layer-types`: another base layout, which `fastgpt` takes as it
-    is), then its share of queries answered with keys 1x and 4x the largest window before the query. The runs go to
-    `--workers` processes (default: the probe's); each writes `probe-runs/<variant>-seed<N>.json` when it is done,
-    and the table is printed and written to `recall-probe.json` in `--output`."""
-    size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
-    probe = {**RECALL_PROBES[size], "size": size}
-    probe["steps"] = args.steps or probe["steps"]
-    probe["compile"] = args.compile
-    tokenizer = load_tokenizer()
-    shape = model_shape(size, tokenizer, probe["block_size"])
-    if args.layer_types:
-        shape["layer_types"] = args.layer_types
-    window = max(shape["sliding_window"], shape["dynamic_window"])
-    distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES[:2]}
-    steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
-    print(f"recall probe: {size} shape, {steps} steps of {batch} MQAR blocks of {block} tokens, {pairs} pairs; "
-          f"chance {100 / len(mqar_vocabulary(tokenizer).values):.2f}%", flush=True)  # fmt: skip
-    (output / "probe-runs").mkdir(parents=True, exist_ok=True)
-    setup = {"probe": probe, "shape": shape, "distances": distances, "output": str(output)}
-    jobs = [(name, seed) for seed in args.seeds for name in args.variants]
-    workers = min(args.workers or probe["workers"], len(jobs))
-    started = time.perf_counter()
-    if workers == 1:
-        records = [probe_run(name, seed, setup) for name, seed in jobs]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            records = list(pool.map(probe_run, *zip(*jobs, strict=True), [setup] * len(jobs)))
-    results = {**setup, "wall_seconds": time.perf_counter() - started, "runs": records}
-    (output / "recall-probe.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    table = probe_table(results)
-    (output / "recall-probe.md").write_text(table, encoding="utf-8")
-    print(table, end="")
-
-
-def probe_table(results: dict) -> str:
-    """The recall probe's runs as a markdown table: each run's layers, final loss, share of queries answered at each
-    distance, and the first query asked alone (the one that elimination cannot answer above 1 in `num_pairs`)."""
-    labels = list(results["distances"])
-    distances = " / ".join(f"{label} ({results['distances'][label]} tokens)" for label in labels)
-    lines = [
-        f"| variant | seed | layers | final loss | MQAR {distances} | first query asked | tokens/s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for run in results["runs"]:
-        layers = ", ".join(kind.removesuffix("_attention") for kind in run["layer_types"])
-        shares = " / ".join(f"{100 * run['accuracy'][label]:.1f}%" for label in labels)
-        first = " / ".join(f"{100 * run['accuracy_by_query'][label][0]:.1f}%" for label in labels)
-        lines.append(f"| `{run['variant']}` | {run['seed']} | {layers} | {run['final_loss']:.3f} | {shares} | {first} "
-                     f"| {run['tokens_per_second']:,.0f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def probe_run(name: str, seed: int, setup: dict) -> dict:
-    """One variant at one seed through the recall probe: a plain AdamW loop (one-cycle schedule, bf16 autocast on
-    CUDA, float32 on the CPU; with `compile` the model's forward compiled, its time in `train_seconds`), then its
-    accuracy by query at each distance, eager; the loss is printed ten times a run."""
-    probe, distances = setup["probe"], setup["distances"]
-    steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vocabulary = mqar_vocabulary(load_tokenizer())
-    samples = mqar_samples(vocabulary, block, pairs, steps * batch, seed=seed)
-    model = variant_model(name, setup["shape"], seed).to(device)
-    forward = torch.compile(model) if probe["compile"] else model
-    started = time.perf_counter()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=probe["lr"],
-                                  weight_decay=0.01)  # fmt: skip
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, probe["lr"], total_steps=steps, pct_start=0.1)
-    model.train()
-    curve = []
-    for step in range(steps):
-        chunk = samples[step * batch : (step + 1) * batch]
-        input_ids = torch.tensor([sample.input_ids for sample in chunk], device=device)
-        labels = torch.tensor([sample.labels for sample in chunk], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = forward(input_ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "loss": loss.item()})
-            print(f"{name} seed {seed}: step {step + 1}, loss {curve[-1]['loss']:.3f}", flush=True)
-    train_seconds = time.perf_counter() - started
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        by_query = {
-            label: mqar_accuracy_by_query(model, vocabulary, block, pairs, distance, probe["trials"], seed=1)
-            for label, distance in distances.items()
-        }
-    accuracy = {label: sum(shares) / pairs for label, shares in by_query.items()}
-    record = {"variant": name, "seed": seed, "layer_types": variant_config(name, setup["shape"]).layer_types,
-              "final_loss": curve[-1]["loss"], "curve": curve, "accuracy": accuracy, "accuracy_by_query": by_query,
-              "train_seconds": train_seconds, "tokens_per_second": steps * batch * block / train_seconds}  # fmt: skip
-    Path(setup["output"], "probe-runs", f"{name}-seed{seed}.json").write_text(json.dumps(record, indent=1))
-    shares = ", ".join(
-        f"{label} {100 * accuracy[label]:.1f}% (by query asked: "
-        f"{' / '.join(f'{100 * share:.1f}' for share in by_query[label])})"
-        for label in accuracy
-    )
-    print(f"{name} seed {seed}: loss {record['final_loss']:.3f}, MQAR {shares}, "
-          f"{record['tokens_per_second']:,.0f} tokens/s", flush=True)  # fmt: skip
-    return record
-
-
 def collect(output: Path) -> dict:
     """settings.json and every `runs/*.json` of `output` (a run cut short leaves the finished ones), summarized and
     written to results.json."""
@@ -272,9 +140,13 @@ def collect(output: Path) -> dict:
     return results
 
 
+def chosen_size(args: argparse.Namespace) -> str:
+    return args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+
+
 def run_settings(args: argparse.Namespace) -> dict:
     """Everything a run depends on, as plain data (it travels to the worker processes and into results.json)."""
-    size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+    size = chosen_size(args)
     settings = {**SIZES[size], "size": size, "variants": args.variants, "seeds": args.seeds, "data": args.data}
     settings["steps"] = args.steps or settings["steps"]
     settings["workers"] = args.workers or settings["workers"]

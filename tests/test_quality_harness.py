@@ -4,19 +4,25 @@ and appears in every table of the report; `--report-only` rebuilds the report fr
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from fastgpt_hf.ablations import VARIANTS
 
-HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def harness_module():
-    spec = importlib.util.spec_from_file_location("quality", HARNESS)
+    """benchmarks/quality.py, with benchmarks/ on sys.path while it imports its recall_probe module."""
+    spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return module
 
 
@@ -76,6 +82,34 @@ def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
         assert set(run["accuracy"]) == {"1x", "4x"}
         assert all(0.0 <= share <= 1.0 for share in run["accuracy"].values())
         assert 0 < run["final_loss"] < 20
+    assert list(results["means"]) == ["llama", "dynamic", "selective"]
+    assert results["means"]["llama"]["accuracy"] == results["runs"][0]["accuracy"]  # one seed: its own figures
+
+
+def test_recall_probe_report_gathers_the_runs_of_several_calls(tmp_path):
+    """Seeds run in two calls add up in one report, the means over them per variant; `--num-pairs` sets the pairs;
+    `--report-only` rebuilds the report from the runs left (a run cut short leaves none)."""
+    quality = harness_module()
+    argv = ["--size", "test", "--recall-probe", "--variants", "llama", "--steps", "2", "--num-pairs", "3"]
+    for seed in ("0", "1"):
+        quality.run(parse(quality, [*argv, "--seeds", seed, "--output", str(tmp_path)]))
+    results = json.loads((tmp_path / "recall-probe.json").read_text(encoding="utf-8"))
+    assert results["probe"]["num_pairs"] == 3
+    assert [(run["variant"], run["seed"]) for run in results["runs"]] == [("llama", 0), ("llama", 1)]
+    runs, mean = results["runs"], results["means"]["llama"]
+    assert mean["seeds"] == [0, 1]
+    for label in ("1x", "4x"):
+        assert len(runs[0]["accuracy_by_query"][label]) == 3
+        assert mean["accuracy"][label] == pytest.approx((runs[0]["accuracy"][label] + runs[1]["accuracy"][label]) / 2)
+    assert mean["curve"][-1]["loss"] == pytest.approx((runs[0]["final_loss"] + runs[1]["final_loss"]) / 2)
+    report = (tmp_path / "recall-probe.md").read_text(encoding="utf-8")
+    assert "| `llama` | 0, 1 |" in report and "Elimination level (3 pairs): 61.1% of the queries, 33.3%" in report
+
+    (tmp_path / "probe-runs" / "llama-seed1.json").unlink()
+    quality.run(parse(quality, ["--recall-probe", "--report-only", "--output", str(tmp_path)]))
+    assert "| `llama` | 0 |" in (tmp_path / "recall-probe.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="no recall probe"):
+        quality.run(parse(quality, ["--recall-probe", "--report-only", "--output", str(tmp_path / "empty")]))
 
 
 @pytest.mark.slow  # about a minute on 2 cores: two compilations
