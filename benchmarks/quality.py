@@ -426,15 +426,10 @@ def write_report(results: dict, output: Path) -> None:
 def plot(results: dict, path: Path) -> None:
     """Accuracy against distance (MQAR, pass key) and validation perplexity against tokens; skipped without
     matplotlib (the `demo` extra)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'fastgpt_hf[demo]', then --report-only)")
+    panels = recall_probe.three_panel_figure()
+    if panels is None:
         return
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
+    figure, axes = panels
     summary = results["summary"]
     for axis, task in zip(axes[:2], ("mqar", "passkey"), strict=True):
         distances = results["runs"][0][f"{task}_distances"]

@@ -229,18 +229,27 @@ def probe_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
-    """Mean loss against steps, mean share answered against distance and by query asked (farthest distance) per
-    variant, with the elimination level; skipped without matplotlib (the `demo` extra)."""
+def three_panel_figure():
+    """A matplotlib figure of three panels side by side and its axes (Agg backend), or None without matplotlib
+    (the `demo` extra); the quality harness's plot uses it too."""
     try:
         import matplotlib
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'fastgpt_hf[demo]', then --report-only)")
-        return
+        return None
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
+    return pyplot.subplots(1, 3, figsize=(15, 4))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Mean loss against steps, mean share answered against distance and by query asked (farthest distance) per
+    variant, with the elimination level; skipped without matplotlib (the `demo` extra)."""
+    panels = three_panel_figure()
+    if panels is None:
+        return
+    figure, axes = panels
     labels, pairs = list(results["distances"]), results["probe"]["num_pairs"]
     farthest = labels[-1]
     for name, mean in results["means"].items():
