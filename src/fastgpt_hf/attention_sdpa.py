@@ -20,7 +20,7 @@ from .attention_masks import sink_token_mask, windowed_visibility
 
 # sdpa's kernels for a masked call that gradients flow through: all but cuDNN's. On H100 / H200 with PyTorch 2.11
 # cuDNN's backward returns NaN in the query's gradient when a mask is given, the query length is 64 more than a
-# multiple of 128 and a row's logsumexp is below ln(FLT_MAX) = -88.7 (pytorch/pytorch#196678): measured here as the
+# multiple of 128 and a row's logsumexp is below -ln(FLT_MAX) = -88.7 (pytorch/pytorch#196678): measured here as the
 # loss of every variant with a dynamic layer turning NaN within 400 steps of the GPU recall probe (320-token blocks),
 # whose global branch learns to score its entries very low. Inference keeps sdpa's own choice.
 BACKWARD_SAFE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
