@@ -25,7 +25,7 @@ import torch
 
 from fastgpt_hf.ablations import VARIANTS, variant_config, variant_model
 from fastgpt_hf.data import load_tokenizer
-from fastgpt_hf.recall_tasks import mqar_accuracy_by_query, mqar_samples, mqar_vocabulary
+from fastgpt_hf.recall_tasks import mqar_accuracy_by_query, mqar_distances, mqar_samples, mqar_vocabulary
 
 # MQAR blocks only, short and many, so that a model that can retrieve learns it: a plain AdamW loop, one-cycle
 # schedule. The CPU's within minutes on 2 cores; the GPU's (block: 4x the largest window and the pairs) one process
@@ -77,14 +77,29 @@ def run(args: argparse.Namespace, size: str, shape: dict, output: Path) -> None:
     window = max(shape["sliding_window"], shape["dynamic_window"])
     distances = {f"{multiple}x": multiple * window for multiple in DISTANCE_MULTIPLES}
     steps, batch, block, pairs = probe["steps"], probe["batch_size"], probe["block_size"], probe["num_pairs"]
-    chance = 100 / len(mqar_vocabulary(load_tokenizer()).values)
+    vocabulary = mqar_vocabulary(load_tokenizer())
+    nearest, farthest = mqar_distances(vocabulary, block, pairs)
+    if not nearest <= min(distances.values()) <= max(distances.values()) <= farthest:
+        raise ValueError(
+            f"{pairs} pairs in blocks of {block} tokens put every key {nearest} to {farthest} tokens before its "
+            f"query; the probe asks at {sorted(distances.values())}. Use fewer --num-pairs."
+        )
+    chance = 100 / len(vocabulary.values)
     print(f"recall probe: {size} shape, {steps} steps of {batch} MQAR blocks of {block} tokens, {pairs} pairs; "
           f"chance {chance:.2f}%", flush=True)  # fmt: skip
     setup = {"probe": probe, "shape": shape, "distances": distances, "output": str(output),
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    settings_path = output / "probe-settings.json"
+    if settings_path.is_file():
+        earlier = json.loads(settings_path.read_text(encoding="utf-8"))
+        if any(earlier[key] != setup[key] for key in ("probe", "shape", "distances")):
+            raise ValueError(
+                f"{output} holds recall-probe runs of other settings ({settings_path}); their report would mix "
+                "the two. Give this probe another --output."
+            )
     (output / "probe-runs").mkdir(parents=True, exist_ok=True)
-    (output / "probe-settings.json").write_text(json.dumps(setup, indent=1), encoding="utf-8")
+    settings_path.write_text(json.dumps(setup, indent=1), encoding="utf-8")
     jobs = [(name, seed) for seed in args.seeds for name in args.variants]
     workers = min(args.workers or probe["workers"], len(jobs))
     started = time.perf_counter()

@@ -110,6 +110,10 @@ def test_recall_probe_report_gathers_the_runs_of_several_calls(tmp_path):
     assert "| `llama` | 0 |" in (tmp_path / "recall-probe.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="no recall probe"):
         quality.run(parse(quality, ["--recall-probe", "--report-only", "--output", str(tmp_path / "empty")]))
+    with pytest.raises(ValueError, match="other settings"):  # 2 pairs where the folder's runs have 3
+        quality.run(parse(quality, [*argv[:-1], "2", "--seeds", "2", "--output", str(tmp_path)]))
+    with pytest.raises(ValueError, match="Use fewer --num-pairs"):  # keys at least 2 x 16 tokens back, asked at 8
+        quality.run(parse(quality, [*argv[:-1], "16", "--output", str(tmp_path / "dense")]))
 
 
 @pytest.mark.slow  # about a minute on 2 cores: two compilations
