@@ -13,13 +13,9 @@ from torch._inductor.utils import run_and_get_code
 from transformers import DynamicCache
 
 from fastgpt_hf.attention_reference import reference_logits
-from fastgpt_hf.cache_fastgpt import (
-    FastGPTDynamicCache,
-    FastGPTStaticCache,
-    SinkTokens,
-    StaticCompressedLayer,
-    StaticRolledLayer,
-)
+from fastgpt_hf.cache_dynamic_layers import SinkTokens
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
+from fastgpt_hf.cache_static_layers import StaticCompressedLayer, StaticRolledLayer
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 

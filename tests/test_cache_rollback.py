@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastgpt_hf.attention_reference import reference_logits
 from fastgpt_hf.benchmarking import cache_bytes
-from fastgpt_hf.cache_fastgpt import DynamicCompressedLayer, FastGPTDynamicCache, FastGPTStaticCache
+from fastgpt_hf.cache_dynamic_layers import DynamicCompressedLayer
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 

@@ -17,7 +17,8 @@ from transformers.generation import GenerationMode
 from fastgpt_hf import FastGPTConfig
 from fastgpt_hf.attention_reference import reference_logits, top_blocks
 from fastgpt_hf.attention_selective import select_blocks, selective_global_branch_attention
-from fastgpt_hf.cache_fastgpt import DynamicSelectiveLayer, FastGPTDynamicCache, FastGPTRowCache, FastGPTStaticCache
+from fastgpt_hf.cache_dynamic_layers import DynamicSelectiveLayer
+from fastgpt_hf.cache_fastgpt import FastGPTDynamicCache, FastGPTRowCache, FastGPTStaticCache
 from fastgpt_hf.export_executorch import FastGPTWithStaticCache
 from fastgpt_hf.generation_fast_path import uses_cuda_fast_path
 from fastgpt_hf.serving import ContinuousBatchingEngine

@@ -18,7 +18,7 @@ the new tokens). Query t sees key s when
 The last clause keeps softmax finite on padding rows; their outputs are never read, because padding keys are
 masked everywhere and padding tokens are left out of the compressed blocks. The sinks are counted on the S keys as
 given (`sink_token_mask`): the first N keys when every key is real. A cache that drops keys keeps each row's first
-N real ones ahead of the rest (`cache_fastgpt.SinkTokens`; the static cache's sink slots, flagged real once their
+N real ones ahead of the rest (`cache_dynamic_layers.SinkTokens`; the static cache's sink slots, flagged real once their
 token has left the window), so counting on its keys finds the same tokens, or, in the static cache's one-token step,
 ring slots that are within the window anyway.
 

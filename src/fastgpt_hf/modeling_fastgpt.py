@@ -37,14 +37,8 @@ from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
 from .attention_sdpa import sdpa_windowed_attention
 from .attention_selective import selective_global_branch_attention
-from .cache_fastgpt import (
-    CompressedBlocks,
-    FastGPTDynamicCache,
-    OnePassBlocks,
-    OnePassSelectiveBlocks,
-    check_positions_are_distinct,
-    check_positions_follow_cache,
-)
+from .cache_blocks import CompressedBlocks, OnePassBlocks, OnePassSelectiveBlocks
+from .cache_fastgpt import FastGPTDynamicCache, check_positions_are_distinct, check_positions_follow_cache
 from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt import DYNAMIC, GLOBAL_BRANCH_TYPES, SELECTIVE, FastGPTConfig
 from .generation_fastgpt import FastGPTGenerationMixin
