@@ -14,7 +14,7 @@ The selection is not differentiable (as in NSA): gradients reach the selected to
 attention weights, and the compressors through the compressed entries' weights, not through the choice.
 
 Tokens are held by position, `[B, K, C * b, D]` with block c's tokens at [c * b, c * b + b) (`BlockTokens` in
-`cache_fastgpt`), so a selected block is one gathered slice; a position with no real token is flagged not real.
+`cache_blocks`), so a selected block is one gathered slice; a position with no real token is flagged not real.
 """
 
 import torch
