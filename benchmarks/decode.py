@@ -17,6 +17,8 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   per call, at new addresses, so its first compiled step records the CUDA graphs again).
   Floor = (weight bytes + cache bytes) / measured copy bandwidth: one step must read every weight (an untied input
   embedding only by the row) and the whole cache of the context (`floors.py`).
+  `--modes`: one table per way of decoding, greedy by default; sampling, beam search, a streamer reading each
+  step's tokens on the host and left-padded rows are what issue 23 asks to be as fast as greedy decoding.
   `--weights bf16 int8 int8-dynamic`: decode with the preset's weights, and/or with torchao int8 Linear layers:
   weight-only (`int8`: int8 weights converted to the activations' dtype for the matmul) or int8 activations and
   weights (`int8-dynamic`: per-token activation scales, int8 x int8 matmuls through `torch._int_mm`); FastGPT's
@@ -32,6 +34,8 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   nothing, apart) and the median wall ms of `--steps` such steps: what an eager, launch-bound step costs.
 
     python benchmarks/bench.py decode --preset 1b --shapes 1x2048 1x32640 32x8192
+    python benchmarks/bench.py decode --preset 1b --shapes 1x2048 32x8192 --settings default \
+        --modes greedy sample beam stream left-padded
     python benchmarks/bench.py decode --preset 13b --shapes 16x1024 --weights int8 --settings static
     python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings default static
     python benchmarks/bench.py decode --preset 13b --layers 6 --shapes 32x1024 --profile
@@ -53,6 +57,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
 
 from fastgpt_hf.configuration_fastgpt import LAYER_TYPES
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
@@ -63,6 +68,10 @@ NEW_TOKENS = 65
 BASELINE_TOKENS = 2  # the prefill and one decode step, the one that may record CUDA graphs
 PREFILL_CHUNK = 1024
 INT8_SCHEMES = ("int8", "int8-dynamic")
+# How generate() decodes (`--modes`): what issue 23 asks to be as fast as greedy decoding on the default path.
+MODES = ("greedy", "sample", "beam", "stream", "left-padded")
+NUM_BEAMS = 4
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -77,6 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("bf16", *INT8_SCHEMES),
         help="bf16: --dtype's weights (bf16 on a GPU); int8: torchao weight-only Linear layers; int8-dynamic: "
         "torchao int8 activations and weights",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["greedy"],
+        choices=MODES,
+        help="how generate() decodes, one table each: greedy; sample (top-k 50, top-p 0.95, temperature 0.8); beam "
+        f"({NUM_BEAMS} beams); stream (greedy with a streamer that reads each step's tokens on the host, as "
+        "TextIteratorStreamer does); left-padded (greedy, every row after the first padded by a quarter of the "
+        "context)",
     )
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
@@ -118,7 +137,8 @@ def run(args: argparse.Namespace) -> None:
         pair_is_quantized = weights != "bf16"
         label = SHORT_DTYPE_NAMES[dtype] if weights == "bf16" else weights
         named = {f"{name} {label}": model for name, model in pair.items()}
-        decode_table(named, config, shapes, bandwidth, args.settings)
+        for mode in args.modes:
+            decode_table(named, config, shapes, bandwidth, args.settings, mode)
 
 
 def keep_inductor_from_int8pack_mm() -> None:
@@ -150,37 +170,58 @@ def int8_quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
 
 
 def greedy_config(new_tokens: int, cache_implementation: str | None = None, **options) -> GenerationConfig:
-    """Greedy decoding of exactly `new_tokens` tokens (no end-of-sequence stop) with that cache; `options` add to it."""
-    return GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        cache_implementation=cache_implementation,
-        **options,
-    )
+    """Greedy decoding of exactly `new_tokens` tokens (no end-of-sequence stop) with that cache; `options` add to it
+    or replace its fields (sampling: `do_sample=True`)."""
+    fields = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
+              "pad_token_id": 0, "cache_implementation": cache_implementation}  # fmt: skip
+    return GenerationConfig(**{**fields, **options})
 
 
-def setting_config(setting: str, prompt: torch.Tensor, new_tokens: int) -> GenerationConfig:
+def setting_config(setting: str, prompt: torch.Tensor, new_tokens: int, mode: str = "greedy") -> GenerationConfig:
+    """The generation config of `setting` decoding `new_tokens` tokens in `mode` (sampling or beams added)."""
+    options = {"sample": SAMPLING, "beam": {"num_beams": NUM_BEAMS}}.get(mode, {})
     if setting in ("default", "dynamic"):
-        return greedy_config(new_tokens, None if setting == "default" else "dynamic")
+        return greedy_config(new_tokens, None if setting == "default" else "dynamic", **options)
     compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
     max_cache_len = prompt.shape[1] + NEW_TOKENS
-    return greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config)
+    return greedy_config(new_tokens, "static", max_cache_len=max_cache_len, compile_config=compile_config, **options)
 
 
-def generate_call(model, prompt: torch.Tensor, new_tokens: int, setting: str):
-    """A `generate()` call of `new_tokens` greedy tokens in `setting` (a static cache sized for NEW_TOKENS)."""
-    config = setting_config(setting, prompt, new_tokens)
-    attention_mask = torch.ones_like(prompt)
+class HostStreamer(BaseStreamer):
+    """What a text streamer does to the decoding loop, without a tokenizer: each step's new tokens read on the
+    host (`TextIteratorStreamer.put` calls `value.tolist()`, which waits for the device)."""
+
+    def __init__(self) -> None:
+        self.tokens = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.tokens.append(value.tolist())
+
+    def end(self) -> None:
+        self.tokens.clear()
+
+
+def prompt_mask(prompt: torch.Tensor, mode: str) -> torch.Tensor:
+    """The attention mask of `prompt` `[B, C]`: all ones, or with `left-padded` every row after the first padded
+    on the left by a quarter of the context."""
+    mask = torch.ones_like(prompt)
+    if mode == "left-padded":
+        mask[1:, : prompt.shape[1] // 4] = 0
+    return mask
+
+
+def generate_call(model, prompt: torch.Tensor, new_tokens: int, setting: str, mode: str = "greedy"):
+    """A `generate()` call of `new_tokens` tokens in `setting` and `mode` (a static cache sized for NEW_TOKENS)."""
+    config = setting_config(setting, prompt, new_tokens, mode)
+    attention_mask = prompt_mask(prompt, mode)
+    streamer = HostStreamer() if mode == "stream" else None
 
     def call() -> None:
         # Transformers sizes a new StaticCache to the largest one the model had (to spare a recompile), so a shorter
         # shape after a longer one would time the longer cache; each shape gets its own size.
         model.__dict__.pop("_previous_max_cache_length", None)
         with torch.no_grad():
-            model.generate(prompt, attention_mask=attention_mask, generation_config=config)
+            model.generate(prompt, attention_mask=attention_mask, generation_config=config, streamer=streamer)
 
     return call
 
@@ -193,19 +234,19 @@ class DecodeTiming:
     first_call_s: float  # the first call of this setting at this shape: compilation included, if any
 
 
-def decode_timing(model, prompt: torch.Tensor, setting: str) -> DecodeTiming:
+def decode_timing(model, prompt: torch.Tensor, setting: str, mode: str = "greedy") -> DecodeTiming:
     """One setting at one shape: the first call (timed on its own, and the warm-up), then ms per token.
 
     Prints the figures as soon as they are known, so that a run cut short still reports its finished settings."""
     device = prompt.device
-    first_call_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting), device)
+    first_call_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting, mode), device)
     on_gpu = device.type == "cuda"
     if on_gpu:
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     # The faster of two calls: a step's time is a difference of two calls, which noise would otherwise dominate.
-    full = min(times_ms(generate_call(model, prompt, NEW_TOKENS, setting), device, repeats=2))
-    baseline = min(times_ms(generate_call(model, prompt, BASELINE_TOKENS, setting), device, repeats=2))
+    full = min(times_ms(generate_call(model, prompt, NEW_TOKENS, setting, mode), device, repeats=2))
+    baseline = min(times_ms(generate_call(model, prompt, BASELINE_TOKENS, setting, mode), device, repeats=2))
     ms_per_token = (full - baseline) / (NEW_TOKENS - BASELINE_TOKENS)
     peak = (weight_bytes(model) + torch.cuda.max_memory_allocated() - resident) / 2**30 if on_gpu else None
     print(
@@ -217,7 +258,7 @@ def decode_timing(model, prompt: torch.Tensor, setting: str) -> DecodeTiming:
     return DecodeTiming(ms_per_token, peak, baseline, first_call_s)
 
 
-def setting_timings(model, prompts: dict, setting: str) -> tuple[dict, str]:
+def setting_timings(model, prompts: dict, setting: str, mode: str = "greedy") -> tuple[dict, str]:
     """Every shape in one setting, compiled state kept from shape to shape (as in a user's process): each shape's
     `DecodeTiming` (None where it failed, reported), and a note of the graphs dynamo compiled over all shapes and,
     for the default setting, of its first call once more after `torch._dynamo.reset()` (inductor's on-disk cache
@@ -227,7 +268,7 @@ def setting_timings(model, prompts: dict, setting: str) -> tuple[dict, str]:
     timings = {}
     for shape, prompt in prompts.items():
         try:
-            timings[shape] = decode_timing(model, prompt, setting)
+            timings[shape] = decode_timing(model, prompt, setting, mode)
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
             print(f"  {type(model).__name__} {setting} {shape}: failed: {type(error).__name__}: {str(error)[:200]}")
             timings[shape] = None
@@ -236,15 +277,18 @@ def setting_timings(model, prompts: dict, setting: str) -> tuple[dict, str]:
     if graphs and setting == "default":
         torch._dynamo.reset()
         shape, prompt = next(iter(prompts.items()))
-        again_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting), prompt.device)
+        again_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting, mode), prompt.device)
         note += f", first call again with the compile cache warm {again_s:.1f} s ({shape[0]} x {shape[1]})"
     torch._dynamo.reset()
     return timings, note
 
 
-def decode_table(models_by_name: dict, config, shapes: list[tuple[int, int]], bandwidth: float, settings) -> list[str]:
+def decode_table(
+    models_by_name: dict, config, shapes: list[tuple[int, int]], bandwidth: float, settings, mode: str = "greedy"
+) -> list[str]:
     """One row per (batch, context): per model and setting, ms per token / tokens per second / first call's seconds
-    (compilation included); the floors; FastGPT's default against the fastest Llama setting and against its floor."""
+    (compilation included); the floors; FastGPT's default against the fastest Llama setting and against its floor.
+    With `mode` beam, a step and its floor cover the batch's NUM_BEAMS beams each; tokens/s counts the batch's."""
     device = next(iter(models_by_name.values())).device
     generator = torch.Generator().manual_seed(0)
     prompts = {
@@ -254,7 +298,7 @@ def decode_table(models_by_name: dict, config, shapes: list[tuple[int, int]], ba
     timings, notes = {}, []
     for setting in settings:
         for name, model in models_by_name.items():
-            timings[name, setting], note = setting_timings(model, prompts, setting)
+            timings[name, setting], note = setting_timings(model, prompts, setting, mode)
             notes.append(f"- {name} {setting}: {note}")
             print(notes[-1], flush=True)
     columns = [(name, setting) for name in models_by_name for setting in settings]
@@ -269,6 +313,7 @@ def decode_table(models_by_name: dict, config, shapes: list[tuple[int, int]], ba
     ]
     for shape in shapes:
         batch, context = shape
+        rows_read = batch * (NUM_BEAMS if mode == "beam" else 1)
         cells = []
         for column in columns:
             timing = timings[column][shape]
@@ -279,7 +324,8 @@ def decode_table(models_by_name: dict, config, shapes: list[tuple[int, int]], ba
             cells.append(f"{timing.ms_per_token:.2f} / {tokens_per_second:,.0f} / {timing.first_call_s:.1f} s")
         floor = {
             name: floors.bytes_floor_ms(
-                floors.decode_weight_bytes(models_by_name[name]) + batch * cache_bytes(config, context, cache_dtype),
+                floors.decode_weight_bytes(models_by_name[name])
+                + rows_read * cache_bytes(config, context, cache_dtype),
                 bandwidth,
             )
             for name, cache_bytes in ((llama, floors.llama_cache_bytes), (fastgpt, floors.fastgpt_cache_bytes))
@@ -299,7 +345,7 @@ def decode_table(models_by_name: dict, config, shapes: list[tuple[int, int]], ba
         f"Cells: ms per token / tokens per second / first call's seconds (prefill, compilation if any and "
         f"{NEW_TOKENS} tokens), settings kept from shape to shape in the order of the rows."
     )
-    rows = [*rows, "", legend, *notes]
+    rows = [f"Decoding: {mode}", "", *rows, "", legend, *notes]
     print("\n" + "\n".join(rows), flush=True)
     return rows
 

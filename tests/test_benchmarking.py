@@ -199,6 +199,38 @@ def test_decode_prints_ms_per_token_floor_and_ratio_per_setting(harness, capsys)
         assert versus.endswith("x") and times_floor.endswith("x")
 
 
+def test_decode_times_every_way_of_decoding_in_a_table_of_its_own(harness, capsys):
+    argv = ["decode", "--device", "cpu", "--preset", "tiny", "--shapes", "2x16", "--settings", "default"]
+    status, output, _ = run_bench(
+        harness, [*argv, "--modes", "greedy", "sample", "beam", "stream", "left-padded"], capsys
+    )
+    assert status == 0
+    tables = output.split("Decoding: ")[1:]
+    assert [table.split("\n")[0] for table in tables] == ["greedy", "sample", "beam", "stream", "left-padded"]
+    for table in tables:
+        (row,) = table_rows(table, "2 x 16")
+        assert all(cell.endswith(" s") for cell in row[1:3])  # both models timed, none failed
+
+
+def test_decode_modes_set_sampling_beams_padding_and_a_streamer_that_reads_every_step(harness):
+    import decode
+
+    prompt = torch.ones(3, 8, dtype=torch.long)
+    assert decode.setting_config("default", prompt, 5).do_sample is False
+    sample = decode.setting_config("default", prompt, 5, "sample")
+    assert (sample.do_sample, sample.top_k, sample.top_p) == (True, 50, 0.95)
+    assert decode.setting_config("static", prompt, 5, "beam").num_beams == decode.NUM_BEAMS
+    mask = decode.prompt_mask(prompt, "left-padded")
+    assert mask[0].tolist() == [1] * 8 and mask[1].tolist() == mask[2].tolist() == [0, 0] + [1] * 6
+    assert bool(decode.prompt_mask(prompt, "stream").all())
+    streamer = decode.HostStreamer()
+    model = FastGPTForCausalLM(FastGPTConfig.from_preset("tiny")).eval()
+    seen = []
+    streamer.end = lambda: seen.extend(streamer.tokens)  # what the stream held when generate() ended it
+    model.generate(prompt[:1], generation_config=decode.greedy_config(4), streamer=streamer)
+    assert len(seen) == 1 + 4 and seen[0] == [[1] * 8]  # the prompt, then each new token, read on the host
+
+
 def test_decode_counts_operators_of_one_step_per_layer_kind(harness, capsys):
     argv = ["decode", "--ops", "--device", "cpu", "--preset", "tiny", "--layers", "2", "--shapes", "1x20"]
     status, output, _ = run_bench(harness, [*argv, "--steps", "2"], capsys)
