@@ -2,11 +2,12 @@
 reused after a reply ends or is cancelled, and requests the engine cannot serve are refused with a reason."""
 
 import json
+import time
 
 import pytest
 import torch
 
-from fastgpt_hf.serving import ContinuousBatchingEngine, EngineOverloaded, SamplingParams
+from fastgpt_hf.serving import ContinuousBatchingEngine, EngineOverloaded, EngineStopped, SamplingParams
 
 from .conftest import tiny_model
 
@@ -143,12 +144,36 @@ def test_requests_it_cannot_serve_are_refused_with_the_reason():
         engine.submit([], SamplingParams(10), ignore)
     with pytest.raises(ValueError, match="top_p must be in"):
         engine.submit([1], SamplingParams(4, top_p=0), ignore)
+    vocab_size = engine.model.config.vocab_size
+    with pytest.raises(ValueError, match=f"Token id {vocab_size} at position 1 .* outside the model's vocabulary"):
+        engine.submit([1, vocab_size], SamplingParams(4), ignore)
+    with pytest.raises(ValueError, match="Token id -1 at position 0"):
+        engine.submit([-1], SamplingParams(4), ignore)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(HTTP: max_tokens\) must be at least 1"):
+        engine.submit([1], SamplingParams(0), ignore)
     engine.submit([1], SamplingParams(4), ignore)
     engine.submit([1], SamplingParams(4), ignore)
     with pytest.raises(EngineOverloaded, match="All 1 rows are busy and 1 requests already wait"):
         engine.submit([1], SamplingParams(4), ignore)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ContinuousBatchingEngine(tiny_model("mixed", max_position_embeddings=16), max_cache_len=32)
+
+
+def test_a_bad_request_leaves_the_others_served_and_a_stopped_engine_refuses_new_ones():
+    model = tiny_model("mixed")
+    engine = ContinuousBatchingEngine(model, max_rows=2, max_cache_len=32)
+    events = []
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        engine.submit([1, 2, model.config.vocab_size + 5], SamplingParams(3, temperature=0), events.append)
+    engine.submit([1, 2, 3], SamplingParams(3, temperature=0), events.append)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert [event.finish_reason for event in events] == [None, None, "length"] and engine.fatal_error is None
+    with pytest.raises(EngineStopped, match="engine was stopped"):
+        engine.submit([1, 2, 3], SamplingParams(3), events.append)
 
 
 @pytest.mark.slow  # compiling the decode step and two prefills takes a few minutes on 2 busy cores

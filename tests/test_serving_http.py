@@ -154,13 +154,33 @@ def test_stop_strings_and_seeds(server, checkpoint):
         ({"prompt": "x", "max_tokens": 4, "temperature": -1}, 400, "temperature must be 0"),
         ({"prompt": "x", "max_tokens": CONTEXT}, 400, f"context is {CONTEXT} tokens"),
         ({"prompt": " the" * CONTEXT, "max_tokens": 1}, 400, "shorten the prompt"),
+        ({"prompt": "x", "max_tokens": 4, "stop": ["."]}, 200, None),
+        ({"prompt": "x", "max_tokens": 4, "stop": [".", ""]}, 400, "A stop string is empty"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "must be at least 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "must be at least 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, "must be at least 1"),
     ],
-    ids=["no-prompt", "bad-type", "other-model", "n", "temperature", "too-long-reply", "too-long-prompt"],
+    ids=[
+        "no-prompt",
+        "bad-type",
+        "other-model",
+        "n",
+        "temperature",
+        "too-long-reply",
+        "too-long-prompt",
+        "stop",
+        "empty-stop",
+        "no-tokens",
+        "chat-no-tokens",
+        "chat-no-completion-tokens",
+    ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(server, body, status, message):
-    response = httpx.post(f"{server}/v1/completions", json=body)
+    endpoint = "chat/completions" if "messages" in body else "completions"
+    response = httpx.post(f"{server}/v1/{endpoint}", json=body, timeout=60)
     assert response.status_code == status
-    assert message in response.json()["error"]["message"]
+    if message is not None:
+        assert message in response.json()["error"]["message"]
 
 
 def wait_for_load(base_url: str, **expected: int) -> dict:

@@ -151,6 +151,7 @@ class ContinuousBatchingEngine:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.running = False
+        self.stopped = False  # set by `stop`: later requests get EngineStopped
         self.fatal_error: str | None = None
         # One idle step allocates the rows' buffers (lazily sized after the first keys) before any request.
         # It runs eagerly: compiled code would trace the allocation.
@@ -164,12 +165,14 @@ class ContinuousBatchingEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> Request:
         """Queue a prompt; its tokens come back through `emit`. Raises ValueError for a request that cannot be
         served as asked, `EngineOverloaded` when every row is busy and `max_queue` requests already wait,
-        `EngineStopped` after a failure."""
-        self.check_request(len(prompt_ids), params)
+        `EngineStopped` after `stop` or a failure."""
+        self.check_request(prompt_ids, params)
         request = Request(list(prompt_ids), params, emit)
         with self.wake:
             if self.fatal_error is not None:
                 raise EngineStopped(f"the engine stopped after an error: {self.fatal_error}")
+            if self.stopped:
+                raise EngineStopped("the engine was stopped: it serves no more requests.")
             if len(self.waiting) + self.busy_rows() >= self.max_rows + self.max_queue:
                 raise EngineOverloaded(
                     f"All {self.max_rows} rows are busy and {self.max_queue} requests already wait (the queue "
@@ -179,12 +182,21 @@ class ContinuousBatchingEngine:
             self.wake.notify()
         return request
 
-    def check_request(self, prompt_length: int, params: SamplingParams) -> None:
-        """Raise a ValueError saying what to change, unless the request fits the rows and its sampling is valid."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise a ValueError saying what to change, unless the request's token ids are in the vocabulary, it fits
+        the rows and its sampling is valid (a bad request must not reach the scheduler, whose failure would end
+        every request)."""
+        prompt_length, vocab_size = len(prompt_ids), self.model.config.vocab_size
         if prompt_length == 0:
             raise ValueError("The prompt is empty: give at least one token.")
+        outside = next(((index, token) for index, token in enumerate(prompt_ids) if not 0 <= token < vocab_size), None)
+        if outside is not None:
+            raise ValueError(
+                f"Token id {outside[1]} at position {outside[0]} of the prompt is outside the model's vocabulary "
+                f"(ids 0 to {vocab_size - 1}); tokenize the prompt with this model's tokenizer."
+            )
         if params.max_new_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1; got {params.max_new_tokens}.")
+            raise ValueError(f"max_new_tokens (HTTP: max_tokens) must be at least 1; got {params.max_new_tokens}.")
         if prompt_length + params.max_new_tokens > self.max_cache_len:
             raise ValueError(
                 f"This server's context is {self.max_cache_len} tokens, but the request needs "
@@ -353,8 +365,10 @@ class ContinuousBatchingEngine:
         self.thread.start()
 
     def stop(self) -> None:
+        """End the scheduler after its current step; requests submitted later get `EngineStopped`."""
         with self.wake:
             self.running = False
+            self.stopped = True
             self.wake.notify()
         if self.thread is not None:
             self.thread.join()

@@ -288,6 +288,10 @@ def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> F
             raise UnknownModel(f"The model {body.model!r} is not served here; this server serves {model_name!r}.")
         if body.n != 1:
             raise ValueError(f"n must be 1 (one reply per request); got {body.n}.")
+        if body.stop == "" or (isinstance(body.stop, list) and "" in body.stop):
+            raise ValueError(
+                "A stop string is empty: it would end every reply before its first character; leave it out."
+            )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: HTTPRequest):
@@ -317,7 +321,8 @@ def build_app(engine, tokenizer, model_name: str, stream_interval: int = 1) -> F
         messages = [message.model_dump() for message in body.messages]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_cache_len - len(prompt_ids), 1)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = asked if asked is not None else max(engine.max_cache_len - len(prompt_ids), 1)
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed)
         reply = await Reply.submitted(engine, tokenizer, prompt_ids, params, body.stop, stream_interval)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
