@@ -59,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from fastgpt_hf.cli import positive_int
 from fastgpt_hf.configuration_fastgpt import LAYER_TYPES
 from fastgpt_hf.quantization import precise_module_names, weight_bytes
 
@@ -100,8 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
     parser.add_argument("--ops", action="store_true", help="operators and ms of one eager step, per layer kind")
-    parser.add_argument("--steps", type=int, default=8, help="--profile: decode steps profiled; --ops: steps timed")
-    parser.add_argument("--rows", type=int, default=15, help="--profile: kernels listed per model")
+    parser.add_argument(
+        "--steps", type=positive_int, default=8, help="--profile: decode steps profiled; --ops: steps timed"
+    )
+    parser.add_argument("--rows", type=positive_int, default=15, help="--profile: kernels listed per model")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -110,6 +113,11 @@ def run(args: argparse.Namespace) -> None:
     if args.ops:
         operator_table(args, device, dtype, shapes)
         return
+    if "left-padded" in args.modes and min(batch for batch, _ in shapes) < 2:
+        raise SystemExit(
+            "--modes left-padded pads every row after the first, so a batch of 1 would time greedy decoding under "
+            "another name: give shapes of batch 2 or more (e.g. 32x8192)."
+        )
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
     if device.type == "cuda":
         keep_inductor_from_int8pack_mm()
@@ -230,7 +238,6 @@ def generate_call(model, prompt: torch.Tensor, new_tokens: int, setting: str, mo
 class DecodeTiming:
     ms_per_token: float
     peak_gib: float | None  # this model's weights plus what generate() allocated (GPU)
-    first_two_ms: float  # a warm call's prefill and first decode step
     first_call_s: float  # the first call of this setting at this shape: compilation included, if any
 
 
@@ -255,7 +262,7 @@ def decode_timing(model, prompt: torch.Tensor, setting: str, mode: str = "greedy
         + ("" if peak is None else f", peak {peak:.1f} GiB"),
         flush=True,
     )
-    return DecodeTiming(ms_per_token, peak, baseline, first_call_s)
+    return DecodeTiming(ms_per_token, peak, first_call_s)
 
 
 def setting_timings(model, prompts: dict, setting: str, mode: str = "greedy") -> tuple[dict, str]:
@@ -321,7 +328,8 @@ def decode_table(
                 cells.append("failed")
                 continue
             tokens_per_second = batch * 1e3 / timing.ms_per_token
-            cells.append(f"{timing.ms_per_token:.2f} / {tokens_per_second:,.0f} / {timing.first_call_s:.1f} s")
+            peak = "" if timing.peak_gib is None else f" / {timing.peak_gib:.1f} GiB"
+            cells.append(f"{timing.ms_per_token:.2f} / {tokens_per_second:,.0f} / {timing.first_call_s:.1f} s{peak}")
         floor = {
             name: floors.bytes_floor_ms(
                 floors.decode_weight_bytes(models_by_name[name])
@@ -343,7 +351,8 @@ def decode_table(
         )
     legend = (
         f"Cells: ms per token / tokens per second / first call's seconds (prefill, compilation if any and "
-        f"{NEW_TOKENS} tokens), settings kept from shape to shape in the order of the rows."
+        f"{NEW_TOKENS} tokens) / on a GPU the peak GiB (weights and what generate() allocated), settings kept from "
+        "shape to shape in the order of the rows."
     )
     rows = [f"Decoding: {mode}", "", *rows, "", legend, *notes]
     print("\n" + "\n".join(rows), flush=True)

@@ -42,6 +42,7 @@ import recall_probe
 import torch
 
 from fastgpt_hf.ablations import NOT_EXPRESSIBLE, VARIANTS, variant_model
+from fastgpt_hf.cli import positive_int
 from fastgpt_hf.data import evaluate_perplexity, load_tokenizer
 from fastgpt_hf.passkey import needle_distances, passkey_accuracy, sample_pieces
 from fastgpt_hf.recall_tasks import (
@@ -82,10 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), help="model and run size (default: gpu with CUDA, else cpu)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the size's)")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps per run (default: the size's)")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="processes: one seed each at a time, or with --recall-probe one run each (default: the size's)",
     )
     parser.add_argument(

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastgpt_hf.ablations import VARIANTS, variant_config, variant_model
+from fastgpt_hf.cli import positive_int
 from fastgpt_hf.data import load_tokenizer
 from fastgpt_hf.recall_tasks import mqar_accuracy_by_query, mqar_distances, mqar_samples, mqar_vocabulary
 
@@ -55,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--recall-probe: the base layout the variants derive from (default: the shape's own), e.g. "
         "sliding_attention full_attention full_attention",
     )
-    parser.add_argument("--num-pairs", type=int, help="--recall-probe: key-value pairs per block (default: the size's)")
+    parser.add_argument(
+        "--num-pairs", type=positive_int, help="--recall-probe: key-value pairs per block (default: the size's)"
+    )
     parser.add_argument(
         "--compile",
         action="store_true",

@@ -212,6 +212,16 @@ def test_decode_times_every_way_of_decoding_in_a_table_of_its_own(harness, capsy
         assert all(cell.endswith(" s") for cell in row[1:3])  # both models timed, none failed
 
 
+def test_decode_refuses_left_padding_at_batch_1_and_zero_steps(harness, capsys):
+    argv = ["decode", "--device", "cpu", "--preset", "tiny", "--shapes", "1x16", "4x16", "--modes", "left-padded"]
+    with pytest.raises(SystemExit, match="a batch of 1 would time greedy decoding"):
+        run_bench(harness, argv, capsys)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_bench(harness, ["decode", "--ops", "--steps", "0"], capsys)
+    assert "--steps: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_decode_modes_set_sampling_beams_padding_and_a_streamer_that_reads_every_step(harness):
     import decode
 

@@ -8,7 +8,7 @@ figures: run on an otherwise idle machine, and repeat them; `speed_statistics` s
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -24,9 +24,6 @@ class GenerationSpeed:
     prefill_seconds: float
     decode_tokens_per_second: float
     cache_mib: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 SPEED_FIGURES = ("prefill_seconds", "decode_tokens_per_second", "cache_mib")

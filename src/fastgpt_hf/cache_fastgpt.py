@@ -216,9 +216,9 @@ class FastGPTRowCache(FastGPTStaticCache):
     """A static cache whose `max_rows` batch rows hold unrelated sequences, each at its own position: the state of
     continuous batching (`fastgpt_hf.serving`).
 
-    A sequence enters a row by `load_rows` from the `FastGPTStaticCache` that prefilled it; a decode step then
+    A sequence enters a row by `copy_rows` from the `FastGPTStaticCache` that prefilled it; a decode step then
     runs over every row at once, with `position_ids` `[B, 1]` (each row's own position) and the mask `[B, 1]` of the
-    rows that hold a sequence (a free row's token is padding: it changes nothing that a later `load_rows` keeps).
+    rows that hold a sequence (a free row's token is padding: it changes nothing that a later `copy_rows` keeps).
     The layers' counters advance by one per decode step for every row: they are the rings' clock, not a length.
     `row_lengths` holds each row's tokens, set by whoever drives the rows, and `get_seq_length()` the longest, which
     is what the model checks positions and `max_cache_len` against outside compiled code."""
@@ -235,21 +235,13 @@ class FastGPTRowCache(FastGPTStaticCache):
         return max(self.row_lengths)
 
     @torch.no_grad()
-    def load_rows(self, source: FastGPTStaticCache, rows: list[int], lengths: list[int]) -> None:
-        """Overwrite rows `rows` with the sequences of `source` (a static cache of the same config and
-        `max_cache_len` that prefilled them, `source` row i into `rows[i]`, left padding allowed), `lengths[i]`
-        real tokens each: every slot, block and sink, the slots laid out oldest first in this cache's ring order, so
-        that the next decode steps evict them in time order (left padding, never real, first). One indexed copy
-        per buffer for all rows."""
-        self.copy_rows(source, torch.tensor(rows, dtype=torch.long, device=self.layers[0].device))
-        for row, length in zip(rows, lengths, strict=True):
-            self.row_lengths[row] = length
-
-    @torch.no_grad()
     def copy_rows(self, source: FastGPTStaticCache, targets: torch.Tensor) -> None:
-        """`load_rows`'s copies, `source` row i into row `targets[i]` (a device tensor: no host value is read, so
-        the copies can be compiled, or captured in a CUDA graph, with the forward that filled `source`); the
-        caller sets `row_lengths`. Rows of `targets` named twice must receive equal sequences."""
+        """Overwrite rows `targets` with the sequences of `source` (a static cache of the same config and
+        `max_cache_len` that prefilled them, left padding allowed): every slot, block and sink, the slots laid out
+        oldest first in this cache's ring order, so that the next decode steps evict them in time order (left
+        padding, never real, first). `source` row i goes into row `targets[i]`, a device tensor: no host value is
+        read, so the copies can be compiled, or captured in a CUDA graph, with the forward that filled `source`.
+        The caller sets `row_lengths`. Rows of `targets` named twice must receive equal sequences."""
         count = targets.shape[0]
         for layer, source_layer in zip(self.layers, source.layers, strict=True):
             order, source_order = layer.slot_order(), source_layer.slot_order()
