@@ -7,6 +7,7 @@ Through `generate()`, each mode gives greedy decoding's tokens.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastgpt_hf.attention_reference import reference_logits
@@ -247,3 +248,15 @@ def test_positions_that_go_back_to_a_closed_block_are_refused():
         with pytest.raises(ValueError, match=r"position_ids\[0, 0\] = 2 falls in block 0 of 4 positions"):
             model(torch.tensor([[5]]), position_ids=torch.tensor([[2]]), cache=cache)
         model(torch.tensor([[5]]), position_ids=torch.tensor([[8]]), cache=cache)  # the open block takes it
+    rows = FastGPTDynamicCache(model.config)
+    mask = torch.tensor([[0] * 6 + [1] * 4, [1] * 10])
+    with torch.no_grad():  # row 1 (10 real tokens) is ahead of row 0 (4); shared [1, T] positions go back for row 1
+        model(torch.arange(20).view(2, 10), attention_mask=mask, cache=rows)
+        message = r"position_ids\[0, 0\] = 5 falls in block 1 of 4 positions, but row 1 of the cache"
+        with pytest.raises(ValueError, match=message):
+            model(
+                torch.tensor([[5], [5]]),
+                attention_mask=F.pad(mask, (0, 1), value=1),
+                position_ids=torch.tensor([[5]]),
+                cache=rows,
+            )

@@ -50,6 +50,8 @@ def test_scores_are_the_attention_share_on_the_needle_exactly():
     scores = retrieval_scores(NeedleOracle(tokenizer), tokenizer, samples=3)
     assert scores == [0.0, pytest.approx(1.0)]
     assert retrieval_layout(scores, 1) == [SLIDING, FULL]
+    with pytest.raises(ValueError, match="cannot put the needle in their first half"):
+        retrieval_scores(NeedleOracle(tokenizer), tokenizer, samples=1, length=64)
 
 
 def test_layout_keeps_the_highest_scoring_layers_full_and_the_ones_below_them_sliding():

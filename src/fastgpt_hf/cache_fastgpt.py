@@ -72,9 +72,10 @@ def check_positions_follow_cache(cache: Cache, position_ids: torch.Tensor, is_re
                 behind = behind & is_real
             if bool(behind.any()):
                 row, token = (int(index) for index in behind.nonzero()[0])
+                given_row = min(row, position_ids.shape[0] - 1)  # position_ids may be [1, T], shared by the rows
                 raise ValueError(
-                    f"position_ids[{row}, {token}] = {int(position_ids[min(row, position_ids.shape[0] - 1), token])} "
-                    f"falls in block {int(blocks[min(row, blocks.shape[0] - 1), token])} of "
+                    f"position_ids[{given_row}, {token}] = {int(position_ids[given_row, token])} "
+                    f"falls in block {int(blocks[given_row, token])} of "
                     f"{layer.compress_block_size} positions, but row {row} of the cache has already closed that block "
                     "(a dynamic_attention layer keeps one compressed entry per closed block, not its sums). With a "
                     "cache, positions must not go back to an earlier block: leave position_ids out (they then count "

@@ -47,6 +47,11 @@ def retrieval_scores(
         key = rng.randint(10000, 99999)
         pieces = sample_pieces(tokenizer, key)
         nearest, farthest = needle_distances(pieces, length)
+        if max(nearest, length // 2) > farthest:
+            raise ValueError(
+                f"Pass-key samples of {length} tokens cannot put the needle in their first half (needle to question "
+                f"{nearest} to {farthest} tokens); score with a longer length (a few hundred tokens or more)."
+            )
         distance = rng.randint(max(nearest, length // 2), farthest)
         sample = passkey_sample(tokenizer, length, distance, key)
         needle_start = sample.answer_start - distance  # the distance runs from the needle's start to the question's end
