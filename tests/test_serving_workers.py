@@ -7,7 +7,8 @@ import os
 import socket
 import threading
 import time
-from multiprocessing.connection import Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
 
 import pytest
 
@@ -38,6 +39,33 @@ def test_a_worker_that_goes_away_frees_the_rows_of_its_requests():
         time.sleep(0.05)
     engine.step()
     assert engine.load() == {"active_rows": 0, "free_rows": 1, "waiting": 0}
+
+
+def test_a_submit_given_up_before_its_answer_is_cancelled_and_a_wrong_key_is_refused_alone():
+    engine = ContinuousBatchingEngine(tiny_model("mixed"), max_rows=1, max_cache_len=64)
+    server = EngineServer(engine)
+    server.start()
+    settings = json.loads(server.worker_settings())
+    address = (settings["host"], settings["port"])
+    with pytest.raises(AuthenticationError):
+        Client(address, authkey=b"x" * 32)
+    remote = RemoteEngine(address, bytes.fromhex(settings["authkey"]), 64)  # still accepted after the refusal
+
+    async def submit_then_give_up() -> None:
+        prompt = random_prompts([9])[0]
+        submitted = asyncio.ensure_future(remote.submit(prompt, SamplingParams(40, temperature=0), lambda event: None))
+        await asyncio.sleep(0)  # the submit is sent; its answer cannot have been handled yet
+        submitted.cancel()  # as when the client disconnects first
+        with pytest.raises(asyncio.CancelledError):
+            await submitted
+
+    asyncio.run(submit_then_give_up())
+    deadline = time.monotonic() + 10
+    while not (engine.waiting and engine.waiting[0].cancelled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.step()
+    assert engine.load() == {"active_rows": 0, "free_rows": 1, "waiting": 0}
+    server.close()
 
 
 def test_an_engine_that_goes_away_ends_the_replies_and_refuses_what_waits():

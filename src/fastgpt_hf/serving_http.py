@@ -451,13 +451,16 @@ def serve_main(argv: list[str] | None = None) -> None:
                 "stream_interval": args.stream_interval,
             }
             os.environ[WORKER_SETTINGS] = engine_server.worker_settings(**settings)
-            uvicorn.run(
-                "fastgpt_hf.serving_workers:worker_app",
-                factory=True,
-                workers=args.http_workers,
-                host=args.host,
-                port=args.port,
-                log_level="warning",
-            )
+            try:
+                uvicorn.run(
+                    "fastgpt_hf.serving_workers:worker_app",
+                    factory=True,
+                    workers=args.http_workers,
+                    host=args.host,
+                    port=args.port,
+                    log_level="warning",
+                )
+            finally:
+                engine_server.close()
     finally:
         engine.stop()

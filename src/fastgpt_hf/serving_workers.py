@@ -24,6 +24,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 
 from .serving import ContinuousBatchingEngine, EngineOverloaded, EngineStopped, SamplingParams, TokenEvent
@@ -67,6 +68,7 @@ class WorkerLink:
             with self.ready:
                 self.closed = True
                 self.ready.notify()
+            self.connection.close()
 
     def submit(self, key: int, prompt_ids: list[int], params: SamplingParams) -> None:
         def emit(event: TokenEvent) -> None:
@@ -113,8 +115,14 @@ class EngineServer:
         while True:
             try:
                 WorkerLink(self.engine, self.listener.accept())
+            except AuthenticationError:  # a connection without the key: refused, the others still served
+                continue
             except OSError:  # closed
                 return
+
+    def close(self) -> None:
+        """Stop accepting workers (the accepting thread ends)."""
+        self.listener.close()
 
     def worker_settings(self, **app_settings) -> str:
         """The JSON a worker reads from `WORKER_SETTINGS`: where the engine listens, its key, and `app_settings`
@@ -174,8 +182,11 @@ class RemoteEngine:
         self.send(("submit", key, list(prompt_ids), params))
         try:
             await answer
-        except BaseException:
+        except BaseException as error:
             self.requests.pop(key, None)
+            self.answers.pop(key, None)
+            if isinstance(error, asyncio.CancelledError):  # the engine may accept it still: free its row then
+                self.send(("cancel", key))
             raise
         return request
 
@@ -188,13 +199,16 @@ class RemoteEngine:
         return await answer
 
     def receive(self) -> None:
-        try:
-            while True:
+        gone = False
+        while not gone:
+            try:
                 batch = self.connection.recv()
+            except (EOFError, OSError):
+                batch, gone = [("gone", None)], True
+            try:
                 self.loop.call_soon_threadsafe(self.handle, batch)
-        except (EOFError, OSError):
-            if not self.loop.is_closed():  # else this worker is shutting down: nobody waits
-                self.loop.call_soon_threadsafe(self.handle, [("gone", None)])
+            except RuntimeError:  # the event loop is closed: this worker is shutting down, nobody waits
+                return
 
     def handle(self, batch: list[tuple]) -> None:
         """On the event loop: answers resolve their futures, events reach their replies."""
