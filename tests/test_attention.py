@@ -11,7 +11,7 @@ import torch
 from fastgpt_hf.attention_compressed import global_branch_attention
 from fastgpt_hf.attention_eager import eager_windowed_attention
 from fastgpt_hf.attention_reference import reference_logits
-from fastgpt_hf.attention_sdpa import blocked_window_attention, one_query_sdpa
+from fastgpt_hf.attention_sdpa import blocked_window_attention
 
 from .conftest import STACKS, left_padded_batch, tiny_model
 
@@ -122,26 +122,6 @@ def test_masked_sdpa_calls_keep_gradients_away_from_cudnn(monkeypatch, length):
         model(input_ids, attention_mask=attention_mask, use_cache=False)
     assert calls and all(cudnn_enabled for cudnn_enabled, _ in calls)
     assert torch.backends.cuda.cudnn_sdp_enabled()
-
-
-@pytest.mark.parametrize("mask_rows", [None, 1, 3], ids=["no-mask", "shared-mask", "row-masks"])
-def test_one_query_sdpa_is_attention_with_the_key_heads_repeated(mask_rows):
-    """A decode step's query heads folded onto their key head (`one_query_sdpa`) against the plain form, each query
-    head with its key head repeated, float64."""
-    generator = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, keys, head_dim = 3, 8, 2, 11, 4
-    query, key, value = (
-        torch.randn(*shape, generator=generator, dtype=torch.float64)
-        for shape in ((batch, heads, 1, head_dim), (batch, kv_heads, keys, head_dim), (batch, kv_heads, keys, head_dim))
-    )
-    mask = None if mask_rows is None else torch.rand(mask_rows, 1, 1, keys, generator=generator) < 0.6
-    if mask is not None:
-        mask[..., -1] = True
-    repeated_key, repeated_value = (states.repeat_interleave(heads // kv_heads, dim=1) for states in (key, value))
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query, repeated_key, repeated_value, attn_mask=mask, scale=0.3
-    )
-    torch.testing.assert_close(one_query_sdpa(query, key, value, mask, 0.0, 0.3), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("queries_per_call", [1, 7])

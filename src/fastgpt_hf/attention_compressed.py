@@ -14,7 +14,7 @@ import torch
 from transformers.masking_utils import or_masks
 
 from .attention_masks import complete_block_function, compressed_visibility, dense_mask, memory_slot_function
-from .attention_sdpa import masked_sdpa, one_query_sdpa
+from .attention_sdpa import masked_sdpa
 
 # Mask entries (batch x queries x keys) per sdpa call of the global branch: bounds each call's mask, and its scores
 # (times the heads) where a backend materializes them, while a long prefill makes a few large calls, not many small
@@ -81,9 +81,8 @@ def memory_and_block_entries(
     heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[B, H, M + C, D]` of the global branch: memory slots `[M, K, D]`, then the compressed blocks
-    `[B, K, C, D]`, repeated to `heads` heads (K: not repeated). These tensors are small, and sdpa's fused kernels
-    with a mask take no grouped heads (with `enable_gqa` a masked call falls back to the math path, which
-    materializes the scores)."""
+    `[B, K, C, D]`, repeated to the H query heads. These tensors are small, and sdpa's fused kernels with a mask take
+    no grouped heads (with `enable_gqa` a masked call falls back to the math path, which materializes the scores)."""
     batch = block_keys.shape[0]
     entries = []
     for memory, blocks in ((memory_keys, block_keys), (memory_values, block_values)):
@@ -118,15 +117,9 @@ def global_branch_attention(
         `[B, T, H, D]`.
     """
     batch, heads, query_length, _ = query_states.shape
-    if query_length == 1:  # a decode step: each key head's group of query heads as that head's queries
-        visible = compressed_visibility(query_positions, block_counts, block_size, memory_keys.shape[0])
-        keys, values = memory_and_block_entries(
-            memory_keys, memory_values, block_keys, block_values, block_keys.shape[1]
-        )
-        return one_query_sdpa(query_states, keys, values, visible, dropout, scaling).transpose(1, 2)
     keys, values = memory_and_block_entries(memory_keys, memory_values, block_keys, block_values, heads)
     queries_per_call = max(1, mask_entries_per_call // (batch * keys.shape[2]))
-    if query_length <= queries_per_call:  # one call: a symbolic loop step would pin the block count
+    if query_length <= queries_per_call:  # one call (a decode step): a symbolic loop step would pin the block count
         queries_per_call = query_length
     outputs = []
     for start in range(0, query_length, queries_per_call):

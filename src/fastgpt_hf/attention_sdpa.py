@@ -9,8 +9,7 @@ Three paths, one rule (`attention_masks`), chosen per call from the shapes alone
 - otherwise (the CPU, padding, sinks, float32, dropout): queries in chunks of `window`, each against the
   `2 * window` keys that can reach it (and the row's sinks), so memory grows as T x window, not T x S.
 
-Every call with a mask goes through `masked_sdpa`, which keeps gradients away from cuDNN's kernel (see there). A
-one-query call (a decode step) runs each key head's group of query heads as that head's queries (`one_query_sdpa`).
+Every call with a mask goes through `masked_sdpa`, which keeps gradients away from cuDNN's kernel (see there).
 """
 
 import torch
@@ -41,21 +40,6 @@ def masked_sdpa(query, key, value, mask, dropout: float, scale: float, enable_gq
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     with sdpa_kernel(BACKWARD_SAFE_BACKENDS):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
-
-
-def one_query_sdpa(query, key, value, mask, dropout: float, scale: float) -> torch.Tensor:
-    """Attention of one query per row and head, `[B, H, 1, D]`, over grouped keys and values `[B, K, S, D]` (H a
-    multiple of K): the G = H / K query heads that share key head k go to sdpa as G queries of head k, `[B, K, G, D]`,
-    which the one-query mask `[B or 1, 1, 1, S]` covers alike. The kernel then reads each key head once for its
-    group, where with `enable_gqa` a masked decode step ran cuDNN's prefill kernel once per query head, 64-query
-    tiles holding one query. `[B, H, 1, D]` out."""
-    batch, heads, _, head_dim = query.shape
-    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], head_dim)
-    if mask is None:
-        output = F.scaled_dot_product_attention(grouped, key, value, dropout_p=dropout, scale=scale)
-    else:
-        output = masked_sdpa(grouped, key, value, mask, dropout, scale)
-    return output.reshape(batch, heads, 1, head_dim)
 
 
 def sdpa_windowed_attention(
@@ -128,7 +112,7 @@ def flash_window_attention(query, key, value, window: int, scaling: float) -> to
 
 
 def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropout, num_sink_tokens) -> torch.Tensor:
-    """One sdpa call over all S keys; the causal kernel when no mask is needed; `one_query_sdpa` for one query."""
+    """One sdpa call over all S keys; the causal kernel when no mask is needed."""
     query_length, key_length = query.shape[2], key.shape[2]
     within_window = window is None or key_length <= window
     needs_mask = key_is_real is not None or not within_window
@@ -136,9 +120,7 @@ def dense_sdpa_attention(query, key, value, key_is_real, window, scaling, dropou
     mask = None
     if needs_mask or (query_length != key_length and query_length > 1):
         mask = windowed_visibility(query_length, key_is_real, key_length, window, query.device, num_sink_tokens)
-    if query_length == 1:
-        output = one_query_sdpa(query, key, value, mask, dropout, scaling)
-    elif mask is None:
+    if mask is None:
         output = F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=True
         )
