@@ -24,6 +24,10 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   weights (`int8-dynamic`: per-token activation scales, int8 x int8 matmuls through `torch._int_mm`); FastGPT's
   precise modules and lm_head skipped, as `fastgpt_hf.quantization` declares. Each scheme quantizes freshly built
   models.
+  `--kv-cache int8`: FastGPT's static cache keeps int8 keys and values with float32 scales
+  (`generate(..., cache_config={"kv_quantization": "int8"})`, `fastgpt_hf.cache_quantization`), in the static
+  settings and on CUDA the default one; Llama keeps Transformers' static cache in the model's dtype, which has no int8
+  form (the table names each model's cache). The floor counts each model's cache bytes.
 - `--profile`: where a generate() decode step spends its time, both models (`--cache static`: generate()'s own
   compile, CUDA graphs on a GPU: the compiled graphs, graph breaks and CUDA graph skips, and per decode step the
   CUDA graph launches and single kernel launches; then the kernels of one step, compiled without CUDA graphs (same
@@ -38,6 +42,8 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
         --modes greedy sample beam stream left-padded
     python benchmarks/bench.py decode --preset 13b --shapes 16x1024 --weights int8 --settings static
     python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings default static
+    python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings static \
+        --kv-cache int8
     python benchmarks/bench.py decode --preset 13b --layers 6 --shapes 32x1024 --profile
     python benchmarks/bench.py decode --device cpu --preset tiny --layers 8 --shapes 1x256 --ops --threads 1
 """
@@ -74,6 +80,7 @@ MODES = ("greedy", "sample", "beam", "stream", "left-padded")
 NUM_BEAMS = 4
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+KV_CACHES = ("model", "int8")  # `--kv-cache`: keys and values in the model's dtype, or int8 (FastGPT only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "TextIteratorStreamer does); left-padded (greedy, every row after the first padded by a quarter of the "
         "context)",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="model",
+        help="FastGPT's cache keys and values in the tables: the model's dtype (bf16 on a GPU), or int8 with float32 "
+        "scales (static settings, and default on CUDA; Llama's cache stays in the model's dtype)",
+    )
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
     parser.add_argument("--ops", action="store_true", help="operators and ms of one eager step, per layer kind")
@@ -113,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
     if args.ops:
         operator_table(args, device, dtype, shapes)
         return
+    check_kv_cache_settings(args.kv_cache, args.settings, device)
     if "left-padded" in args.modes and min(batch for batch, _ in shapes) < 2:
         raise SystemExit(
             "--modes left-padded pads every row after the first, so a batch of 1 would time greedy decoding under "
@@ -144,9 +159,26 @@ def run(args: argparse.Namespace) -> None:
             pair = {name: int8_quantized(model, weights) for name, model in pair.items()}
         pair_is_quantized = weights != "bf16"
         label = SHORT_DTYPE_NAMES[dtype] if weights == "bf16" else weights
-        named = {f"{name} {label}": model for name, model in pair.items()}
+        if args.kv_cache == "int8":  # which cache each model keeps, in every column's name
+            kv_labels = {"FastGPT": "kv-int8", "Llama": f"kv-{SHORT_DTYPE_NAMES[dtype]}"}
+            named = {f"{name} {label} {kv_labels[name]}": model for name, model in pair.items()}
+        else:
+            named = {f"{name} {label}": model for name, model in pair.items()}
         for mode in args.modes:
-            decode_table(named, config, shapes, bandwidth, args.settings, mode)
+            decode_table(named, config, shapes, bandwidth, args.settings, mode, args.kv_cache)
+
+
+def check_kv_cache_settings(kv_cache: str, settings: list[str], device: torch.device) -> None:
+    """Exit with a message where `--kv-cache int8` meets a setting whose FastGPT cache is the dynamic one, which has
+    no int8 form: "dynamic", and "default" off CUDA."""
+    dynamic = [
+        setting for setting in settings if setting == "dynamic" or (setting == "default" and device.type != "cuda")
+    ]
+    if kv_cache == "int8" and dynamic:
+        raise SystemExit(
+            f"--kv-cache int8 quantizes FastGPT's static cache; the settings {dynamic} decode with its dynamic cache "
+            f"here ({device.type}), which has none. Use --settings static (or default on CUDA)."
+        )
 
 
 def keep_inductor_from_int8pack_mm() -> None:
@@ -185,9 +217,14 @@ def greedy_config(new_tokens: int, cache_implementation: str | None = None, **op
     return GenerationConfig(**{**fields, **options})
 
 
-def setting_config(setting: str, prompt: torch.Tensor, new_tokens: int, mode: str = "greedy") -> GenerationConfig:
-    """The generation config of `setting` decoding `new_tokens` tokens in `mode` (sampling or beams added)."""
+def setting_config(
+    setting: str, prompt: torch.Tensor, new_tokens: int, mode: str = "greedy", cache_config: dict | None = None
+) -> GenerationConfig:
+    """The generation config of `setting` decoding `new_tokens` tokens in `mode` (sampling or beams added), with
+    `cache_config` (the arguments of the cache generate() builds) if any."""
     options = {"sample": SAMPLING, "beam": {"num_beams": NUM_BEAMS}}.get(mode, {})
+    if cache_config is not None:
+        options = {**options, "cache_config": cache_config}
     if setting in ("default", "dynamic"):
         return greedy_config(new_tokens, None if setting == "default" else "dynamic", **options)
     compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
@@ -218,9 +255,11 @@ def prompt_mask(prompt: torch.Tensor, mode: str) -> torch.Tensor:
     return mask
 
 
-def generate_call(model, prompt: torch.Tensor, new_tokens: int, setting: str, mode: str = "greedy"):
+def generate_call(
+    model, prompt: torch.Tensor, new_tokens: int, setting: str, mode: str = "greedy", cache_config: dict | None = None
+):
     """A `generate()` call of `new_tokens` tokens in `setting` and `mode` (a static cache sized for NEW_TOKENS)."""
-    config = setting_config(setting, prompt, new_tokens, mode)
+    config = setting_config(setting, prompt, new_tokens, mode, cache_config)
     attention_mask = prompt_mask(prompt, mode)
     streamer = HostStreamer() if mode == "stream" else None
 
@@ -241,19 +280,22 @@ class DecodeTiming:
     first_call_s: float  # the first call of this setting at this shape: compilation included, if any
 
 
-def decode_timing(model, prompt: torch.Tensor, setting: str, mode: str = "greedy") -> DecodeTiming:
+def decode_timing(
+    model, prompt: torch.Tensor, setting: str, mode: str = "greedy", cache_config: dict | None = None
+) -> DecodeTiming:
     """One setting at one shape: the first call (timed on its own, and the warm-up), then ms per token.
 
     Prints the figures as soon as they are known, so that a run cut short still reports its finished settings."""
     device = prompt.device
-    first_call_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting, mode), device)
+    options = (setting, mode, cache_config)
+    first_call_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, *options), device)
     on_gpu = device.type == "cuda"
     if on_gpu:
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     # The faster of two calls: a step's time is a difference of two calls, which noise would otherwise dominate.
-    full = min(times_ms(generate_call(model, prompt, NEW_TOKENS, setting, mode), device, repeats=2))
-    baseline = min(times_ms(generate_call(model, prompt, BASELINE_TOKENS, setting, mode), device, repeats=2))
+    full = min(times_ms(generate_call(model, prompt, NEW_TOKENS, *options), device, repeats=2))
+    baseline = min(times_ms(generate_call(model, prompt, BASELINE_TOKENS, *options), device, repeats=2))
     ms_per_token = (full - baseline) / (NEW_TOKENS - BASELINE_TOKENS)
     peak = (weight_bytes(model) + torch.cuda.max_memory_allocated() - resident) / 2**30 if on_gpu else None
     print(
@@ -265,7 +307,9 @@ def decode_timing(model, prompt: torch.Tensor, setting: str, mode: str = "greedy
     return DecodeTiming(ms_per_token, peak, first_call_s)
 
 
-def setting_timings(model, prompts: dict, setting: str, mode: str = "greedy") -> tuple[dict, str]:
+def setting_timings(
+    model, prompts: dict, setting: str, mode: str = "greedy", cache_config: dict | None = None
+) -> tuple[dict, str]:
     """Every shape in one setting, compiled state kept from shape to shape (as in a user's process): each shape's
     `DecodeTiming` (None where it failed, reported), and a note of the graphs dynamo compiled over all shapes and,
     for the default setting, of its first call once more after `torch._dynamo.reset()` (inductor's on-disk cache
@@ -275,7 +319,7 @@ def setting_timings(model, prompts: dict, setting: str, mode: str = "greedy") ->
     timings = {}
     for shape, prompt in prompts.items():
         try:
-            timings[shape] = decode_timing(model, prompt, setting, mode)
+            timings[shape] = decode_timing(model, prompt, setting, mode, cache_config)
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
             print(f"  {type(model).__name__} {setting} {shape}: failed: {type(error).__name__}: {str(error)[:200]}")
             timings[shape] = None
@@ -284,28 +328,40 @@ def setting_timings(model, prompts: dict, setting: str, mode: str = "greedy") ->
     if graphs and setting == "default":
         torch._dynamo.reset()
         shape, prompt = next(iter(prompts.items()))
-        again_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, setting, mode), prompt.device)
+        call = generate_call(model, prompt, NEW_TOKENS, setting, mode, cache_config)
+        again_s = first_call_seconds(call, prompt.device)
         note += f", first call again with the compile cache warm {again_s:.1f} s ({shape[0]} x {shape[1]})"
     torch._dynamo.reset()
     return timings, note
 
 
 def decode_table(
-    models_by_name: dict, config, shapes: list[tuple[int, int]], bandwidth: float, settings, mode: str = "greedy"
+    models_by_name: dict,
+    config,
+    shapes: list[tuple[int, int]],
+    bandwidth: float,
+    settings,
+    mode: str = "greedy",
+    kv_cache: str = "model",
 ) -> list[str]:
     """One row per (batch, context): per model and setting, ms per token / tokens per second / first call's seconds
     (compilation included); the floors; FastGPT's default against the fastest Llama setting and against its floor.
-    With `mode` beam, a step and its floor cover the batch's NUM_BEAMS beams each; tokens/s counts the batch's."""
+    With `mode` beam, a step and its floor cover the batch's NUM_BEAMS beams each; tokens/s counts the batch's.
+    `kv_cache` int8: FastGPT's cache int8 (`--kv-cache`), Llama's in the model's dtype."""
     device = next(iter(models_by_name.values())).device
     generator = torch.Generator().manual_seed(0)
     prompts = {
         (batch, context): torch.randint(0, config.vocab_size, (batch, context), generator=generator).to(device)
         for batch, context in shapes
     }
+    kv_quantization = None if kv_cache == "model" else kv_cache
     timings, notes = {}, []
     for setting in settings:
         for name, model in models_by_name.items():
-            timings[name, setting], note = setting_timings(model, prompts, setting, mode)
+            cache_config = (
+                {"kv_quantization": kv_quantization} if kv_quantization and name.startswith("FastGPT") else None
+            )
+            timings[name, setting], note = setting_timings(model, prompts, setting, mode, cache_config)
             notes.append(f"- {name} {setting}: {note}")
             print(notes[-1], flush=True)
     columns = [(name, setting) for name in models_by_name for setting in settings]
@@ -330,13 +386,15 @@ def decode_table(
             tokens_per_second = batch * 1e3 / timing.ms_per_token
             peak = "" if timing.peak_gib is None else f" / {timing.peak_gib:.1f} GiB"
             cells.append(f"{timing.ms_per_token:.2f} / {tokens_per_second:,.0f} / {timing.first_call_s:.1f} s{peak}")
+        held_cache_bytes = {
+            llama: floors.llama_cache_bytes(config, context, cache_dtype),
+            fastgpt: floors.fastgpt_cache_bytes(config, context, cache_dtype, kv_quantization),
+        }
         floor = {
             name: floors.bytes_floor_ms(
-                floors.decode_weight_bytes(models_by_name[name])
-                + rows_read * cache_bytes(config, context, cache_dtype),
-                bandwidth,
+                floors.decode_weight_bytes(models_by_name[name]) + rows_read * held_cache_bytes[name], bandwidth
             )
-            for name, cache_bytes in ((llama, floors.llama_cache_bytes), (fastgpt, floors.fastgpt_cache_bytes))
+            for name in (llama, fastgpt)
         }
         ours = timings[fastgpt, settings[0]][shape]
         llama_times = [timings[llama, setting][shape] for setting in settings if timings[llama, setting][shape]]
@@ -354,6 +412,11 @@ def decode_table(
         f"{NEW_TOKENS} tokens) / on a GPU the peak GiB (weights and what generate() allocated), settings kept from "
         "shape to shape in the order of the rows."
     )
+    if kv_quantization:
+        legend += (
+            f" FastGPT's cache holds {kv_quantization} keys and values (float32 scales); Llama's stays "
+            f"{SHORT_DTYPE_NAMES[cache_dtype]}: Transformers' static cache has no {kv_quantization} form."
+        )
     rows = [f"Decoding: {mode}", "", *rows, "", legend, *notes]
     print("\n" + "\n".join(rows), flush=True)
     return rows

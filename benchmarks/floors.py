@@ -95,9 +95,12 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
 
 
-def fastgpt_cache_bytes(config: FastGPTConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of every tensor a FastGPT cache holds after `context` positions (batch 1, keys and values in `dtype`)."""
-    cache = FastGPTStaticCache(config, max_cache_len=context)
+def fastgpt_cache_bytes(
+    config: FastGPTConfig, context: int, dtype: torch.dtype = torch.bfloat16, kv_quantization: str | None = None
+) -> int:
+    """Bytes of every tensor a FastGPT cache holds after `context` positions (batch 1, a model in `dtype`; keys and
+    values in `dtype`, or as `kv_quantization` says)."""
+    cache = FastGPTStaticCache(config, max_cache_len=context, kv_quantization=kv_quantization)
     cache.early_initialization(1, config.num_key_value_heads, config.head_dim, dtype, torch.device("meta"))
     return sum(buffer.numel() * buffer.element_size() for layer in cache.layers for buffer in layer.batch_buffers())
 

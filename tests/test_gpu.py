@@ -206,6 +206,32 @@ def test_compiled_static_decode_replays_cuda_graphs():
     assert torch.equal(compiled, expected)
 
 
+def test_compiled_int8_static_decode_gives_the_eager_int8_tokens_and_reads_int8():
+    """generate()'s own compile (inductor, reduce-overhead) of the int8 static cache's decode step, asked for and as
+    the default fast path: one graph each, no CUDA graph skipped, the eager int8 cache's tokens (float32, TF32 off);
+    and inductor's decode attention allocates no dequantized copy of the keys (`test_cache_quantization`)."""
+    from torch._dynamo.utils import counters
+
+    from .test_cache_quantization import compiled_attention_buffers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("mixed", "sdpa", dtype=torch.float32, **LONG_WINDOWS).cuda()
+    model.generation_config.pad_token_id = 0
+    input_ids, attention_mask = (tensor.cuda() for tensor in left_padded_batch(300))
+    options = {"attention_mask": attention_mask, "max_new_tokens": 16, "do_sample": False}
+    options["cache_config"] = {"kv_quantization": "int8"}
+    expected = model.generate(input_ids, cache_implementation="static", disable_compile=True, **options)
+    for implementation in ("static", None):
+        torch._dynamo.reset()
+        counters.clear()
+        assert torch.equal(model.generate(input_ids, cache_implementation=implementation, **options), expected)
+        assert counters["stats"]["unique_graphs"] == 1
+        assert counters["inductor"]["cudagraph_skips"] == 0
+    sizes, key_elements = compiled_attention_buffers("cuda")
+    assert sizes, "no buffer found in inductor's code"
+    assert max(sizes) < key_elements // 8
+
+
 @pytest.mark.parametrize("cache_implementation", ["offloaded", "offloaded_static"])
 def test_offloaded_caches_give_the_dynamic_cache_tokens(cache_implementation):
     """Transformers' cache offloading (layers moved to the CPU between uses; CUDA streams, so GPU only). Eager:

@@ -7,24 +7,34 @@ allowed where the token's block is among the query's selected blocks (`top_block
 README, "The selective layer"). Attention sinks (`num_sink_tokens`; README, "Attention sinks") are found row by
 row (`sink_tokens`) and added to the windowed layers' mask, causally. It shares no attention code with the model;
 its masks are composed from the same mask functions (`attention_masks`), evaluated densely on every (query, key)
-pair.
+pair. With `kv_quantization="int8"` the windowed attention reads each token's rotary key and value as an int8 cache
+keeps them (`cache_quantization.quantize`, then `dequantize` in float64); the global branch reads them unrounded, as
+the caches' block sums do.
 """
 
 import torch
 from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, sliding_window_overlay
 
 from .attention_masks import compressed_visibility, dense_mask
+from .cache_quantization import check_kv_quantization, dequantize, quantize
 from .configuration_fastgpt import GLOBAL_BRANCH_TYPES, SELECTIVE
 
 
 def reference_logits(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    kv_quantization: str | None = None,
 ) -> torch.Tensor:
     """Float64 logits `[B, T, V]` of `model` (a `FastGPTForCausalLM`) for `input_ids` `[B, T]`.
 
     `attention_mask` `[B, T]` marks real tokens (1) and padding (0). Without `position_ids`, positions count real
     tokens, as the model does. Rows of padding tokens come out as whatever they are and are not to be compared.
+    `kv_quantization`: the windowed attention's keys and values as a cache of that quantization holds them (module
+    docstring); None, exact.
     """
+    check_kv_quantization(kv_quantization)
     config = model.config
     # Differentiable in the parameters, so that gradients can be checked against it too.
     weights = {name: tensor.to(torch.float64) for name, tensor in model.named_parameters()}
@@ -44,7 +54,7 @@ def reference_logits(
         prefix = f"model.layers.{layer_idx}."
         layer = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
         normed = rms_norm(hidden, layer["input_layernorm.weight"], config.rms_norm_eps)
-        hidden = hidden + attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real)
+        hidden = hidden + attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real, kv_quantization)
         normed = rms_norm(hidden, layer["post_attention_layernorm.weight"], config.rms_norm_eps)
         gate = normed @ layer["mlp.gate_proj.weight"].T
         up = normed @ layer["mlp.up_proj.weight"].T
@@ -84,7 +94,7 @@ def masked_softmax_attention(scores: torch.Tensor, allowed: torch.Tensor, values
     return weights @ values
 
 
-def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real) -> torch.Tensor:
+def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real, kv_quantization=None) -> torch.Tensor:
     """One layer's attention output `[B, T, hidden]`, every score matrix dense."""
     head_dim, groups = config.head_dim, config.num_attention_heads // config.num_key_value_heads
     scale = head_dim**-0.5
@@ -102,8 +112,11 @@ def attention(config, layer, layer_type, normed, cos, sin, position_ids, is_real
         causal = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril()
         sinks = sink_tokens(is_real, config.num_sink_tokens)
         local_allowed = local_allowed | (causal & sinks[:, None, None, :])
-    local_scores = rotate(query, cos, sin) @ rotate(key, cos, sin).transpose(-1, -2) * scale
-    output = masked_softmax_attention(local_scores, local_allowed, value)  # [B, H, T, D]
+    local_key, local_value = rotate(key, cos, sin), value
+    if kv_quantization is not None:  # what the cache keeps of each token (a head repeated G times rounds alike)
+        local_key, local_value = (dequantize(quantize(states)) for states in (local_key, local_value))
+    local_scores = rotate(query, cos, sin) @ local_key.transpose(-1, -2) * scale
+    output = masked_softmax_attention(local_scores, local_allowed, local_value)  # [B, H, T, D]
     if layer_type in GLOBAL_BRANCH_TYPES:
         branch = selective_global_attention if layer_type == SELECTIVE else compressed_global_attention
         global_output = branch(config, layer, query, key, value, position_ids, is_real, scale)

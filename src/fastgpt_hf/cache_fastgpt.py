@@ -23,7 +23,9 @@ Every layer keeps its last N + 1 keys and values, the newest in the last slot an
 (N + 1 = the window, at most `max_cache_len`), so that a decode step writes a few slots instead of moving the
 cache; the dynamic layer adds the block state for ceil(max_cache_len / b) blocks. With attention sinks the windowed
 layers keep each row's first `num_sink_tokens` real tokens in as many slots ahead of the window's, seen once they
-have left the window (`StaticRolledLayer`).
+have left the window (`StaticRolledLayer`). With `kv_quantization="int8"` its layers keep keys and values as int8
+with a float32 scale per row, key/value head and slot (`cache_quantization`): about half the bytes of bf16; the
+dynamic layers' block state stays in the model's dtype (float32 sums), computed from the unquantized new tokens.
 
 One `update` contract for every layer (what the windowed backends in `attention_masks` expect): it takes the new
 keys, values and the 2D attention mask, and returns the kept past followed by the T new tokens, so queries are the
@@ -51,6 +53,7 @@ from transformers.cache_utils import (
 
 from .cache_blocks import BlockTokens, CompressedBlocks
 from .cache_dynamic_layers import dynamic_layer
+from .cache_quantization import check_kv_quantization
 from .cache_static_layers import StaticCompressedLayer, StaticRolledLayer
 from .configuration_fastgpt import DYNAMIC, SELECTIVE, FastGPTConfig
 
@@ -131,7 +134,8 @@ class KeyMaskCache:
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store `[B, K, T, D]` keys and values in layer `layer_idx`; return its keys and values `[B, K, S, D]`
-        (queries are the last T) and which keys are real, `[B or 1, S]` bool or None (all real).
+        (queries are the last T) and which keys are real, `[B or 1, S]` bool or None (all real). A quantized static
+        cache returns `QuantizedStates` for keys and values in a one-token step (`StaticRolledLayer`).
 
         `attention_mask` `[B, past + T]` (the static cache also takes `[B, T]`, the new tokens') or None. Offloading
         as in Transformers' `Cache.update`: the next offloaded layer is prefetched, this one offloaded after."""
@@ -167,11 +171,19 @@ class FastGPTStaticCache(KeyMaskCache, StaticCache):
 
     `dynamic_length=True` marks the dimensions that follow `max_cache_len` (full layers' slots, dynamic layers'
     blocks) dynamic for `torch.compile`, so that one compiled decode step serves caches of every length
-    (`generation_fast_path`); otherwise a cache of another length compiles the step again."""
+    (`generation_fast_path`); otherwise a cache of another length compiles the step again.
+    `kv_quantization`: None keeps keys and values in the model's dtype; "int8" as int8 with float32 scales
+    (`cache_quantization`; generate(): `cache_config={"kv_quantization": "int8"}`)."""
 
     def __init__(
-        self, config: FastGPTConfig, max_cache_len: int, offloading: bool = False, dynamic_length: bool = False
+        self,
+        config: FastGPTConfig,
+        max_cache_len: int,
+        offloading: bool = False,
+        dynamic_length: bool = False,
+        kv_quantization: str | None = None,
     ):
+        check_kv_quantization(kv_quantization)
         if SELECTIVE in config.layer_types:
             raise ValueError(
                 "FastGPTStaticCache has no selective_attention layer (its block tokens grow with the length, which "
@@ -186,13 +198,16 @@ class FastGPTStaticCache(KeyMaskCache, StaticCache):
             kept_length = min(window or max_cache_len, max_cache_len) - 1
             sinks = 0 if window is None else config.num_sink_tokens  # full layers see every token anyway
             if layer_type == DYNAMIC:
-                layers.append(
-                    StaticCompressedLayer(max_cache_len, kept_length, config.compress_block_size, dynamic_length, sinks)
+                block_size = config.compress_block_size
+                layer = StaticCompressedLayer(
+                    max_cache_len, kept_length, block_size, dynamic_length, sinks, kv_quantization
                 )
             else:
-                layers.append(StaticRolledLayer(max_cache_len, kept_length, dynamic_length, sinks))
+                layer = StaticRolledLayer(max_cache_len, kept_length, dynamic_length, sinks, kv_quantization)
+            layers.append(layer)
         Cache.__init__(self, layers=layers, offloading=offloading)
         self.max_cache_len = max_cache_len
+        self.kv_quantization = kv_quantization
         self.layer_signature = layer_signature(config)
 
     def check_room(self, past_length: int, query_length: int) -> None:
@@ -224,8 +239,8 @@ class FastGPTRowCache(FastGPTStaticCache):
     `row_lengths` holds each row's tokens, set by whoever drives the rows, and `get_seq_length()` the longest, which
     is what the model checks positions and `max_cache_len` against outside compiled code."""
 
-    def __init__(self, config: FastGPTConfig, max_cache_len: int, max_rows: int):
-        super().__init__(config, max_cache_len)
+    def __init__(self, config: FastGPTConfig, max_cache_len: int, max_rows: int, kv_quantization: str | None = None):
+        super().__init__(config, max_cache_len, kv_quantization=kv_quantization)
         self.max_rows = max_rows
         self.row_lengths = [0] * max_rows
 
@@ -242,12 +257,18 @@ class FastGPTRowCache(FastGPTStaticCache):
         oldest first in this cache's ring order, so that the next decode steps evict them in time order (left
         padding, never real, first). `source` row i goes into row `targets[i]`, a device tensor: no host value is
         read, so the copies can be compiled, or captured in a CUDA graph, with the forward that filled `source`.
-        The caller sets `row_lengths`. Rows of `targets` named twice must receive equal sequences."""
+        The caller sets `row_lengths`. Rows of `targets` named twice must receive equal sequences. Both caches
+        must have the same `kv_quantization`."""
+        if source.kv_quantization != self.kv_quantization:
+            raise ValueError(
+                f"copy_rows takes a cache of kv_quantization={self.kv_quantization!r}, as this one, got one of "
+                f"{source.kv_quantization!r}: prefill with a FastGPTStaticCache built with the same kv_quantization."
+            )
         count = targets.shape[0]
         for layer, source_layer in zip(self.layers, source.layers, strict=True):
             order, source_order = layer.slot_order(), source_layer.slot_order()
-            # x[rows, :, order] indexes `[n, slots, K, D]`: the advanced indices' dimensions come first.
-            for buffer, source_buffer in ((layer.keys, source_layer.keys), (layer.values, source_layer.values)):
+            # x[rows, :, order] indexes `[n, slots, K, *]`: the advanced indices' dimensions come first.
+            for buffer, source_buffer in zip(layer.slot_buffers(), source_layer.slot_buffers(), strict=True):
                 buffer[targets[:, None], :, order[None, :]] = source_buffer[:count, :, source_order].transpose(1, 2)
             layer.slot_is_real[targets[:, None], order[None, :]] = source_layer.slot_is_real[:count, source_order]
             if isinstance(layer, StaticCompressedLayer):

@@ -1,7 +1,8 @@
 """The layers of `FastGPTStaticCache` (`cache_fastgpt` describes the cache): `StaticRolledLayer`, the last N + 1
 keys and values of a layer in fixed buffers (the newest in the last slot, the N before it in a ring) with the
 attention sinks' slots ahead of them, and `StaticCompressedLayer`, the same with a dynamic layer's block state
-(`cache_blocks`) for every block of `max_cache_len`.
+(`cache_blocks`) for every block of `max_cache_len`. Either keeps its keys and values in the model's dtype or, with
+`kv_quantization="int8"`, as int8 with a float32 scale per row, key/value head and slot (`cache_quantization`).
 """
 
 import torch
@@ -10,6 +11,7 @@ from transformers.cache_utils import (
 )
 
 from .cache_blocks import CompressedBlocks
+from .cache_quantization import QuantizedStates, check_kv_quantization, dequantize, quantize
 
 
 class StaticRolledLayer(StaticLayer):
@@ -34,18 +36,42 @@ class StaticRolledLayer(StaticLayer):
     sink clause (`attention_masks`) counts the sinks that left, then the rest in time order in a longer step; in a
     one-token step the real ring slots that it counts after them are within the window anyway. The sink slots are
     written by the same `index_copy_` as the window's: a decode step writes n + 2 slots.
+
+    With `kv_quantization="int8"` the keys and values are int8 and two more buffers, `key_scales` and `value_scales`
+    `[B, K, n + N + 1, 1]` float32, hold their scales (`cache_quantization`); every slot move above moves them alike
+    (`slot_buffers()`). New tokens are quantized as they arrive. A one-token step returns `QuantizedStates` (the int8
+    buffer and its scales), which the attention reads as they are (`attention_quantized`); a longer step returns its
+    keys and values dequantized to the model's dtype, so that the prefill paths stay as they are.
     """
 
-    def __init__(self, max_positions: int, kept_length: int, dynamic_length: bool = False, num_sink_tokens: int = 0):
+    def __init__(
+        self,
+        max_positions: int,
+        kept_length: int,
+        dynamic_length: bool = False,
+        num_sink_tokens: int = 0,
+        kv_quantization: str | None = None,
+    ):
+        check_kv_quantization(kv_quantization)
         self.ring_length = max(kept_length, 1)
         self.window_slots = self.ring_length + 1
         self.num_sink_tokens = num_sink_tokens
         super().__init__(max_cache_len=num_sink_tokens + self.window_slots)
         self.max_positions = max_positions
         self.dynamic_length = dynamic_length
+        self.kv_quantization = kv_quantization
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+        self.states_dtype = key_states.dtype  # the model's: what a longer step returns
+        if self.kv_quantization is None:
+            super().lazy_initialization(key_states, value_states)
+        else:  # Transformers' layer allocates its buffers in the dtype of the states it is given: empty int8 ones
+            super().lazy_initialization(*(states[:, :, :0].to(torch.int8) for states in (key_states, value_states)))
+            self.key_scales = torch.zeros(*self.keys.shape[:3], 1, dtype=torch.float32, device=self.device)
+            self.value_scales = torch.zeros_like(self.key_scales)
+            if not torch.compiler.is_compiling():
+                for buffer in (self.key_scales, self.value_scales):
+                    torch._dynamo.mark_static_address(buffer)
         # Which slots hold real tokens: never-written slots and left padding are False.
         self.slot_is_real = torch.zeros(self.batch_size, self.max_cache_len, dtype=torch.bool, device=self.device)
         if self.num_sink_tokens:
@@ -55,38 +81,68 @@ class StaticRolledLayer(StaticLayer):
             for buffer in (self.slot_is_real, *self.sink_buffers()):
                 torch._dynamo.mark_static_address(buffer)
             if self.dynamic_length and self.window_slots == self.max_positions:  # the buffers follow the length
-                for buffer in (self.keys, self.values, self.slot_is_real):
+                for buffer in (*self.slot_buffers(), self.slot_is_real):
                     torch._dynamo.maybe_mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | QuantizedStates, torch.Tensor | QuantizedStates, torch.Tensor | None]:
         """Append `[B, K, T, D]` keys and values; return the kept past and them, queries last, and which returned
-        keys are real tokens (module docstring). `attention_mask` `[B, past + T]` or `[B, T]` (None: all real)."""
+        keys are real tokens (module docstring). `attention_mask` `[B, past + T]` or `[B, T]` (None: all real).
+        Quantized: `QuantizedStates` in a one-token step, else keys and values in the model's dtype (class
+        docstring)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if attention_mask is None:
             is_real = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=self.device)
         else:
             is_real = attention_mask[:, -key_states.shape[2] :].bool()
+        new_states = self.stored_states(key_states, value_states)
         if key_states.shape[2] == 1:
-            self.push_one(key_states, value_states, is_real)
-            return self.keys, self.values, self.slot_is_real
+            self.push_one(new_states, is_real)
+            return *self.keys_and_values(self.slot_buffers(), one_token=True), self.slot_is_real
         past_order, window_length = self.returned_past()
         # A token keeps its slot once in the ring (token t in slot t % N, the newest in slot N): only the new tokens
         # and the one leaving slot N are written, the last min(P + T, T + 1, N + 1) of the window's returned keys,
         # oldest first. Rewriting the whole kept past instead made each prefill chunk copy a full layer's every slot.
         stored = min(window_length + key_states.shape[2], key_states.shape[2] + 1, self.window_slots)
-        sink_writes = self.sink_writes(key_states, value_states, is_real) if self.num_sink_tokens else None
+        sink_writes = self.sink_writes(new_states, is_real) if self.num_sink_tokens else None
         self.cumulative_length.add_(key_states.shape[2])
-        all_keys = torch.cat([self.keys.index_select(2, past_order), key_states], dim=2)
-        all_values = torch.cat([self.values.index_select(2, past_order), value_states], dim=2)
+        all_states = [
+            torch.cat([buffer.index_select(2, past_order), states], dim=2)
+            for buffer, states in zip(self.slot_buffers(), new_states, strict=True)
+        ]
         key_is_real = torch.cat([self.slot_is_real.index_select(1, past_order), is_real], dim=1)
-        writes = (self.window_order()[-stored:], all_keys[:, :, -stored:], all_values[:, :, -stored:])
-        self.write_slots(*writes, key_is_real[:, -stored:], sink_writes)
+        writes = [states[:, :, -stored:] for states in all_states]
+        self.write_slots(self.window_order()[-stored:], writes, key_is_real[:, -stored:], sink_writes)
         # Only the new tokens came back (a first prefill) and none is padding: no mask at all.
-        only_new_real_tokens = attention_mask is None and all_keys.shape[2] == key_states.shape[2]
-        return all_keys, all_values, None if only_new_real_tokens else key_is_real
+        only_new_real_tokens = attention_mask is None and all_states[0].shape[2] == key_states.shape[2]
+        return *self.keys_and_values(all_states, one_token=False), None if only_new_real_tokens else key_is_real
+
+    def slot_buffers(self) -> list[torch.Tensor]:
+        """The buffers indexed by slot (dim 2), in `stored_states` order: keys and values, and quantized their
+        scales."""
+        if self.kv_quantization is None:
+            return [self.keys, self.values]
+        return [self.keys, self.values, self.key_scales, self.value_scales]
+
+    def stored_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """New `[B, K, T, D]` keys and values as `slot_buffers()` hold them: themselves, or quantized (int8 keys
+        and values, then their scales `[B, K, T, 1]`)."""
+        if self.kv_quantization is None:
+            return key_states, value_states
+        keys, values = quantize(key_states), quantize(value_states)
+        return keys.data, values.data, keys.scale, values.scale
+
+    def keys_and_values(self, states: list[torch.Tensor], one_token: bool) -> tuple:
+        """The keys and values of `states` (in `slot_buffers()` order) as `update` returns them: themselves;
+        quantized, `QuantizedStates` in a one-token step, else dequantized to the model's dtype."""
+        if self.kv_quantization is None:
+            return states[0], states[1]
+        keys, values = QuantizedStates(states[0], states[2]), QuantizedStates(states[1], states[3])
+        if one_token:
+            return keys, values
+        return dequantize(keys, self.states_dtype), dequantize(values, self.states_dtype)
 
     def returned_past(self) -> tuple[torch.Tensor, int]:
         """The slots a longer step returns ahead of its new tokens (the sink slots, then the window's oldest first)
@@ -118,63 +174,62 @@ class StaticRolledLayer(StaticLayer):
         slots = (tokens_in_ring + torch.arange(ring_length, device=self.device)) % ring_length
         return slots + self.num_sink_tokens if self.num_sink_tokens else slots
 
-    def push_one(self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor) -> None:
-        """Move the newest token from slot n + N into the ring, over its oldest slot, and write the new one in slot
-        n + N (and in its row's next sink slot, if it is one of the row's first n real tokens)."""
-        sink_writes = self.sink_writes(key_states, value_states, is_real) if self.num_sink_tokens else None
+    def push_one(self, new_states: tuple[torch.Tensor, ...], is_real: torch.Tensor) -> None:
+        """Move the newest token from slot n + N into the ring, over its oldest slot, and write the new one
+        (`new_states`: `stored_states` of one token) in slot n + N (and in its row's next sink slot, if it is one of
+        the row's first n real tokens)."""
+        sink_writes = self.sink_writes(new_states, is_real) if self.num_sink_tokens else None
         oldest = self.ring_slots(self.cumulative_length)[:1]
         slots = torch.cat([oldest, oldest.new_full((1,), self.keys.shape[2] - 1)])
         newest = slice(-1, None)
-        self.write_slots(
-            slots,
-            torch.cat([self.keys[:, :, newest], key_states], dim=2),
-            torch.cat([self.values[:, :, newest], value_states], dim=2),
-            torch.cat([self.slot_is_real[:, newest], is_real], dim=1),
-            sink_writes,
-        )
+        writes = [
+            torch.cat([buffer[:, :, newest], states], dim=2)
+            for buffer, states in zip(self.slot_buffers(), new_states, strict=True)
+        ]
+        self.write_slots(slots, writes, torch.cat([self.slot_is_real[:, newest], is_real], dim=1), sink_writes)
         self.cumulative_length.add_(1)
 
     def write_slots(
         self,
         slots: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        states: list[torch.Tensor],
         is_real: torch.Tensor,
-        sink_writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        sink_writes: tuple[list[torch.Tensor], torch.Tensor] | None,
     ) -> None:
-        """Write window slots `slots` `[L]` (keys, values `[B, K, L, D]`, `is_real` `[B, L]`) and the sink slots'
-        new contents (`sink_writes`, or None without sinks). One `index_copy_` per buffer, as in Transformers'
-        `StaticLayer`: compiled code does that in place, where a second write into a slice of the same buffer made
-        inductor copy the whole buffer every step."""
+        """Write window slots `slots` `[L]` (`states` in `slot_buffers()` order, `[B, K, L, *]`, `is_real`
+        `[B, L]`) and the sink slots' new contents (`sink_writes`, or None without sinks). One `index_copy_` per
+        buffer, as in Transformers' `StaticLayer`: compiled code does that in place, where a second write into a
+        slice of the same buffer made inductor copy the whole buffer every step."""
         if sink_writes is not None:
-            sink_keys, sink_values, sink_is_real = sink_writes
+            sink_states, sink_is_real = sink_writes
             slots = torch.cat([self.sink_slots(), slots])
-            keys, values = torch.cat([sink_keys, keys], dim=2), torch.cat([sink_values, values], dim=2)
+            states = [torch.cat([sink, window], dim=2) for sink, window in zip(sink_states, states, strict=True)]
             is_real = torch.cat([sink_is_real, is_real], dim=1)
-        self.keys.index_copy_(2, slots, keys)
-        self.values.index_copy_(2, slots, values)
+        for buffer, written in zip(self.slot_buffers(), states, strict=True):
+            buffer.index_copy_(2, slots, written)
         self.slot_is_real.index_copy_(1, slots, is_real)
 
     def sink_writes(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, is_real: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The sink slots after a step of `[B, K, T, D]` new tokens (`is_real` `[B, T]`), call before it advances
-        the clock: keys and values `[B, K, n, D]` and which are real `[B, n]`, as of the clock after the step.
-        `sink_columns` and `sink_counts` are updated in place. Tensor arithmetic only, no host read."""
-        kv_heads, query_length = key_states.shape[1:3]
+        self, new_states: tuple[torch.Tensor, ...], is_real: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The sink slots after a step of T new tokens (`new_states`: `stored_states`, `[B, K, T, *]`; `is_real`
+        `[B, T]`), call before it advances the clock: their contents in `slot_buffers()` order, `[B, K, n, *]`, and
+        which are real `[B, n]`, as of the clock after the step. `sink_columns` and `sink_counts` are updated in
+        place. Tensor arithmetic only, no host read."""
+        kv_heads, query_length = new_states[0].shape[1:3]
         rank = self.sink_counts[:, None] + is_real.cumsum(1) - 1  # [B, T]: each real token's rank in its row
         arrives = is_real[:, :, None] & (rank[:, :, None] == self.sink_slots())  # [B, T, n]: token t is sink j
         arrived = arrives.any(1)  # [B, n]
         source = (arrives * torch.arange(query_length, device=self.device)[None, :, None]).sum(1)  # [B, n]
         sink_states = []
-        for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+        for buffer, states in zip(self.slot_buffers(), new_states, strict=True):
             gathered = states.gather(2, source[:, None, :, None].expand(-1, kv_heads, -1, states.shape[-1]))
             sink_states.append(torch.where(arrived[:, None, :, None], gathered, buffer[:, :, : self.num_sink_tokens]))
         self.sink_columns.copy_(torch.where(arrived, self.cumulative_length + source, self.sink_columns))
         self.sink_counts.add_(arrived.sum(1))
         # The window holds the last N + 1 tokens: a sink has left it once N + 1 arrived after it.
         left_window = self.sinks_arrived_before(self.cumulative_length + query_length - self.window_slots)
-        return *sink_states, left_window
+        return sink_states, left_window
 
     def sinks_arrived_before(self, tokens_seen: int | torch.Tensor) -> torch.Tensor:
         """`[B, n]` bool: the sink slots holding a token that arrived among the first `tokens_seen` (the clock)."""
@@ -230,8 +285,8 @@ class StaticRolledLayer(StaticLayer):
         if kept > 0:
             source = torch.tensor([first_slot + kept - 1], device=self.device)
             newest = torch.tensor([newest_slot], device=self.device)
-            self.keys.index_copy_(2, newest, self.keys.index_select(2, source))
-            self.values.index_copy_(2, newest, self.values.index_select(2, source))
+            for buffer in self.slot_buffers():
+                buffer.index_copy_(2, newest, buffer.index_select(2, source))
             self.slot_is_real.index_copy_(1, newest, self.slot_is_real.index_select(1, source))
         self.slot_is_real[:, first_slot + max(kept - 1, 0) : newest_slot].zero_()
         if kept == 0:
@@ -255,7 +310,7 @@ class StaticRolledLayer(StaticLayer):
 
     def batch_buffers(self) -> list[torch.Tensor]:
         """Every tensor indexed by batch."""
-        return [self.keys, self.values, self.slot_is_real, *self.sink_buffers()]
+        return [*self.slot_buffers(), self.slot_is_real, *self.sink_buffers()]
 
     def sink_buffers(self) -> list[torch.Tensor]:
         """The tensors of `sink_state_names()` (the sink slots themselves are in the key, value and flag buffers)."""
@@ -273,7 +328,8 @@ class StaticRolledLayer(StaticLayer):
 
     def state_names(self) -> list[str]:
         """The attributes holding the layer's state (ExecuTorch export registers them as buffers)."""
-        return ["keys", "values", "slot_is_real", *self.sink_state_names(), "cumulative_length"]
+        scales = ["key_scales", "value_scales"] if self.kv_quantization else []
+        return ["keys", "values", *scales, "slot_is_real", *self.sink_state_names(), "cumulative_length"]
 
 
 class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
@@ -286,8 +342,9 @@ class StaticCompressedLayer(CompressedBlocks, StaticRolledLayer):
         compress_block_size: int,
         dynamic_length: bool = False,
         num_sink_tokens: int = 0,
+        kv_quantization: str | None = None,
     ):
-        super().__init__(max_positions, kept_length, dynamic_length, num_sink_tokens)
+        super().__init__(max_positions, kept_length, dynamic_length, num_sink_tokens, kv_quantization)
         self.compress_block_size = compress_block_size
         self.max_blocks = -(-max_positions // compress_block_size)
         self.start_rollback_point()

@@ -20,6 +20,8 @@ Transformers does this only for a cache that is not returned, which the fast pat
 `defer_stop_checks_of_fast_path_caches` extends `DeferredStopCheck.is_supported` to caches built here (flagged
 `defers_stop_check`), on CUDA, and leaves every other model's and cache's answer as it was.
 
+`cache_config={"kv_quantization": "int8"}` gives that cache int8 keys and values (`cache_quantization`).
+
 Everywhere else (CPU, `cache_implementation` set, a cache passed in, `disable_compile=True`, a quantizer or device
 map that cannot compile, `return_dict_in_generate=True`, whose returned cache a later turn may grow, other
 decoding modes, the vision-language model, a model with `selective_attention` layers, which the static cache does
@@ -81,38 +83,46 @@ def uses_cuda_fast_path(model, generation_config: GenerationConfig, generation_m
     return "cpu" not in devices and "disk" not in devices and (getattr(model, "_tp_size", None) or 1) == 1
 
 
-def fast_path_cache(model, config: FastGPTConfig, positions: int, rows: int) -> FastGPTStaticCache:
+def fast_path_cache(
+    model, config: FastGPTConfig, positions: int, rows: int, kv_quantization: str | None = None
+) -> FastGPTStaticCache:
     """The fast path's cache for `positions` positions and `rows` rows: bucketed, length-dynamic, its stop checks
-    deferred. The model keeps the last one it built and hands it out again, zeroed in place, to the next call of the
-    same bucket, rows, dtype and device: its buffers keep their addresses, so the CUDA graphs recorded for them
+    deferred, its keys and values quantized as `kv_quantization` says. The model keeps the last one it built and hands
+    it out again, zeroed in place, to the next call of the same bucket, rows, dtype, device and quantization: its
+    buffers keep their addresses, so the CUDA graphs recorded for them
     replay (a new cache is recorded anew, and every recording stays in inductor's tree of graphs). One call at a time
     holds it (`release_fast_path_cache` when generate() returns); a concurrent call gets a cache of its own."""
     length = bucketed_cache_length(positions, config)
     lock = model.__dict__.setdefault("_fast_path_lock", threading.Lock())
     if not lock.acquire(blocking=False):
-        return new_fast_path_cache(config, length)
+        return new_fast_path_cache(config, length, kv_quantization)
     model._fast_path_owner = threading.get_ident()
     kept = model.__dict__.get("_fast_path_cache")
-    if kept is not None and kept.max_cache_len == length and holds_rows(kept, rows, model.dtype, model.device):
+    if (
+        kept is not None
+        and kept.max_cache_len == length
+        and kept.kv_quantization == kv_quantization
+        and holds_rows(kept, rows, model.dtype, model.device)
+    ):
         kept.reset()
         return kept
     model._fast_path_cache = None  # freed before the new one is allocated
-    model._fast_path_cache = new_fast_path_cache(config, length)
+    model._fast_path_cache = new_fast_path_cache(config, length, kv_quantization)
     return model._fast_path_cache
 
 
-def new_fast_path_cache(config: FastGPTConfig, length: int) -> FastGPTStaticCache:
-    cache = FastGPTStaticCache(config, length, dynamic_length=True)
+def new_fast_path_cache(config: FastGPTConfig, length: int, kv_quantization: str | None = None) -> FastGPTStaticCache:
+    cache = FastGPTStaticCache(config, length, dynamic_length=True, kv_quantization=kv_quantization)
     cache.defers_stop_check = True
     return cache
 
 
 def holds_rows(cache: FastGPTStaticCache, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the cache's buffers (once allocated) have `rows` rows of that dtype on that device."""
+    """Whether the cache's buffers (once allocated) have `rows` rows for states of that dtype on that device."""
     layer = cache.layers[0]
     if not layer.is_initialized:
         return True
-    return layer.keys.shape[0] == rows and layer.keys.dtype == dtype and layer.keys.device == device
+    return layer.keys.shape[0] == rows and layer.states_dtype == dtype and layer.keys.device == device
 
 
 def release_fast_path_cache(model) -> None:

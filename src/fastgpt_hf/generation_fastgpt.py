@@ -3,7 +3,8 @@
 It builds the cache from `config.layer_types` (dynamic, static, or on CUDA by default the compiled fast path of
 `generation_fast_path`), checks a prompt against a cache passed in, prepares caches for assisted decoding's
 rollbacks, and hands generate() the new tokens' padding mask in place of a 4D mask (FastGPT builds each layer's
-visibility itself, `attention_masks`).
+visibility itself, `attention_masks`). `generation_config.cache_config` (Transformers' arguments of the cache
+generate() builds) takes one key, `kv_quantization` (`cache_quantization`), for the static caches.
 """
 
 import torch
@@ -11,6 +12,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin, GenerationMode
 
 from .cache_fastgpt import FastGPTDynamicCache, FastGPTStaticCache
+from .cache_quantization import check_kv_quantization
 from .generation_fast_path import fast_path_cache, release_fast_path_cache, uses_cuda_fast_path
 from .input_checks import check_inputs
 
@@ -57,7 +59,8 @@ class FastGPTGenerationMixin(GenerationMixin):
         cache with a bucketed length, marked dynamic, which generate() then compiles once for every length
         (`generation_fast_path.fast_path_cache`).
         A cache passed by the user is checked against the prompt by `_prepare_model_inputs` and against the model
-        by the forward pass.
+        by the forward pass. `cache_config={"kv_quantization": "int8"}` (`requested_kv_quantization`) builds either
+        static cache with int8 keys and values; the dynamic cache has no quantized form, and refuses it.
         """
         text_config = self.config.get_text_config(decoder=True)
         if generation_config.max_length > text_config.max_position_embeddings:
@@ -67,22 +70,36 @@ class FastGPTGenerationMixin(GenerationMixin):
                 "max_new_tokens."
             )
         implementation = generation_config.cache_implementation
+        kv_quantization = requested_kv_quantization(generation_config)
         if model_kwargs.get("cache") is not None or not generation_config.use_cache:
+            check_given_cache_quantization(model_kwargs.get("cache"), kv_quantization)
             super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         elif uses_cuda_fast_path(self, generation_config, generation_mode, model_kwargs):
             max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
             rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-            model_kwargs["cache"] = fast_path_cache(self, text_config, max_cache_length, rows)
+            model_kwargs["cache"] = fast_path_cache(self, text_config, max_cache_length, rows, kv_quantization)
         elif implementation in (None, "dynamic", "offloaded"):
+            if kv_quantization is not None:
+                raise ValueError(
+                    f"cache_config kv_quantization={kv_quantization!r} needs a static cache: FastGPT's dynamic cache "
+                    f"(cache_implementation={implementation!r}"
+                    f"{', the default here' if implementation is None else ''}) keeps keys and values in the "
+                    "model's dtype. Pass cache_implementation='static' (or, on CUDA, leave cache_implementation "
+                    "unset for the compiled fast path)."
+                )
             model_kwargs["cache"] = FastGPTDynamicCache(text_config, offloading=implementation == "offloaded")
         elif implementation in ("static", "offloaded_static"):
             max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
             # Prompt lookup drafts up to prompt_lookup_num_tokens past max_length (the excess is rejected).
             max_cache_length += generation_config.prompt_lookup_num_tokens or 0
-            offloading = implementation == "offloaded_static"
-            model_kwargs["cache"] = FastGPTStaticCache(text_config, max_cache_length, offloading=offloading)
+            model_kwargs["cache"] = FastGPTStaticCache(
+                text_config,
+                max_cache_length,
+                offloading=implementation == "offloaded_static",
+                kv_quantization=kv_quantization,
+            )
         else:
             raise ValueError(
                 f"FastGPT has no {implementation!r} cache; use cache_implementation 'dynamic', 'offloaded', "
@@ -115,6 +132,34 @@ class FastGPTGenerationMixin(GenerationMixin):
         caches only, which flag their real slots themselves. FastGPT builds each layer's visibility itself
         (`attention_masks`), so it takes no 4D mask; and a fixed shape keeps one CUDA graph for every decode step."""
         return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
+
+
+def requested_kv_quantization(generation_config) -> str | None:
+    """`generation_config.cache_config["kv_quantization"]`, checked (None without one): FastGPT's caches take no
+    other `cache_config` key, and a value they do not have is a ValueError naming those they have."""
+    cache_config = generation_config.cache_config or {}
+    unknown = sorted(set(cache_config) - {"kv_quantization"})
+    if unknown:
+        raise ValueError(
+            f"FastGPT's caches take one cache_config key, 'kv_quantization'; got {unknown} in cache_config "
+            f"{cache_config!r}."
+        )
+    kv_quantization = cache_config.get("kv_quantization")
+    check_kv_quantization(kv_quantization)
+    return kv_quantization
+
+
+def check_given_cache_quantization(cache: Cache | None, kv_quantization: str | None) -> None:
+    """Raise a ValueError if cache_config asks for a quantization that the cache passed to generate() lacks:
+    cache_config shapes only the caches that generate() builds."""
+    held = getattr(cache, "kv_quantization", None)
+    if cache is not None and kv_quantization is not None and held != kv_quantization:
+        raise ValueError(
+            f"cache_config asks for kv_quantization={kv_quantization!r}, but generate() was given a "
+            f"{type(cache).__name__} of kv_quantization={held!r}; cache_config applies to the caches generate() "
+            "builds. Build the cache with it instead: FastGPTStaticCache(model.config, max_cache_len, "
+            f"kv_quantization={kv_quantization!r})."
+        )
 
 
 __all__ = ["FastGPTGenerationMixin"]

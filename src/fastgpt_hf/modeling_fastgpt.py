@@ -35,10 +35,12 @@ from .attention_compressed import (
 )
 from .attention_eager import eager_windowed_attention
 from .attention_flex import flex_windowed_attention
+from .attention_quantized import quantized_one_query_attention
 from .attention_sdpa import sdpa_windowed_attention
 from .attention_selective import selective_global_branch_attention
 from .cache_blocks import CompressedBlocks, OnePassBlocks, OnePassSelectiveBlocks
 from .cache_fastgpt import FastGPTDynamicCache, check_positions_are_distinct, check_positions_follow_cache
+from .cache_quantization import QuantizedStates
 from .checkpoints import FastGPTCheckpointMixin
 from .configuration_fastgpt import DYNAMIC, GLOBAL_BRANCH_TYPES, SELECTIVE, FastGPTConfig
 from .generation_fastgpt import FastGPTGenerationMixin
@@ -184,24 +186,20 @@ class FastGPTAttention(nn.Module):
         cache: Cache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rotary, the cache, then the backend of `config._attn_implementation` over `self.sliding_window` (and the
-        attention sinks, `config.num_sink_tokens`): `[B, T, H, D]` and the weights (eager) or None."""
+        attention sinks, `config.num_sink_tokens`): `[B, T, H, D]` and the weights (eager) or None. An int8 cache's
+        one-token step returns its int8 keys and values, which `quantized_one_query_attention` reads as they are,
+        whatever the backend (no weights)."""
         rotary_query, rotary_key = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
         if cache is None:
             all_keys, all_values, key_is_real = rotary_key, value_states, attention_mask
         else:
             all_keys, all_values, key_is_real = cache.update(rotary_key, value_states, self.layer_idx, attention_mask)
+        arguments = (all_keys, all_values, key_is_real, self.sliding_window, self.scaling)
+        if isinstance(all_keys, QuantizedStates):
+            return quantized_one_query_attention(rotary_query, *arguments, self.config.num_sink_tokens), None
         windowed_attention = WINDOWED_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
-        return windowed_attention(
-            rotary_query,
-            all_keys,
-            all_values,
-            key_is_real,
-            self.sliding_window,
-            self.scaling,
-            dropout,
-            self.config.num_sink_tokens,
-        )
+        return windowed_attention(rotary_query, *arguments, dropout, self.config.num_sink_tokens)
 
     def output(self, attn_output: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
         """`[B, T, H, D]` -> `o_proj` -> `[B, T, hidden]`. Contiguous as in Llama: the gate mix keeps sdpa's
