@@ -10,8 +10,8 @@ matmul's operand would first be written out and read back in bf16 (5 bytes of tr
     p = softmax over the visible s (`attention_masks.windowed_visibility`, as the sdpa path's decode mask)
     output[b, k, g, d] = sum_s p[b, k, g, s] * value_scale[b, k, s] * value_int8[b, k, s, d]
 
-The G = H / K query heads that share key head k are folded onto it as in `attention_sdpa.one_query_sdpa`. Softmax and
-both sums run in float32 (float64 for float64 queries). Outside compiled code the products are materialized
+The G = H / K query heads that share key head k are folded onto it (`[B, K, G, 1, D]`): each reads its key head once.
+Softmax and both sums run in float32 (float64 for float64 queries). Outside compiled code the products are materialized
 (`[B, K, G, S, D]`): the form is for the compiled decode step; an eager step pays that memory for the length of one
 layer's call.
 """
