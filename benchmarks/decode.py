@@ -28,6 +28,8 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
   (`generate(..., cache_config={"kv_quantization": "int8"})`, `fastgpt_hf.cache_quantization`), in the static
   settings and on CUDA the default one; Llama keeps Transformers' static cache in the model's dtype, which has no int8
   form (the table names each model's cache). The floor counts each model's cache bytes.
+  `--prefill-chunk N`: both models prefill in chunks of N tokens (`generate(..., prefill_chunk_size=N)`), whose
+  activations then take a fraction of a whole prompt's: the peak of a large batch x context (`13b` at 32 x 1K).
 - `--profile`: where a generate() decode step spends its time, both models (`--cache static`: generate()'s own
   compile, CUDA graphs on a GPU: the compiled graphs, graph breaks and CUDA graph skips, and per decode step the
   CUDA graph launches and single kernel launches; then the kernels of one step, compiled without CUDA graphs (same
@@ -43,7 +45,7 @@ Both models get random weights of the preset's shape (bf16 on a GPU, float32 on 
     python benchmarks/bench.py decode --preset 13b --shapes 16x1024 --weights int8 --settings static
     python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings default static
     python benchmarks/bench.py decode --preset 13b --shapes 32x1024 --weights int8-dynamic --settings static \
-        --kv-cache int8
+        --kv-cache int8 --prefill-chunk 256
     python benchmarks/bench.py decode --preset 13b --layers 6 --shapes 32x1024 --profile
     python benchmarks/bench.py decode --device cpu --preset tiny --layers 8 --shapes 1x256 --ops --threads 1
 """
@@ -112,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="FastGPT's cache keys and values in the tables: the model's dtype (bf16 on a GPU), or int8 with float32 "
         "scales (static settings, and default on CUDA; Llama's cache stays in the model's dtype)",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        help="both models prefill the prompt in chunks of this many tokens (generate()'s prefill_chunk_size): a lower "
+        "peak for a large batch x context",
+    )
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, both models")
     parser.add_argument("--cache", choices=("static", "dynamic"), default="static", help="--profile's cache")
     parser.add_argument("--ops", action="store_true", help="operators and ms of one eager step, per layer kind")
@@ -165,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             named = {f"{name} {label}": model for name, model in pair.items()}
         for mode in args.modes:
-            decode_table(named, config, shapes, bandwidth, args.settings, mode, args.kv_cache)
+            decode_table(named, config, shapes, bandwidth, args.settings, mode, args.kv_cache, args.prefill_chunk)
 
 
 def check_kv_cache_settings(kv_cache: str, settings: list[str], device: torch.device) -> None:
@@ -218,13 +226,11 @@ def greedy_config(new_tokens: int, cache_implementation: str | None = None, **op
 
 
 def setting_config(
-    setting: str, prompt: torch.Tensor, new_tokens: int, mode: str = "greedy", cache_config: dict | None = None
+    setting: str, prompt: torch.Tensor, new_tokens: int, mode: str = "greedy", extra: dict | None = None
 ) -> GenerationConfig:
-    """The generation config of `setting` decoding `new_tokens` tokens in `mode` (sampling or beams added), with
-    `cache_config` (the arguments of the cache generate() builds) if any."""
-    options = {"sample": SAMPLING, "beam": {"num_beams": NUM_BEAMS}}.get(mode, {})
-    if cache_config is not None:
-        options = {**options, "cache_config": cache_config}
+    """The generation config of `setting` decoding `new_tokens` tokens in `mode` (sampling or beams added), with the
+    `extra` fields (`cache_config`: the arguments of the cache generate() builds; `prefill_chunk_size`) if any."""
+    options = {**{"sample": SAMPLING, "beam": {"num_beams": NUM_BEAMS}}.get(mode, {}), **(extra or {})}
     if setting in ("default", "dynamic"):
         return greedy_config(new_tokens, None if setting == "default" else "dynamic", **options)
     compile_config = CompileConfig(mode="max-autotune" if setting == "static-autotune" else "reduce-overhead")
@@ -256,10 +262,10 @@ def prompt_mask(prompt: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def generate_call(
-    model, prompt: torch.Tensor, new_tokens: int, setting: str, mode: str = "greedy", cache_config: dict | None = None
+    model, prompt: torch.Tensor, new_tokens: int, setting: str, mode: str = "greedy", extra: dict | None = None
 ):
     """A `generate()` call of `new_tokens` tokens in `setting` and `mode` (a static cache sized for NEW_TOKENS)."""
-    config = setting_config(setting, prompt, new_tokens, mode, cache_config)
+    config = setting_config(setting, prompt, new_tokens, mode, extra)
     attention_mask = prompt_mask(prompt, mode)
     streamer = HostStreamer() if mode == "stream" else None
 
@@ -281,13 +287,13 @@ class DecodeTiming:
 
 
 def decode_timing(
-    model, prompt: torch.Tensor, setting: str, mode: str = "greedy", cache_config: dict | None = None
+    model, prompt: torch.Tensor, setting: str, mode: str = "greedy", extra: dict | None = None
 ) -> DecodeTiming:
     """One setting at one shape: the first call (timed on its own, and the warm-up), then ms per token.
 
     Prints the figures as soon as they are known, so that a run cut short still reports its finished settings."""
     device = prompt.device
-    options = (setting, mode, cache_config)
+    options = (setting, mode, extra)
     first_call_s = first_call_seconds(generate_call(model, prompt, NEW_TOKENS, *options), device)
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -308,7 +314,7 @@ def decode_timing(
 
 
 def setting_timings(
-    model, prompts: dict, setting: str, mode: str = "greedy", cache_config: dict | None = None
+    model, prompts: dict, setting: str, mode: str = "greedy", extra: dict | None = None
 ) -> tuple[dict, str]:
     """Every shape in one setting, compiled state kept from shape to shape (as in a user's process): each shape's
     `DecodeTiming` (None where it failed, reported), and a note of the graphs dynamo compiled over all shapes and,
@@ -319,7 +325,7 @@ def setting_timings(
     timings = {}
     for shape, prompt in prompts.items():
         try:
-            timings[shape] = decode_timing(model, prompt, setting, mode, cache_config)
+            timings[shape] = decode_timing(model, prompt, setting, mode, extra)
         except Exception as error:  # noqa: BLE001  (a benchmark reports a broken setting and goes on)
             print(f"  {type(model).__name__} {setting} {shape}: failed: {type(error).__name__}: {str(error)[:200]}")
             timings[shape] = None
@@ -328,7 +334,7 @@ def setting_timings(
     if graphs and setting == "default":
         torch._dynamo.reset()
         shape, prompt = next(iter(prompts.items()))
-        call = generate_call(model, prompt, NEW_TOKENS, setting, mode, cache_config)
+        call = generate_call(model, prompt, NEW_TOKENS, setting, mode, extra)
         again_s = first_call_seconds(call, prompt.device)
         note += f", first call again with the compile cache warm {again_s:.1f} s ({shape[0]} x {shape[1]})"
     torch._dynamo.reset()
@@ -343,11 +349,13 @@ def decode_table(
     settings,
     mode: str = "greedy",
     kv_cache: str = "model",
+    prefill_chunk: int | None = None,
 ) -> list[str]:
     """One row per (batch, context): per model and setting, ms per token / tokens per second / first call's seconds
     (compilation included); the floors; FastGPT's default against the fastest Llama setting and against its floor.
     With `mode` beam, a step and its floor cover the batch's NUM_BEAMS beams each; tokens/s counts the batch's.
-    `kv_cache` int8: FastGPT's cache int8 (`--kv-cache`), Llama's in the model's dtype."""
+    `kv_cache` int8: FastGPT's cache int8 (`--kv-cache`), Llama's in the model's dtype; `prefill_chunk`: both
+    models prefill in chunks of that many tokens (`--prefill-chunk`)."""
     device = next(iter(models_by_name.values())).device
     generator = torch.Generator().manual_seed(0)
     prompts = {
@@ -358,10 +366,10 @@ def decode_table(
     timings, notes = {}, []
     for setting in settings:
         for name, model in models_by_name.items():
-            cache_config = (
-                {"kv_quantization": kv_quantization} if kv_quantization and name.startswith("FastGPT") else None
-            )
-            timings[name, setting], note = setting_timings(model, prompts, setting, mode, cache_config)
+            extra = {} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}
+            if kv_quantization and name.startswith("FastGPT"):
+                extra["cache_config"] = {"kv_quantization": kv_quantization}
+            timings[name, setting], note = setting_timings(model, prompts, setting, mode, extra)
             notes.append(f"- {name} {setting}: {note}")
             print(notes[-1], flush=True)
     columns = [(name, setting) for name in models_by_name for setting in settings]
@@ -417,6 +425,8 @@ def decode_table(
             f" FastGPT's cache holds {kv_quantization} keys and values (float32 scales); Llama's stays "
             f"{SHORT_DTYPE_NAMES[cache_dtype]}: Transformers' static cache has no {kv_quantization} form."
         )
+    if prefill_chunk is not None:
+        legend += f" Both models prefill in chunks of {prefill_chunk} tokens."
     rows = [f"Decoding: {mode}", "", *rows, "", legend, *notes]
     print("\n" + "\n".join(rows), flush=True)
     return rows

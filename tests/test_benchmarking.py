@@ -230,6 +230,8 @@ def test_decode_modes_set_sampling_beams_padding_and_a_streamer_that_reads_every
     sample = decode.setting_config("default", prompt, 5, "sample")
     assert (sample.do_sample, sample.top_k, sample.top_p) == (True, 50, 0.95)
     assert decode.setting_config("static", prompt, 5, "beam").num_beams == decode.NUM_BEAMS
+    chunked = decode.setting_config("static", prompt, 5, "beam", {"prefill_chunk_size": 4})
+    assert (chunked.num_beams, chunked.prefill_chunk_size) == (decode.NUM_BEAMS, 4)
     mask = decode.prompt_mask(prompt, "left-padded")
     assert mask[0].tolist() == [1] * 8 and mask[1].tolist() == mask[2].tolist() == [0, 0] + [1] * 6
     assert bool(decode.prompt_mask(prompt, "stream").all())

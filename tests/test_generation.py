@@ -49,6 +49,22 @@ def test_greedy_generate_equals_an_argmax_loop_over_full_recomputation(model, ca
     assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, NEW_TOKENS))
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_greedy_generate_with_a_chunked_prefill_equals_an_argmax_loop(model, cache_implementation):
+    """generate()'s `prefill_chunk_size` (a lower peak for long prompts): chunks of 6 through windows of 8 and 16 and
+    blocks of 4, left-padded, give the tokens of full recomputation."""
+    input_ids, attention_mask = left_padded_batch(40)
+    generated = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=8,
+        do_sample=False,
+        cache_implementation=cache_implementation,
+        prefill_chunk_size=6,
+    )
+    assert torch.equal(generated, argmax_loop(model, input_ids, attention_mask, 8))
+
+
 def test_greedy_generate_with_attention_sinks_equals_an_argmax_loop():
     """Past every window (10 + 14 tokens, windows 8 / 16): the dynamic cache keeps the sinks the reference sees."""
     model = tiny_model("mixed", num_sink_tokens=3)
