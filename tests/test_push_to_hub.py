@@ -51,6 +51,7 @@ CHECKPOINT_FILES = {
     "cache_blocks.py",
     "cache_dynamic_layers.py",
     "cache_static_layers.py",
+    "cache_quantization.py",
     "checkpoints.py",
     "input_checks.py",
     "attention_compressed.py",
@@ -59,6 +60,7 @@ CHECKPOINT_FILES = {
     "attention_flex.py",
     "attention_masks.py",
     "attention_sdpa.py",
+    "attention_quantized.py",
     "generation_fastgpt.py",
     "generation_fast_path.py",
 }
