@@ -222,6 +222,12 @@ def test_decode_refuses_left_padding_at_batch_1_and_zero_steps(harness, capsys):
     assert "--steps: must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_decode_refuses_an_int8_cache_where_fastgpt_decodes_with_its_dynamic_cache(harness, capsys):
+    argv = ["decode", "--device", "cpu", "--preset", "tiny", "--shapes", "1x16", "--settings", "static", "default"]
+    with pytest.raises(SystemExit, match=r"the settings \['default'\] decode with its dynamic cache here \(cpu\)"):
+        run_bench(harness, [*argv, "--kv-cache", "int8"], capsys)
+
+
 def test_decode_modes_set_sampling_beams_padding_and_a_streamer_that_reads_every_step(harness):
     import decode
 
