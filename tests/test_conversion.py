@@ -31,6 +31,7 @@ from transformers import (
 from fastgpt_hf import FastGPTForCausalLM
 from fastgpt_hf.conversion import GATE_BIAS, convert, converted_model, load_source
 from fastgpt_hf.data import CORPUS_FILES, load_tokenizer
+from fastgpt_hf.uptraining import distillation_kl, uptraining_dataset
 
 from .conftest import run_cli, tiny_model
 
@@ -215,6 +216,40 @@ def test_convert_then_uptrain_lowers_the_kl_to_the_source(tmp_path, capsys):
     before, after = map(float, re.search(r"([\d.]+) -> ([\d.]+) nats", out).groups())
     assert after < 0.97 * before, out  # held-out blocks of 96 tokens, 6 times the windows
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "uptrained"), FastGPTForCausalLM)
+
+
+def test_distillation_kl_is_each_sequences_mean_over_its_masked_positions():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 2, 5, 7, generator=generator, dtype=torch.float64)
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
+    expected = []
+    for row in range(2):  # the definition, sum_v p (log p - log q), one position at a time in float64
+        kls = []
+        for position in range(5):
+            p, q = teacher[row, position].softmax(-1), student[row, position].softmax(-1)
+            if loss_mask[row, position]:
+                kls.append((p * (p.log() - q.log())).sum())
+        expected.append(sum(kls) / len(kls))
+    assert torch.allclose(distillation_kl(student, teacher, loss_mask).double(), sum(expected) / 2, atol=1e-6)
+    unmasked = distillation_kl(student, teacher, torch.ones(2, 5))
+    assert torch.allclose(distillation_kl(student, teacher), unmasked)
+
+
+def test_uptraining_pass_key_sequences_are_distilled_at_their_answers_alone():
+    tokenizer = load_tokenizer()
+    dataset = uptraining_dataset(tokenizer, 96, CORPUS_FILES["train"], num_blocks=8, passkey_share=0.5)
+    passkey_rows = 0
+    for input_ids, loss_mask in zip(dataset["input_ids"], dataset["loss_mask"], strict=True):
+        assert len(loss_mask) == len(input_ids) == 96
+        if all(loss_mask):
+            continue
+        passkey_rows += 1
+        predicted = [input_ids[position + 1] for position in range(95) if loss_mask[position]]
+        answer = tokenizer.decode(predicted)
+        assert re.fullmatch(r" \d{5}", answer), answer
+        assert answer.strip() + "." in tokenizer.decode(input_ids)  # the needle's "The pass key is NNNNN."
+        assert loss_mask[-1] == 0
+    assert passkey_rows == 4
 
 
 def test_an_uptraining_stopped_by_sigterm_saves_what_it_trained(tmp_path, capsys):

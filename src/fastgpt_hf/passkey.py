@@ -81,15 +81,10 @@ def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, needle_dista
     return PasskeySample(prompt + pieces["answer"], len(prompt))
 
 
-def passkey_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, count: int, seed: int = 0) -> list[list[int]]:
-    """`count` training samples of `block_size` tokens with random keys and needles anywhere in the block."""
-    return [sample.input_ids for sample in passkey_samples(tokenizer, block_size, count, seed)]
-
-
 def passkey_samples(
     tokenizer: PreTrainedTokenizerBase, block_size: int, count: int, seed: int = 0
 ) -> list[PasskeySample]:
-    """`passkey_blocks` with each sample's answer position (for training on the answer alone)."""
+    """`count` training samples of `block_size` tokens with random keys and needles anywhere in the block."""
     rng = random.Random(seed)
     samples = []
     for _ in range(count):

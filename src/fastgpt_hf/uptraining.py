@@ -11,6 +11,9 @@ the teacher's (the source, full attention everywhere) by the mean per-token KL(t
 The data are long documents, `block_size`-token blocks of a WikiText-2 stream (the shipped excerpt, or a text
 file / a folder holding `train.txt`), mixed with synthetic pass-key sequences (`passkey`) whose needles lie
 anywhere in the block, so that retrieval across the windows is part of what the student learns from the teacher.
+A pass-key sequence is distilled at its answer alone (the positions predicting the key, as DuoAttention's training
+does): averaged over all 8K positions, the repeated filler would leave the key a ten-thousandth of the loss. Each
+sequence weighs the same in a batch, a text block through its mean over every position.
 
 Stopped by Ctrl-C or SIGTERM (a time limit, a scheduler's preemption), `fastgpt uptrain` ends the stage in progress
 at its next step, runs no further stage, and saves what was trained so far, saying how many steps ran: a run cut
@@ -31,15 +34,23 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from .conversion import is_new_parameter, load_source
 from .data import CORPUS_FILES, load_text_dataset, pack_blocks, tokenize_dataset
-from .passkey import passkey_blocks
+from .passkey import PasskeySample, passkey_samples
 from .training import PerplexityTrainer, training_arguments
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in nats, from logits `[..., vocab]` (computed in float32)."""
-    student = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher || student) in nats from logits `[batch, tokens, vocab]` (computed in float32): each sequence's
+    mean over the positions where `loss_mask` (`[batch, tokens]`, 0 or 1) is 1 (all of them without it), then the
+    mean over sequences."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    if loss_mask is None:
+        return per_position.mean()
+    mask = loss_mask.to(per_position.dtype)
+    return ((per_position * mask).sum(-1) / mask.sum(-1)).mean()
 
 
 class DistillationTrainer(PerplexityTrainer):
@@ -52,12 +63,13 @@ class DistillationTrainer(PerplexityTrainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {name: value for name, value in inputs.items() if name != "labels"}
+        loss_mask = inputs.get("loss_mask")
+        inputs = {name: value for name, value in inputs.items() if name not in ("labels", "loss_mask")}
         self.teacher.to(inputs["input_ids"].device)
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
         outputs = model(**inputs)
-        loss = distillation_kl(outputs.logits, teacher_logits)
+        loss = distillation_kl(outputs.logits, teacher_logits, loss_mask)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -104,27 +116,57 @@ def uptraining_dataset(
     passkey_share: float = 0.25,
     seed: int = 0,
 ) -> Dataset:
-    """`num_blocks` blocks: a `passkey_share` of pass-key sequences, the rest WikiText blocks, shuffled."""
-    passkeys = round(num_blocks * passkey_share)
-    blocks = text_blocks(tokenizer, block_size, text_file, num_blocks - passkeys)
-    blocks += passkey_blocks(tokenizer, block_size, passkeys, seed)
-    random.Random(seed).shuffle(blocks)
-    return Dataset.from_dict({"input_ids": blocks})
+    """`num_blocks` blocks, shuffled: a `passkey_share` of pass-key sequences (`loss_mask` 1 at the positions
+    predicting the answer), the rest WikiText blocks (`loss_mask` 1 everywhere)."""
+    passkeys = passkey_samples(tokenizer, block_size, round(num_blocks * passkey_share), seed)
+    texts = text_blocks(tokenizer, block_size, text_file, num_blocks - len(passkeys))
+    rows = [(block, [1] * len(block)) for block in texts]
+    rows += [(sample.input_ids, answer_mask(sample)) for sample in passkeys]
+    random.Random(seed).shuffle(rows)
+    return Dataset.from_dict({"input_ids": [row[0] for row in rows], "loss_mask": [row[1] for row in rows]})
+
+
+def answer_mask(sample: PasskeySample) -> list[int]:
+    """1 at the positions whose next token belongs to the sample's answer, 0 elsewhere."""
+    length = len(sample.input_ids)
+    return [int(sample.answer_start - 1 <= position < length - 1) for position in range(length)]
 
 
 @torch.no_grad()
-def mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, blocks: list[list[int]]) -> float:
-    """`distillation_kl` of the student against the teacher, averaged over `blocks` (one forward pass each)."""
+def mean_kl(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    blocks: list[list[int]],
+    loss_masks: list[list[int]] | None = None,
+) -> float:
+    """`distillation_kl` of the student against the teacher, averaged over `blocks` (one forward pass each), each
+    block over the positions its `loss_masks` row marks (all of them without `loss_masks`)."""
     student_mode = student.training
     student.eval()
     device = next(student.parameters()).device
     teacher.to(device)
     total = 0.0
-    for block in blocks:
+    for index, block in enumerate(blocks):
         input_ids = torch.tensor([block], device=device)
-        total += distillation_kl(student(input_ids).logits, teacher(input_ids).logits).item()
+        mask = None if loss_masks is None else torch.tensor([loss_masks[index]], device=device)
+        total += distillation_kl(student(input_ids).logits, teacher(input_ids).logits, mask).item()
     student.train(student_mode)
     return total / len(blocks)
+
+
+def held_out_kl(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    blocks: list[list[int]],
+    passkeys: list[PasskeySample],
+) -> tuple[float, float | None]:
+    """`mean_kl` over held-out text `blocks`, and over the answers of held-out pass-key sequences (None without)."""
+    text = mean_kl(student, teacher, blocks)
+    if not passkeys:
+        return text, None
+    return text, mean_kl(
+        student, teacher, [sample.input_ids for sample in passkeys], [answer_mask(s) for s in passkeys]
+    )
 
 
 def run_stage(
@@ -143,6 +185,7 @@ def run_stage(
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(is_new_parameter(name) or not only_new_parameters)
     args = training_arguments(output_dir, max_steps=steps, learning_rate=learning_rate, **arguments)
+    args.remove_unused_columns = False  # `loss_mask` is the loss's, not the model's
     callbacks = [] if stop is None else [StopWhenAsked(stop)]
     trainer = DistillationTrainer(model=student, args=args, train_dataset=dataset, teacher=teacher, callbacks=callbacks)
     trainer.train()
@@ -234,7 +277,13 @@ def uptrain_main(argv: list[str] | None = None) -> None:
             tokenizer, args.block_size, training_text(args.data), args.blocks, args.passkey_share, args.seed
         )
         held_out = text_blocks(tokenizer, args.block_size, training_text(args.data, "valid"), args.eval_blocks)
-        before = mean_kl(student, teacher, held_out)
+        # Other keys and needles than the training sequences' (seed + 1).
+        held_out_passkeys = (
+            []
+            if args.passkey_share == 0
+            else passkey_samples(tokenizer, args.block_size, args.eval_blocks, args.seed + 1)
+        )
+        before = held_out_kl(student, teacher, held_out, held_out_passkeys)
         stop = threading.Event()
         with staged_folder(output) as staging, stop_on_signals(stop):
             steps_run = uptrain(
@@ -253,7 +302,7 @@ def uptrain_main(argv: list[str] | None = None) -> None:
                 precision=args.precision,
                 seed=args.seed,
             )
-            after = mean_kl(student, teacher, held_out)
+            after = held_out_kl(student, teacher, held_out, held_out_passkeys)
             student.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     if stop.is_set():
@@ -261,7 +310,15 @@ def uptrain_main(argv: list[str] | None = None) -> None:
             f"Stopped when asked, after {steps_run[0]} of {args.stage1_steps} stage 1 steps and {steps_run[1]} of "
             f"{args.stage2_steps} stage 2 steps; the model trained so far is saved."
         )
-    print(f"KL to the teacher on {len(held_out)} held-out blocks: {before:.4f} -> {after:.4f} nats/token -> {output}")
+    if held_out_passkeys:
+        print(
+            f"KL to the teacher on the answers of {len(held_out_passkeys)} held-out pass-key sequences: "
+            f"{before[1]:.4f} -> {after[1]:.4f} nats/token"
+        )
+    print(
+        f"KL to the teacher on {len(held_out)} held-out blocks: {before[0]:.4f} -> {after[0]:.4f} nats/token -> "
+        f"{output}"
+    )
 
 
 @contextlib.contextmanager
