@@ -6,15 +6,15 @@ answers side by side.
         [--text /work/shared/data/wikitext-2/test.txt --max-chars 12000 --windows 2048] \
         [--passkey-length 2048 --distances 1536 2000 --trials 2] [--device cuda]
 
-SOURCE is what `fastgpt convert` read (a folder or .gguf file); each NAME=FOLDER a FastGPT checkpoint. The text is
-cut to `--max-chars` characters (a bounded slice: every window is a full forward pass); perplexity is
-`data.evaluate_perplexity`'s strided method, per WikiText word, once per `--windows` context length with a stride
-of half of it (every scored token sees at least half a window of context). Pass-key figures are the share of
-`--trials` random keys retrieved (`passkey.passkey_accuracy`) at each needle distance. Decode: ms per token of
-batch 1 after a `--decode-context`-token prompt through `generate()` with no cache argument (each model's default:
-FastGPT's compiled static cache on CUDA, the source's eager dynamic cache), and for the source also its compiled
-static cache (`cache_implementation="static"`, its fastest at batch 1), (time of 65 new tokens - time of 2) / 63,
-the faster of two calls after a first one whose seconds (compilation included) are printed beside; the cache bytes
+SOURCE is what `fastgpt convert` read (a folder or .gguf file); each NAME=FOLDER a FastGPT checkpoint. The text is cut
+to `--max-chars` characters (a bounded slice: every window is a full forward pass); perplexity is
+`data.evaluate_perplexity`'s strided method, per WikiText word, once per `--windows` context length with a stride of
+half of it (every scored token sees at least half a window of context). Pass-key figures are the share of `--trials`
+random keys (drawn with `--passkey-seed`) retrieved (`passkey.passkey_accuracy`) at each needle distance. Decode: ms per
+token of batch 1 after a `--decode-context`-token prompt through `generate()` with no cache argument (each model's
+default: FastGPT's compiled static cache on CUDA, the source's eager dynamic cache), and for the source also its
+compiled static cache (`cache_implementation="static"`, its fastest at batch 1), (time of 65 new tokens - time of 2) /
+63, the faster of two calls after a first one whose seconds (compilation included) are printed beside; the cache bytes
 are what each model holds after that context (bf16 keys and values as the model's dtype).
 """
 
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passkey-length", type=int, default=2048)
     parser.add_argument("--distances", type=int, nargs="+", default=[1536, 2000])
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--passkey-seed", type=int, default=0, help="seed of the pass-key samples' keys")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens of each chat answer")
     parser.add_argument("--decode-context", type=int, default=8192, help="prompt tokens of the decode figure (0: none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         with torch.no_grad():
             perplexities = [evaluate_perplexity(model, tokenizer, text, window, window // 2) for window in args.windows]
             retrieval = [
-                passkey_accuracy(model, tokenizer, args.passkey_length, distance, args.trials)
+                passkey_accuracy(model, tokenizer, args.passkey_length, distance, args.trials, args.passkey_seed)
                 for distance in args.distances
             ]
             for prompt in CHAT_PROMPTS:

@@ -5,6 +5,7 @@ to the source. The slow test converts the real SmolLM2-135M-Instruct from the `c
 
 import importlib.util
 import json
+import random
 import re
 import signal
 import subprocess
@@ -238,6 +239,8 @@ def test_distillation_kl_is_each_sequences_mean_over_its_masked_positions():
 def test_uptraining_pass_key_sequences_are_distilled_at_their_answers_alone():
     tokenizer = load_tokenizer()
     dataset = uptraining_dataset(tokenizer, 96, CORPUS_FILES["train"], num_blocks=8, passkey_share=0.5)
+    checked = random.Random(0)  # passkey_accuracy's default seed: the retrieval check must not see trained keys
+    checked_keys = {str(checked.randint(10000, 99999)) for _ in range(16)}
     passkey_rows = 0
     for input_ids, loss_mask in zip(dataset["input_ids"], dataset["loss_mask"], strict=True):
         assert len(loss_mask) == len(input_ids) == 96
@@ -248,6 +251,7 @@ def test_uptraining_pass_key_sequences_are_distilled_at_their_answers_alone():
         answer = tokenizer.decode(predicted)
         assert re.fullmatch(r" \d{5}", answer), answer
         assert answer.strip() + "." in tokenizer.decode(input_ids)  # the needle's "The pass key is NNNNN."
+        assert answer.strip() not in checked_keys
         assert loss_mask[-1] == 0
     assert passkey_rows == 4
 

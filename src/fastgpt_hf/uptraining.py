@@ -117,8 +117,9 @@ def uptraining_dataset(
     seed: int = 0,
 ) -> Dataset:
     """`num_blocks` blocks, shuffled: a `passkey_share` of pass-key sequences (`loss_mask` 1 at the positions
-    predicting the answer), the rest WikiText blocks (`loss_mask` 1 everywhere)."""
-    passkeys = passkey_samples(tokenizer, block_size, round(num_blocks * passkey_share), seed)
+    predicting the answer; keys drawn with `seed + 1`, so that a default run never trains on the keys that
+    `passkey.passkey_accuracy` checks with its seed 0), the rest WikiText blocks (`loss_mask` 1 everywhere)."""
+    passkeys = passkey_samples(tokenizer, block_size, round(num_blocks * passkey_share), seed + 1)
     texts = text_blocks(tokenizer, block_size, text_file, num_blocks - len(passkeys))
     rows = [(block, [1] * len(block)) for block in texts]
     rows += [(sample.input_ids, answer_mask(sample)) for sample in passkeys]
@@ -277,11 +278,11 @@ def uptrain_main(argv: list[str] | None = None) -> None:
             tokenizer, args.block_size, training_text(args.data), args.blocks, args.passkey_share, args.seed
         )
         held_out = text_blocks(tokenizer, args.block_size, training_text(args.data, "valid"), args.eval_blocks)
-        # Other keys and needles than the training sequences' (seed + 1).
+        # Other keys and needles than the training sequences' (seed + 1) and the retrieval check's (0).
         held_out_passkeys = (
             []
             if args.passkey_share == 0
-            else passkey_samples(tokenizer, args.block_size, args.eval_blocks, args.seed + 1)
+            else passkey_samples(tokenizer, args.block_size, args.eval_blocks, args.seed + 2)
         )
         before = held_out_kl(student, teacher, held_out, held_out_passkeys)
         stop = threading.Event()
