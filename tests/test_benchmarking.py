@@ -199,6 +199,7 @@ def test_decode_prints_ms_per_token_floor_and_ratio_per_setting(harness, capsys)
         assert versus.endswith("x") and times_floor.endswith("x")
 
 
+@pytest.mark.slow
 def test_decode_times_every_way_of_decoding_in_a_table_of_its_own(harness, capsys):
     argv = ["decode", "--device", "cpu", "--preset", "tiny", "--shapes", "2x16", "--settings", "default"]
     status, output, _ = run_bench(
@@ -350,6 +351,7 @@ def test_export_measures_both_pte_files(harness, capsys, tmp_path):
     assert [line[2] for line in lines] == ["FastGPT", "Llama"]
 
 
+@pytest.mark.slow
 def test_serve_load_test_answers_every_request(harness, capsys):
     pytest.importorskip("httpx", reason="the serve extra (pip install fastgpt_hf[serve])")
     argv = ["serve", "--preset", "tiny", "--requests", "3", "--concurrency", "2", "--rows", "2", "--prompt-tokens"]

@@ -144,6 +144,7 @@ def test_first_static_prefill_attends_to_its_own_tokens_only():
             assert key_is_real is None if expected_mask is None else torch.equal(key_is_real, expected_mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("past_tokens, sinks", [(0, 0), (5, 0), (20, 0), (20, 3)], ids=["0", "5", "20", "20-sinks"])
 def test_compiled_prefill_update_stores_what_eager_stores(past_tokens, sinks):
     """Compiled code reads no token count, so its multi-token update also returns the slots never written (flagged

@@ -138,6 +138,7 @@ def test_text_too_short_for_one_block_and_empty_text_are_clear_errors(text_files
         evaluate_perplexity(model, tokenizer, "", window=32, stride=16)
 
 
+@pytest.mark.slow
 def test_module_runs_as_a_script():
     finished = subprocess.run([sys.executable, "-m", "fastgpt_hf.cli", "--help"], capture_output=True, text=True)
     assert finished.returncode == 0 and "train" in finished.stdout

@@ -109,6 +109,7 @@ ENTRIES = {
     ("entry", "kind"),
     [("fastgpt script", "float"), ("python -m fastgpt_hf.cli", "float"), ("fastgpt script", "dynamic-range")],
 )
+@pytest.mark.slow
 def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoints, entry, kind):
     command = [sys.executable, *ENTRIES[entry], "generate", str(checkpoints[kind]), "--prompt", " The game"]
     finished = subprocess.run([*command, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
@@ -118,6 +119,7 @@ def test_fastgpt_generate_prints_the_text_and_progress_bars_only(checkpoints, en
     assert [line for line in stderr_lines if not PROGRESS_BAR.match(line)] == []
 
 
+@pytest.mark.slow
 def test_import_fastgpt_hf_filters_nothing():
     # Imported by a program (here `python -c`), the package and its CLI module leave every logger as it was.
     loggers = sorted({name for name, _ in KNOWN_DEPENDENCY_LINES})

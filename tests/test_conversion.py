@@ -256,6 +256,7 @@ def test_uptraining_pass_key_sequences_are_distilled_at_their_answers_alone():
     assert passkey_rows == 4
 
 
+@pytest.mark.slow
 def test_an_uptraining_stopped_by_sigterm_saves_what_it_trained(tmp_path, capsys):
     # A time limit (`timeout`) or a preempted job sends SIGTERM: the run ends at the stage's next step, skips stage 2
     # and saves, where it used to die with nothing saved (seen twice on the GPU).

@@ -146,6 +146,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic_length", [True, False], ids=["dynamic-length", "fixed-length"])
 def test_one_compiled_decode_step_serves_caches_of_two_lengths(model, dynamic_length, fresh_dynamo):
     """generate()'s compile (dynamo; its graphs run as traced, to stay fast) of the static-cache decode step, for two

@@ -48,6 +48,7 @@ def measure_forward(length: int, layer_types: list[str], batch: int = 1) -> dict
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_32768_tokens_in_one_pass_equal_them_in_cached_chunks():
     """Every layer kind over 32,768 tokens in one forward pass, against the same tokens fed through the dynamic cache
     in chunks of 4,096 (each path is held to the float64 reference at short lengths; here they must agree at 32K:

@@ -26,6 +26,7 @@ print(sorted(optional_modules() - before), "bitsandbytes" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_no_quantization_library():
     finished = subprocess.run([sys.executable, "-c", IMPORT_FOOTPRINT], capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr

@@ -80,6 +80,7 @@ def run_client(
     return subprocess.run([sys.executable, *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_every_way_to_push_uploads_the_checkpoint_with_its_card_and_loads_back(tmp_path):
     model = tiny_model("mixed", dtype=torch.float32)

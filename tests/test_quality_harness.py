@@ -56,6 +56,7 @@ def test_every_variant_is_in_every_table(tmp_path):
     assert "| `llama` |" not in (tmp_path / "results.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
     """`--recall-probe`: one record per variant and seed, with its final loss and the share of queries answered at
     1x and 4x the largest window, in recall-probe.json; `--layer-types` sets the base layout."""
@@ -86,6 +87,7 @@ def test_recall_probe_trains_every_variant_on_mqar_alone(tmp_path):
     assert results["means"]["llama"]["accuracy"] == results["runs"][0]["accuracy"]  # one seed: its own figures
 
 
+@pytest.mark.slow
 def test_recall_probe_report_gathers_the_runs_of_several_calls(tmp_path):
     """Seeds run in two calls add up in one report, the means over them per variant; `--num-pairs` sets the pairs;
     `--report-only` rebuilds the report from the runs left (a run cut short leaves none)."""

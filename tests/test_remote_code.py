@@ -116,6 +116,7 @@ def test_copied_code_is_a_closed_set_of_relative_imports(tmp_path, kind):
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == expected_auto_map
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_path):
     if Path(fastgpt_hf.__file__).is_relative_to(sysconfig.get_paths()["purelib"]):
@@ -147,6 +148,7 @@ def test_checkpoint_loads_and_generates_in_a_fresh_venv_without_the_package(tmp_
     assert "README.md" not in resaved
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_captioner_and_its_processor_load_in_a_fresh_venv_without_the_package(tmp_path):
     if Path(fastgpt_hf.__file__).is_relative_to(sysconfig.get_paths()["purelib"]):
