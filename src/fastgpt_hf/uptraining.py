@@ -147,9 +147,9 @@ def mean_kl(
     device = next(student.parameters()).device
     teacher.to(device)
     total = 0.0
-    for index, block in enumerate(blocks):
+    for block, loss_mask in zip(blocks, loss_masks or [None] * len(blocks), strict=True):
         input_ids = torch.tensor([block], device=device)
-        mask = None if loss_masks is None else torch.tensor([loss_masks[index]], device=device)
+        mask = None if loss_mask is None else torch.tensor([loss_mask], device=device)
         total += distillation_kl(student(input_ids).logits, teacher(input_ids).logits, mask).item()
     student.train(student_mode)
     return total / len(blocks)
